@@ -1,0 +1,296 @@
+"""Quantizers: one nn.Module each, one call, one small named result.
+
+    out = quantizer(z)            # z: (B, d, H, W) encoder output
+    out.z_q, out.indices, out.probs, out.loss, out.terms, out.stats
+
+Stochastic quantizers (SQ-VAE, Takida et al. 2022) have no stop-gradient, EMA or reset;
+the VQ-VAE baselines (van den Oord et al. 2017) have them. All loss terms are sums over
+latent positions and dimensions, averaged over the batch ("per image"), except the VQ
+losses, which keep VQ-VAE's customary per-element means.
+
+Modes: "gumbel" (training: Gumbel-softmax relaxation at a temperature), "argmax"
+(deterministic, used for evaluation and every figure), "sample" (a hard draw from P̂).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("gumbel", "argmax", "sample")
+
+
+@dataclass
+class QuantizerOutput:
+    z_q: torch.Tensor                   # (B, d, H, W) what the decoder sees
+    indices: torch.Tensor               # (B, H, W) int64, the deterministic code of each position
+    probs: torch.Tensor | None          # (B, H, W, K) P̂(z_q = b_k | z), None for VQ
+    loss: torch.Tensor                  # scalar: sum of the terms
+    terms: dict[str, torch.Tensor] = field(default_factory=dict)
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+# ---------------------------------------------------------------------------- helpers
+def to_rows(z: torch.Tensor) -> torch.Tensor:
+    """(B, d, H, W) -> (B*H*W, d), positions in raster order."""
+    return z.permute(0, 2, 3, 1).reshape(-1, z.shape[1])
+
+
+def from_rows(rows: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+    """(B*H*W, d) -> (B, d, H, W)."""
+    return rows.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
+
+
+def squared_distances(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """‖z_i − b_k‖² for every row i and code k, as an (N, K) matrix."""
+    return (rows.pow(2).sum(1, keepdim=True) - 2 * rows @ codebook.t()
+            + codebook.pow(2).sum(1)[None, :]).clamp_min(0)
+
+
+def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """exp(H(ū)), ū the average one-hot usage of the given code indices."""
+    counts = torch.bincount(indices.reshape(-1), minlength=k).float()
+    p = counts / counts.sum()
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+def gumbel_softmax(logits: torch.Tensor, temperature: float,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """softmax((logits + g) / τ), g ~ Gumbel(0, 1) (Jang et al. 2017; Maddison et al. 2017)."""
+    if not temperature > 0:
+        raise ValueError(f"Gumbel-softmax temperature must be > 0, got {temperature}")
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    g = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
+    return F.softmax((logits + g) / temperature, dim=-1)
+
+
+def _assignments(logits: torch.Tensor, mode: str, temperature: float,
+                 generator: torch.Generator | None) -> torch.Tensor:
+    """Weights over codes (N, K) with which the codebook is mixed."""
+    if mode == "gumbel":
+        return gumbel_softmax(logits, temperature, generator)
+    if mode == "argmax":
+        return F.one_hot(logits.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    if mode == "sample":
+        idx = torch.multinomial(F.softmax(logits, -1), 1, generator=generator).squeeze(1)
+        return F.one_hot(idx, logits.shape[-1]).to(logits.dtype)
+    raise ValueError(f"quantizer mode must be one of {MODES}, got {mode!r}")
+
+
+def _entropy_rows(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """P̂ = softmax(logits) and its entropy per row H(P̂) in nats."""
+    log_p = F.log_softmax(logits, dim=-1)
+    p = log_p.exp()
+    return p, -(p * log_p).sum(-1)
+
+
+def _check_z(z: torch.Tensor, d: int) -> None:
+    if z.ndim != 4 or z.shape[1] != d:
+        raise ValueError(f"quantizer expects z of shape (B, {d}, H, W), got {tuple(z.shape)}")
+
+
+# ------------------------------------------------------------------ Gaussian SQ-VAE
+class GaussianSQ(nn.Module):
+    """Gaussian stochastic quantization, variants I-IV of the SQ-VAE paper (Sec. 3-4).
+
+    Dequantization p(z_i | Z_q) = N(z_q,i, σ²_φ I); quantization (Eq. 7)
+        P̂(z_q,i = b_k | Z) = softmax_k(−‖z_i − b_k‖² / (2σ²_φ)),
+    and the latent part of the loss (Eq. 9, per image)
+        Σ_i ‖z_i − z_q,i‖² / (2σ²_φ)  −  Σ_i H(P̂(z_q,i | Z)).
+    σ²_φ = floor + exp(s) (variant I: one learned scalar s) plus, for II-IV, the encoder's
+    variance exp(v): II one per image, III one per position, IV one per dimension.
+    `learnable=False` freezes σ²_φ at its initial value (the `fixed_var` baseline).
+    """
+
+    def __init__(self, codebook_size: int, code_dim: int, variant: int = 1, var_init: float = 10.0,
+                 var_floor: float = 0.0, learnable: bool = True):
+        super().__init__()
+        if variant not in (1, 2, 3, 4):
+            raise ValueError(f"Gaussian SQ variant must be 1-4, got {variant}")
+        self.k, self.d, self.variant, self.var_floor = codebook_size, code_dim, variant, var_floor
+        self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))  # official init
+        s0 = torch.tensor(math.log(max(var_init - var_floor, 1e-8)))
+        if learnable:
+            self.log_var_q = nn.Parameter(s0)
+        else:
+            self.register_buffer("log_var_q", s0)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        return self.codebook
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Code indices (B, H, W) -> z_q (B, d, H, W)."""
+        return self.codebook[indices].permute(0, 3, 1, 2).contiguous()
+
+    def effective_variance(self, z: torch.Tensor, log_var: torch.Tensor | None) -> torch.Tensor:
+        """σ²_φ as rows broadcastable against to_rows(z): (1, 1), (N, 1) or (N, d)."""
+        var = self.var_floor + self.log_var_q.exp()
+        if self.variant == 1:
+            return var.reshape(1, 1)
+        if log_var is None or log_var.shape != z.shape:
+            raise ValueError(f"Gaussian SQ variant {self.variant} needs the encoder's log-variance "
+                             f"of shape {tuple(z.shape)}")
+        b, _, h, w = z.shape
+        if self.variant == 2:    # one variance per image
+            lv = log_var.mean(dim=(1, 2, 3), keepdim=True).expand(b, 1, h, w)
+        elif self.variant == 3:  # one per latent position
+            lv = log_var.mean(dim=1, keepdim=True)
+        else:                    # one per dimension of each position
+            lv = log_var
+        return var + to_rows(lv.exp())
+
+    def forward(self, z: torch.Tensor, log_var: torch.Tensor | None = None, *, mode: str | None = None,
+                temperature: float = 1.0, generator: torch.Generator | None = None) -> QuantizerOutput:
+        _check_z(z, self.d)
+        mode = mode or ("gumbel" if self.training else "argmax")
+        b, _, h, w = z.shape
+        rows = to_rows(z)
+        var = self.effective_variance(z, log_var)
+        precision = 1.0 / var
+        if var.shape[1] == 1:   # isotropic: logits = −‖z − b_k‖² / (2σ²_φ)
+            logits = -0.5 * precision * squared_distances(rows, self.codebook)
+        else:                   # variant IV: −½ Σ_j (z_j − b_kj)² / σ²_φ,j
+            logits = -0.5 * ((rows.pow(2) * precision).sum(1, keepdim=True)
+                             - 2 * (rows * precision) @ self.codebook.t()
+                             + precision @ self.codebook.pow(2).t())
+        probs, entropy = _entropy_rows(logits)
+        weights = _assignments(logits, mode, temperature, generator)
+        zq_rows = weights @ self.codebook
+        # Eq. 9, per image: Σ‖z − z_q‖²/(2σ²_φ) − Σ H(P̂)
+        rate = 0.5 * ((rows - zq_rows).pow(2) * precision).sum() / b
+        neg_entropy = -entropy.sum() / b
+        indices = logits.argmax(-1)
+        stats = {
+            "perplexity": perplexity(indices, self.k).detach(),
+            "entropy": entropy.mean().detach(),
+            "sigma2_q": var.mean().detach(),
+        }
+        return QuantizerOutput(
+            z_q=from_rows(zq_rows, b, h, w), indices=indices.reshape(b, h, w),
+            probs=probs.reshape(b, h, w, self.k), loss=rate + neg_entropy,
+            terms={"latent_distortion": rate, "neg_entropy": neg_entropy}, stats=stats)
+
+
+# ----------------------------------------------------------------------- vMF SQ-VAE
+class VmfSQ(nn.Module):
+    """von Mises-Fisher stochastic quantization (SQ-VAE paper, Sec. 4.2).
+
+    Codes and encoder outputs live on the unit sphere. Dequantization
+    p(z_i | Z_q) = vMF(z_q,i, κ_φ); quantization P̂(z_q,i = b_k | Z) = softmax_k(κ_φ b_kᵀ z_i);
+    latent loss per image: κ_φ Σ_i (1 − z_q,iᵀ z_i) − Σ_i H(P̂).  κ_φ = exp(s), learned.
+    (The vMF normalisers of q(z|x) and p(z|z_q) share κ_φ and cancel.)
+    """
+
+    def __init__(self, codebook_size: int, code_dim: int, kappa_init: float = 1.0):
+        super().__init__()
+        self.k, self.d = codebook_size, code_dim
+        self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
+        self.log_kappa_q = nn.Parameter(torch.tensor(math.log(kappa_init)))
+
+    def codebook_vectors(self) -> torch.Tensor:
+        return F.normalize(self.codebook, dim=1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.codebook_vectors()[indices].permute(0, 3, 1, 2).contiguous()
+
+    def forward(self, z: torch.Tensor, log_var: torch.Tensor | None = None, *, mode: str | None = None,
+                temperature: float = 1.0, generator: torch.Generator | None = None) -> QuantizerOutput:
+        _check_z(z, self.d)
+        mode = mode or ("gumbel" if self.training else "argmax")
+        b, _, h, w = z.shape
+        rows = F.normalize(to_rows(z), dim=1)
+        codebook = self.codebook_vectors()
+        kappa = self.log_kappa_q.exp()
+        logits = kappa * rows @ codebook.t()        # κ_φ b_kᵀ z_i
+        probs, entropy = _entropy_rows(logits)
+        zq_rows = _assignments(logits, mode, temperature, generator) @ codebook
+        rate = kappa * (1 - (zq_rows * rows).sum(1)).sum() / b   # κ_φ Σ(1 − z_qᵀ z)
+        neg_entropy = -entropy.sum() / b
+        indices = logits.argmax(-1)
+        stats = {"perplexity": perplexity(indices, self.k).detach(),
+                 "entropy": entropy.mean().detach(), "kappa_q": kappa.detach()}
+        return QuantizerOutput(
+            z_q=from_rows(zq_rows, b, h, w), indices=indices.reshape(b, h, w),
+            probs=probs.reshape(b, h, w, self.k), loss=rate + neg_entropy,
+            terms={"latent_distortion": rate, "neg_entropy": neg_entropy}, stats=stats)
+
+
+# -------------------------------------------------------------------------- VQ-VAE
+class VectorQuantizer(nn.Module):
+    """VQ-VAE: nearest neighbour, straight-through gradient, codebook + β·commitment loss.
+
+        loss = ‖sg[z] − e‖² + β ‖z − sg[e]‖²   (per-element means, β = 0.25)
+
+    Codebook initialised uniform in ±1/K, as in the original VQ-VAE code.
+    `ema=True` replaces the codebook loss by exponential moving averages (decay 0.99,
+    Laplace-smoothed cluster sizes; VQ-VAE appendix). `reset_after=N` (with EMA) re-seeds
+    codes unused for N training steps from random encoder outputs of the current batch.
+    """
+
+    def __init__(self, codebook_size: int, code_dim: int, beta: float = 0.25, ema: bool = False,
+                 decay: float = 0.99, eps: float = 1e-5, reset_after: int | None = None):
+        super().__init__()
+        self.k, self.d, self.beta, self.ema, self.decay, self.eps = codebook_size, code_dim, beta, ema, decay, eps
+        self.reset_after = reset_after
+        init = torch.empty(codebook_size, code_dim).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        if ema:
+            self.register_buffer("codebook", init)
+            self.register_buffer("ema_count", torch.zeros(codebook_size))
+            self.register_buffer("ema_sum", init.clone())
+            self.register_buffer("last_used", torch.zeros(codebook_size, dtype=torch.long))
+            self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        else:
+            self.codebook = nn.Parameter(init)
+
+    def codebook_vectors(self) -> torch.Tensor:
+        return self.codebook
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        return self.codebook[indices].permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def _ema_update(self, rows: torch.Tensor, indices: torch.Tensor) -> None:
+        onehot = F.one_hot(indices, self.k).to(rows.dtype)
+        counts, sums = onehot.sum(0), onehot.t() @ rows
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)   # every rank sees the global batch statistics
+            torch.distributed.all_reduce(sums)
+        self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + self.eps) / (n + self.k * self.eps) * n   # Laplace smoothing
+        self.codebook.copy_(self.ema_sum / smoothed[:, None])
+        self.step += 1
+        self.last_used[counts > 0] = self.step
+        if self.reset_after:
+            dead = (self.step - self.last_used) >= self.reset_after
+            n_dead = int(dead.sum())
+            if n_dead:
+                pick = torch.randint(0, rows.shape[0], (n_dead,), device=rows.device)
+                self.codebook[dead] = rows[pick]
+                self.ema_sum[dead] = rows[pick]
+                self.ema_count[dead] = 1.0
+                self.last_used[dead] = self.step
+
+    def forward(self, z: torch.Tensor, log_var: torch.Tensor | None = None, *, mode: str | None = None,
+                temperature: float = 1.0, generator: torch.Generator | None = None) -> QuantizerOutput:
+        _check_z(z, self.d)
+        b, _, h, w = z.shape
+        rows = to_rows(z)
+        indices = squared_distances(rows.detach(), self.codebook).argmin(-1)
+        zq_rows = self.codebook[indices]
+        commitment = F.mse_loss(rows, zq_rows.detach())
+        terms = {"commitment": self.beta * commitment}
+        if self.ema:
+            if self.training:
+                self._ema_update(rows.detach(), indices)
+        else:
+            terms["codebook"] = F.mse_loss(zq_rows, rows.detach())
+        zq_rows = rows + (zq_rows - rows).detach()   # straight-through estimator
+        stats = {"perplexity": perplexity(indices, self.k).detach()}
+        return QuantizerOutput(
+            z_q=from_rows(zq_rows, b, h, w), indices=indices.reshape(b, h, w), probs=None,
+            loss=sum(terms.values()), terms=terms, stats=stats)
