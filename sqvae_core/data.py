@@ -1,0 +1,724 @@
+"""Image data sets for SQ-VAE Explorer, loaded fully into memory as float tensors.
+
+Supported names (see :data:`DATASETS`)::
+
+    fashion-mnist        Fashion-MNIST, (1, 28, 28), 10 labels
+    mnist                MNIST, (1, 28, 28), 10 labels
+    cifar10              CIFAR-10, (3, 32, 32), 10 labels
+    fashion-mnist-cat8   Fashion-MNIST quantised to 8 grey levels: images = floor(p / 32) / 7
+    folder:PATH          every image under PATH; sub-folders are classes (sorted names)
+
+Splits: ``"test"`` is the official test set; ``"val"`` is a fixed-seed random subset of
+the official training set (``val_size`` images, or a fraction if a float; an int is
+capped at 10% of the training set, which matters for small training sets such as the
+shipped subset); ``"train"`` is the rest.  Folder data sets get a fixed-seed 80/10/10
+train/val/test split instead.  Splits depend only on ``seed`` (default 0).
+
+Where the files are looked for, in order (MNIST-style data sets; CIFAR-10 likewise with
+``cifar-10-batches-py/``)::
+
+    1. the data_dir argument, then $SQVAE_DATA -- the folder holding the files, or a
+       parent holding <name>/
+    2. /usr/share/datasets/<name>   (Debian: apt-get install dataset-fashion-mnist)
+    3. $XDG_CACHE_HOME/sqvae/<name> or ~/.cache/sqvae/<name>; if missing and
+       download=True, downloaded there from :data:`SOURCES` with md5 verification
+    4. fashion-mnist(-cat8) only, if allow_subset=True: a small subset shipped in
+       sqvae_core/datasets_shipped/fashion-mnist (warns that it is a subset)
+
+If none is found, :class:`DatasetNotFoundError` lists every place looked.
+Parsed files are cached in-process, so repeated loads are cheap; the returned tensors
+are fresh copies the caller may modify.
+
+Only torch and numpy are imported at module import; Pillow is imported when a folder
+data set is loaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import shutil
+import struct
+import tempfile
+import warnings
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = [
+    "ImageData",
+    "DatasetNotFoundError",
+    "ChecksumError",
+    "DATASETS",
+    "SOURCES",
+    "dataset_shape",
+    "load_dataset",
+    "iterate_batches",
+]
+
+log = logging.getLogger(__name__)
+
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "fashion-mnist-cat8")  # plus "folder:PATH"
+SPLITS = ("train", "val", "test")
+
+#: Environment variable naming a data directory (checked after the data_dir argument).
+ENV_VAR = "SQVAE_DATA"
+#: System-wide data roots; each is searched for ``<name>/`` (Debian's dataset-* packages).
+SYSTEM_DIRS: tuple[str, ...] = ("/usr/share/datasets",)
+#: Root of the subsets shipped inside the package (``<root>/fashion-mnist/``).
+SHIPPED_DIR = Path(__file__).resolve().parent / "datasets_shipped"
+#: Seconds before a download attempt gives up.
+DOWNLOAD_TIMEOUT = 30.0
+
+_FMNIST_URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
+_MNIST_URL = "https://ossci-datasets.s3.amazonaws.com/mnist/"
+
+#: Download table: base data set -> list of (url, file name, md5 as published).
+#: Tests monkeypatch this (and :func:`_fetch`).
+SOURCES: dict[str, list[tuple[str, str, str]]] = {
+    "fashion-mnist": [
+        (_FMNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz", "8d4fb7e6c68d591d4c3dfef9ec88bf0d"),
+        (_FMNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz", "25c81989df183df01b3e8a0aad5dffbe"),
+        (_FMNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "bef4ecab320f06d8554ea6380940ec79"),
+        (_FMNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "bb300cfdad3c16e7a12a480ee83cd310"),
+    ],
+    "mnist": [
+        (_MNIST_URL + "train-images-idx3-ubyte.gz", "train-images-idx3-ubyte.gz", "f68b3c2dcbeaaa9fbdd348bbdeb94873"),
+        (_MNIST_URL + "train-labels-idx1-ubyte.gz", "train-labels-idx1-ubyte.gz", "d53e105ee54ea40749a09fcbcd1e9432"),
+        (_MNIST_URL + "t10k-images-idx3-ubyte.gz", "t10k-images-idx3-ubyte.gz", "9fb629c4189551a2d022fa330f9573f3"),
+        (_MNIST_URL + "t10k-labels-idx1-ubyte.gz", "t10k-labels-idx1-ubyte.gz", "ec29112dd5afa0611ce80d1b7f02629c"),
+    ],
+    "cifar10": [
+        ("https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz", "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a"),
+    ],
+}
+
+CLASS_NAMES = {
+    "fashion-mnist": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+                      "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"),
+    "mnist": tuple(str(i) for i in range(10)),
+    "cifar10": ("airplane", "automobile", "bird", "cat", "deer",
+                "dog", "frog", "horse", "ship", "truck"),
+}
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
+    "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"),
+}
+_CIFAR_DIR = "cifar-10-batches-py"
+_CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)}
+
+_IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+@dataclass
+class ImageData:
+    """An in-memory image data set split."""
+
+    images: torch.Tensor          # float32 (N, C, H, W) in [0, 1], contiguous
+    labels: torch.Tensor | None   # int64 (N,)
+    name: str                     # data set name as given
+    split: str                    # "train" | "val" | "test"
+    source: str                   # where it was read from
+    num_labels: int | None        # number of classes, None if unlabeled
+    levels: int | None            # grey levels for categorical data (8 for cat8), else None
+    class_names: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """No copy of the data set was found; the message lists every place looked."""
+
+
+class ChecksumError(ValueError):
+    """A downloaded file did not match its published md5 (the file was deleted)."""
+
+
+class _DownloadFailed(OSError):
+    """Network (or cache-dir) failure while downloading url; load_dataset falls through."""
+
+    def __init__(self, url: str, error: BaseException):
+        super().__init__(f"{url}: {type(error).__name__}: {error}")
+        self.url = url
+
+
+# --------------------------------------------------------------------------- names
+
+
+def _parse_name(name: str) -> tuple[str, str | None]:
+    """-> (canonical name, folder path or None)."""
+    if not isinstance(name, str):
+        raise TypeError(f"dataset name must be a str, got {type(name).__name__}")
+    if name.startswith("folder:"):
+        path = name[len("folder:"):]
+        if not path:
+            raise ValueError("folder dataset needs a path: 'folder:PATH'")
+        return "folder", path
+    canon = name.strip().lower().replace("_", "-")
+    if canon not in DATASETS:
+        raise ValueError(
+            f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}, or 'folder:PATH'")
+    return canon, None
+
+
+def _base(canon: str) -> str:
+    """The data set whose files are read ("fashion-mnist-cat8" reads fashion-mnist)."""
+    return "fashion-mnist" if canon == "fashion-mnist-cat8" else canon
+
+
+def dataset_shape(name: str, image_size: int | None = None,
+                  channels: int | None = None) -> tuple[int, int, int]:
+    """(C, H, W) of a data set's images.  image_size/channels only apply to folder: data."""
+    canon, _ = _parse_name(name)
+    if canon == "folder":
+        c = 3 if channels is None else int(channels)
+        s = 32 if image_size is None else int(image_size)
+        if c not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, got {channels!r}")
+        if s <= 0:
+            raise ValueError(f"image_size must be positive, got {image_size!r}")
+        return (c, s, s)
+    if canon == "cifar10":
+        return (3, 32, 32)
+    return (1, 28, 28)
+
+
+# --------------------------------------------------------------------------- readers
+
+
+def _read_bytes(path: Path) -> bytes:
+    raw = path.read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:  # BadGzipFile is an OSError
+            raise ValueError(f"{path}: corrupt or truncated gzip file ({e})") from None
+    return raw
+
+
+@functools.lru_cache(maxsize=16)
+def _read_idx_cached(path: str, mtime_ns: int, size: int, ndim: int) -> np.ndarray:
+    p = Path(path)
+    raw = _read_bytes(p)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_TYPES:
+        raise ValueError(f"{p}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'})")
+    if raw[3] != ndim:
+        raise ValueError(f"{p}: IDX file has {raw[3]} dimensions, expected {ndim}")
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{p}: truncated IDX header")
+    dims = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_TYPES[raw[2]])
+    expected = int(np.prod(dims, dtype=np.int64)) * dtype.itemsize
+    if len(raw) - header != expected:
+        what = "truncated" if len(raw) - header < expected else "has trailing bytes"
+        raise ValueError(f"{p}: IDX file {what}: header says {dims} "
+                         f"({expected} data bytes), found {len(raw) - header}")
+    arr = np.frombuffer(raw, dtype=dtype, offset=header).reshape(dims)  # read-only
+    return arr
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    """Parse an IDX(.gz) file, cached; the result is read-only."""
+    st = path.stat()
+    return _read_idx_cached(str(path), st.st_mtime_ns, st.st_size, ndim)
+
+
+def _existing(directory: Path, fname: str) -> Path | None:
+    """The file, gzipped or not (fname ends with .gz)."""
+    for cand in (directory / fname, directory / fname[: -len(".gz")]):
+        if cand.is_file():
+            return cand
+    return None
+
+
+def _load_idx_split(directory: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
+    img_name, lab_name = _IDX_FILES[which]
+    img_path, lab_path = _existing(directory, img_name), _existing(directory, lab_name)
+    if img_path is None or lab_path is None:
+        raise DatasetNotFoundError(f"{directory}: missing {img_name} or {lab_name}")
+    images = _read_idx(img_path, 3)
+    labels = _read_idx(lab_path, 1)
+    if images.dtype != np.uint8 or images.shape[1:] != (28, 28):
+        raise ValueError(f"{img_path}: expected uint8 images of 28x28, "
+                         f"got {images.dtype} {images.shape[1:]}")
+    if labels.dtype != np.uint8 or labels.shape[0] != images.shape[0]:
+        raise ValueError(f"{lab_path}: {labels.shape[0]} labels for "
+                         f"{images.shape[0]} images in {img_path}")
+    if labels.size and labels.max() > 9:
+        raise ValueError(f"{lab_path}: label {int(labels.max())} out of range 0..9")
+    return images, labels
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles only what CIFAR batches contain (numpy arrays, lists, bytes)."""
+
+    _ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+        ("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode"),
+    }
+
+    def find_class(self, module, name):
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+        return super().find_class(module, name)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_cifar_batch_cached(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, np.ndarray]:
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            obj = _CifarUnpickler(f, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError,
+            IndexError, struct.error) as e:
+        raise ValueError(f"{p}: not a valid CIFAR-10 batch pickle ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{p}: CIFAR-10 batch should hold a dict, got {type(obj).__name__}")
+    get = lambda k: obj.get(k.encode(), obj.get(k))  # noqa: E731  (bytes or str keys)
+    data, labels = get("data"), get("labels")
+    if data is None or labels is None:
+        raise ValueError(f"{p}: CIFAR-10 batch lacks 'data' or 'labels'")
+    data = np.asarray(data)
+    labels = np.asarray(labels)
+    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise ValueError(f"{p}: CIFAR-10 'data' should be uint8 (N, 3072), got {data.dtype} {data.shape}")
+    if labels.ndim != 1 or labels.shape[0] != data.shape[0]:
+        raise ValueError(f"{p}: {labels.shape} labels for {data.shape[0]} images")
+    if labels.size and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{p}: labels out of range 0..9")
+    images = data.reshape(-1, 3, 32, 32)
+    labels = labels.astype(np.uint8)
+    images.setflags(write=False)
+    labels.setflags(write=False)
+    return images, labels
+
+
+def _load_cifar_split(directory: Path, which: str) -> tuple[np.ndarray, np.ndarray]:
+    parts = []
+    for fname in _CIFAR_FILES[which]:
+        p = directory / fname
+        st = p.stat()
+        parts.append(_read_cifar_batch_cached(str(p), st.st_mtime_ns, st.st_size))
+    if len(parts) == 1:
+        return parts[0]
+    return np.concatenate([x for x, _ in parts]), np.concatenate([y for _, y in parts])
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def _holds_files(base: str, directory: Path) -> tuple[bool, str]:
+    """Does directory hold the data set's files? -> (ok, reason if not)."""
+    if not directory.is_dir():
+        return False, "no such directory"
+    if base == "cifar10":
+        missing = [f for w in ("train", "test") for f in _CIFAR_FILES[w] if not (directory / f).is_file()]
+    else:
+        missing = [f for w in ("train", "test") for f in _IDX_FILES[w] if _existing(directory, f) is None]
+    if missing:
+        return False, "missing " + ", ".join(missing)
+    return True, ""
+
+
+def _candidates(base: str, root: Path) -> list[Path]:
+    """Directories under a user-given root that may hold the files."""
+    if base == "cifar10":
+        return [root, root / _CIFAR_DIR, root / "cifar10", root / "cifar10" / _CIFAR_DIR]
+    return [root, root / base]
+
+
+def _cache_dir(base: str) -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "sqvae" / base
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch(url: str, dest: str | os.PathLike) -> None:
+    """Download url to dest (overwriting it).  Raises OSError on network failure."""
+    import urllib.request
+
+    req = urllib.request.Request(url, headers={"User-Agent": "sqvae-explorer"})
+    with urllib.request.urlopen(req, timeout=DOWNLOAD_TIMEOUT) as resp, open(dest, "wb") as f:
+        shutil.copyfileobj(resp, f, 1 << 20)
+
+
+def _download_file(url: str, dest: Path, md5: str) -> None:
+    """Fetch url into a temp file beside dest; rename to dest only if md5 matches."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    os.close(fd)
+    try:
+        log.info("downloading %s -> %s", url, dest)
+        _fetch(url, tmp)
+        got = _md5(Path(tmp))
+        if got != md5.lower():
+            raise ChecksumError(
+                f"md5 mismatch for {url}: expected {md5}, got {got}; the download was "
+                f"deleted (if a proxy blocks the download, fetch the file yourself and "
+                f"use --data-dir or ${ENV_VAR})")
+        os.replace(tmp, dest)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _safe_extract(archive: Path, dest: Path) -> None:
+    """Extract a tar archive into dest, refusing absolute paths, '..' and special files."""
+    import tarfile
+
+    with tarfile.open(archive) as tar:
+        members = tar.getmembers()
+        for m in members:
+            parts = Path(m.name).parts
+            if m.name.startswith(("/", "\\")) or os.path.isabs(m.name) or ".." in parts:
+                raise ValueError(f"{archive}: unsafe path in archive: {m.name!r}")
+            if not (m.isfile() or m.isdir()):
+                raise ValueError(f"{archive}: refusing link/special member {m.name!r}")
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, members=members, filter="data")
+        else:  # pragma: no cover - old Pythons
+            tar.extractall(dest, members=members)
+
+
+def _download(base: str, cache: Path) -> None:
+    """Download base's files into cache (skipping those already there)."""
+    for url, fname, md5 in SOURCES[base]:
+        target = cache / fname
+        if base == "cifar10":
+            if _holds_files(base, cache / _CIFAR_DIR)[0]:
+                continue
+        elif _existing(cache, fname) is not None:
+            continue
+        import http.client
+
+        try:
+            _download_file(url, target, md5)
+        except (OSError, http.client.HTTPException) as e:  # URLError, timeouts, ...
+            raise _DownloadFailed(url, e) from e
+        if base == "cifar10":
+            tmp_dir = Path(tempfile.mkdtemp(prefix=".extract-", dir=cache))
+            try:
+                _safe_extract(target, tmp_dir)
+                extracted = tmp_dir / _CIFAR_DIR
+                if not _holds_files(base, extracted)[0]:
+                    raise ValueError(f"{url}: archive has no complete {_CIFAR_DIR}/")
+                shutil.rmtree(cache / _CIFAR_DIR, ignore_errors=True)
+                os.replace(extracted, cache / _CIFAR_DIR)
+            finally:
+                shutil.rmtree(tmp_dir, ignore_errors=True)
+                target.unlink(missing_ok=True)
+
+
+def _shipped_counts(directory: Path) -> tuple[int, int]:
+    counts = []
+    for which in ("train", "test"):
+        with gzip.open(directory / _IDX_FILES[which][0], "rb") as f:
+            counts.append(struct.unpack(">I", f.read(8)[4:8])[0])
+    return counts[0], counts[1]
+
+
+def _how_to_get(base: str) -> str:
+    lines = ["How to get the data:"]
+    if base == "fashion-mnist":
+        lines.append("  - sudo apt-get install dataset-fashion-mnist   (installs /usr/share/datasets/fashion-mnist)")
+    if base == "cifar10":
+        what = f"the extracted {_CIFAR_DIR}/ folder from cifar-10-python.tar.gz"
+    else:
+        what = "the four *-ubyte.gz files"
+    lines.append(f"  - pass --data-dir DIR (data_dir=DIR) or set {ENV_VAR}=DIR, DIR holding {what} "
+                 f"(or a {base}/ sub-folder with them)")
+    urls = ", ".join(u for u, _, _ in SOURCES.get(base, []))
+    lines.append(f"  - or run once with network access (download=True) to download into "
+                 f"{_cache_dir(base)}" + (f" from {urls}" if urls else ""))
+    return "\n".join(lines)
+
+
+def _locate(base: str, data_dir, download: bool, allow_subset: bool) -> tuple[Path, str, bool]:
+    """-> (directory holding the files, source description, is_shipped_subset)."""
+    looked: list[str] = []
+    explicit_misses: list[str] = []
+
+    def try_root(label: str, cands: list[Path]) -> Path | None:
+        for c in cands:
+            ok, why = _holds_files(base, c)
+            if ok:
+                return c
+            looked.append(f"{label}: {c} ({why})")
+        return None
+
+    # (a) data_dir argument, then the environment variable
+    if data_dir is not None and str(data_dir) != "":
+        root = Path(data_dir).expanduser()
+        found = try_root("data_dir argument", _candidates(base, root))
+        if found:
+            return found, str(found), False
+        explicit_misses.append(f"data_dir={root}")
+    else:
+        looked.append("data_dir argument: not given")
+    env = os.environ.get(ENV_VAR, "")
+    if env:
+        root = Path(env).expanduser()
+        found = try_root(f"${ENV_VAR}", _candidates(base, root))
+        if found:
+            return found, str(found), False
+        explicit_misses.append(f"{ENV_VAR}={root}")
+    else:
+        looked.append(f"${ENV_VAR}: not set")
+
+    def chosen(found: Path, source: str, subset: bool):
+        if explicit_misses:
+            warnings.warn(f"{' and '.join(explicit_misses)} hold no {base} files; "
+                          f"using {source}", stacklevel=4)
+        return found, source, subset
+
+    # (b) system-wide (Debian dataset-* packages)
+    for sysroot in SYSTEM_DIRS:
+        d = Path(sysroot) / base
+        found = try_root("system", [d, d / _CIFAR_DIR] if base == "cifar10" else [d])
+        if found:
+            return chosen(found, str(found), False)
+
+    # (c) user cache, downloading into it if allowed
+    cache = _cache_dir(base)
+    target = cache / _CIFAR_DIR if base == "cifar10" else cache
+    if try_root("cache", [target]):
+        return chosen(target, str(target), False)
+    if not download:
+        looked.append("download: not attempted (download=False)")
+    elif base not in SOURCES:
+        looked.append(f"download: no source known for {base}")
+    else:
+        try:
+            _download(base, cache)
+        except _DownloadFailed as e:  # network failure, unwritable cache, ...: fall through
+            looked.append(f"download into {cache}: failed ({e})")
+            log.info("download of %s failed: %s", base, e)
+        else:
+            ok, why = _holds_files(base, target)
+            if ok:
+                return chosen(target, str(target), False)
+            looked.append(f"download into {cache}: incomplete ({why})")
+
+    # (d) the small subset shipped in the package
+    if base == "fashion-mnist":
+        shipped = Path(SHIPPED_DIR) / base
+        if not allow_subset:
+            looked.append(f"shipped subset {shipped}: not used (allow_subset=False)")
+        else:
+            ok, why = _holds_files(base, shipped)
+            if ok:
+                n_train, n_test = _shipped_counts(shipped)
+                source = f"shipped subset ({n_train} train / {n_test} test images)"
+                warnings.warn(
+                    f"Full {base} not found; falling back to the {source} that comes with "
+                    f"sqvae_core. Results will not match training on the full data set.\n"
+                    + "Looked in:\n  " + "\n  ".join(looked) + "\n" + _how_to_get(base),
+                    stacklevel=3)
+                return shipped, source, True
+            looked.append(f"shipped subset {shipped}: {why}")
+    else:
+        looked.append(f"shipped subset: none for {base}")
+
+    raise DatasetNotFoundError(
+        f"Dataset {base!r} not found. Looked in:\n  " + "\n  ".join(looked)
+        + "\n" + _how_to_get(base))
+
+
+# --------------------------------------------------------------------------- folders
+
+
+def _scan_folder(root: Path) -> tuple[list[tuple[Path, int | None]], tuple[str, ...] | None]:
+    def images_under(d: Path) -> list[Path]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(d):
+            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
+            out.extend(Path(dirpath) / f for f in sorted(filenames)
+                       if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+        return out
+
+    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = [(d.name, images_under(d)) for d in subdirs]
+    classes = [(n, files) for n, files in classes if files]
+    loose = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.name.lower().endswith(IMAGE_EXTENSIONS))
+    if not classes:
+        return [(p, None) for p in loose], None
+    if loose:
+        warnings.warn(f"folder:{root}: ignoring {len(loose)} image(s) directly in the folder; "
+                      f"only images in the class sub-folders are used", stacklevel=5)
+    items = [(p, label) for label, (_, files) in enumerate(classes) for p in files]
+    return items, tuple(n for n, _ in classes)
+
+
+def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    from PIL import Image
+
+    mode = "L" if channels == 1 else "RGB"
+    try:
+        with Image.open(path) as im:
+            im.draft(mode, (size, size))  # cheap JPEG downscale, never below size
+            if "A" in im.getbands() or "transparency" in im.info:
+                im = im.convert("RGBA")
+                bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+                im = Image.alpha_composite(bg, im)  # transparent -> white
+            im = im.convert(mode)
+            w, h = im.size
+            scale = size / min(w, h)
+            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+            if (nw, nh) != (w, h):
+                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - size) // 2, (nh - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+            arr = np.asarray(im, dtype=np.uint8)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise ValueError(f"cannot read image {path}: {e}") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_folder_cached(size: int, channels: int, items: tuple, labeled: bool):
+    """items: ((path, mtime_ns, size, label), ...) -- file stats are part of the key."""
+    images = np.empty((len(items), channels, size, size), dtype=np.uint8)
+    for i, (p, _, _, _) in enumerate(items):
+        images[i] = _load_image(Path(p), size, channels)
+    images.setflags(write=False)
+    labels = None
+    if labeled:
+        labels = np.array([lab for _, _, _, lab in items], dtype=np.int64)
+        labels.setflags(write=False)
+    return images, labels
+
+
+def _load_folder(name: str, path: str, split: str, image_size, channels, seed: int) -> ImageData:
+    c, s, _ = dataset_shape(name, image_size, channels)
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DatasetNotFoundError(
+            f"folder dataset: {root} is not a directory (resolved: {root.resolve()})")
+    root = root.resolve()
+    items, class_names = _scan_folder(root)
+    if not items:
+        raise ValueError(f"folder:{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    key = tuple((str(p), st.st_mtime_ns, st.st_size, lab) for p, lab in items for st in [p.stat()])
+    images, labels = _load_folder_cached(s, c, key, class_names is not None)
+    n = images.shape[0]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+    n_test = int(round(0.1 * n))
+    n_val = int(round(0.1 * n))
+    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
+    idx = np.sort(parts[split])
+    x = torch.from_numpy(_to_float(images[idx], False))
+    y = torch.from_numpy(labels[idx]) if labels is not None else None
+    return ImageData(images=x.contiguous(), labels=y, name=name, split=split, source=str(root),
+                     num_labels=len(class_names) if class_names is not None else None,
+                     levels=None, class_names=class_names)
+
+
+# --------------------------------------------------------------------------- public
+
+
+def _n_val(val_size, n_train: int) -> int:
+    if isinstance(val_size, bool) or not isinstance(val_size, (int, float, np.integer, np.floating)):
+        raise TypeError(f"val_size must be an int or a float fraction, got {val_size!r}")
+    if isinstance(val_size, (float, np.floating)):
+        if not 0.0 <= val_size < 1.0:
+            raise ValueError(f"val_size as a float is a fraction in [0, 1), got {val_size}")
+        return int(round(float(val_size) * n_train))
+    if val_size < 0:
+        raise ValueError(f"val_size must be >= 0, got {val_size}")
+    return min(int(val_size), n_train // 10)
+
+
+def _to_float(images: np.ndarray, cat8: bool) -> np.ndarray:
+    """uint8 -> new float32 array: p/255, or for cat8 floor(p/256*8)/7 (= (p >> 5)/7)."""
+    if cat8:
+        return np.divide(np.right_shift(images, 5), np.float32(7.0), dtype=np.float32)
+    return np.divide(images, np.float32(255.0), dtype=np.float32)
+
+
+def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *,
+                 download: bool = True, image_size: int | None = None,
+                 channels: int | None = None, val_size: int | float = 5000, seed: int = 0,
+                 allow_subset: bool = True) -> ImageData:
+    """Load a data set split into memory.  See the module docstring for the details.
+
+    image_size/channels apply to ``folder:`` data only (ignored otherwise); val_size
+    does not apply to ``folder:`` data (fixed 80/10/10 split).
+    """
+    canon, folder = _parse_name(name)
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if canon == "folder":
+        return _load_folder(name, folder, split, image_size, channels, seed)
+
+    base = _base(canon)
+    if os.environ.get("SQVAE_OFFLINE", "") not in ("", "0"):
+        download = False   # SQVAE_OFFLINE=1: never try the network (air-gapped machines, tests)
+    directory, source, _subset = _locate(base, data_dir, download, allow_subset)
+    loader = _load_cifar_split if base == "cifar10" else _load_idx_split
+    images, labels = loader(directory, "test" if split == "test" else "train")
+
+    idx = None
+    if split != "test":
+        n = images.shape[0]
+        n_val = _n_val(val_size, n)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
+        idx = np.sort(perm[:n_val] if split == "val" else perm[n_val:])
+        images, labels = images[idx], labels[idx]
+    x = _to_float(images, canon == "fashion-mnist-cat8")  # new array: the cache is never exposed
+    x = x.reshape(x.shape[0], *dataset_shape(canon))
+    return ImageData(
+        images=torch.from_numpy(np.ascontiguousarray(x)),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        name=name, split=split, source=source, num_labels=10,
+        levels=8 if canon == "fashion-mnist-cat8" else None,
+        class_names=CLASS_NAMES[base])
+
+
+def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool,
+                    generator: torch.Generator | None = None, drop_last: bool = True):
+    """Yield (images, labels) batches of an in-memory data set for one epoch.
+
+    With shuffle, batches are gathered through one random permutation (generator, if
+    given, makes it reproducible); without, they are contiguous slices (views).
+    labels is None for unlabeled data.  drop_last drops a final short batch (so a data
+    set smaller than batch_size yields nothing).
+    """
+    if int(batch_size) != batch_size or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    batch_size = int(batch_size)
+    n = len(data)
+    order = torch.randperm(n, generator=generator) if shuffle else None
+    images, labels = data.images, data.labels
+
+    def gen():
+        stop = n - n % batch_size if drop_last else n
+        for start in range(0, stop, batch_size):
+            if order is None:
+                sl = slice(start, start + batch_size)
+                yield images[sl], (labels[sl] if labels is not None else None)
+            else:
+                sel = order[start:start + batch_size]
+                yield images[sel], (labels[sel] if labels is not None else None)
+
+    return gen()

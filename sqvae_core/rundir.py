@@ -1,0 +1,261 @@
+"""The run directory: the contract between training and everything that reads it.
+
+    RUN_DIR/
+      config.json          every setting needed to rebuild the model (+ dataset, code version)
+      metrics.jsonl        one JSON object per logged step, appended and flushed live
+      status.json          {"state": running|finished|failed|stopped, "step", "error", "pid", ...}
+      model.safetensors    last weights (the model only; config in the metadata too)
+      best.safetensors     weights with the best validation MSE so far
+      checkpoint.pt        full training state for --resume (torch.load(weights_only=True)-safe)
+      snapshots/step_XXXXXXXX.safetensors   codebook (float16) + per-code usage over a window
+      samples.png, umap.json, prior.safetensors, ...  written by other commands
+
+Every file that is replaced is written to a temp file in the same directory and renamed
+over the old one (os.replace), so a kill at any moment leaves the previous version readable.
+Every file read here may be corrupt or hostile: loads validate and raise `BundleError`
+(a ValueError) with a one-line message; nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import ModelConfig
+
+CONFIG, METRICS, STATUS = "config.json", "metrics.jsonl", "status.json"
+WEIGHTS, BEST, CHECKPOINT, SNAPSHOTS = "model.safetensors", "best.safetensors", "checkpoint.pt", "snapshots"
+MAX_JSON_BYTES = 1 << 20            # config/status files are tiny; refuse huge ones
+MAX_WEIGHTS_BYTES = 1 << 30
+CODE_VERSION = "0.1.0"
+STATES = ("running", "finished", "failed", "stopped")
+
+
+class BundleError(ValueError):
+    """A run directory or bundle that cannot be used, with a message for the user."""
+
+
+# ----------------------------------------------------------------------- atomic writes
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=1) + "\n").encode())
+
+
+def atomic_torch_save(path: Path, obj) -> None:
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors file written atomically (temp + rename)."""
+    from safetensors.torch import save
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+# ------------------------------------------------------------------------- reading
+def read_json(path: Path, what: str) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{what} not found: {path}")
+    if path.stat().st_size > MAX_JSON_BYTES:
+        raise BundleError(f"{what} is too large ({path.stat().st_size} bytes): {path}")
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise BundleError(f"{what} is not valid JSON ({e.__class__.__name__}): {path}") from None
+    if not isinstance(obj, dict):
+        raise BundleError(f"{what} must hold a JSON object: {path}")
+    return obj
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All rows of metrics.jsonl; a torn last line (a run killed mid-write) is skipped."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS
+    rows = []
+    if not path.is_file():
+        return rows
+    with open(path, "rb") as f:
+        for line in f:
+            try:
+                row = json.loads(line)
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with clear errors for broken files."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"weights not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise BundleError(f"weights file too large ({size} bytes): {path}")
+    data = path.read_bytes()
+    try:
+        tensors = load(data)
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
+        raise BundleError(f"weights file is corrupt or not safetensors ({str(e).splitlines()[0][:120]}): {path}") from None
+    return tensors, meta
+
+
+def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every expected tensor present with the right shape and dtype kind; nothing extra."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    extra = sorted(set(state) - set(expected))
+    if missing:
+        raise BundleError(f"{source}: missing tensors {missing[:3]}{' ...' if len(missing) > 3 else ''} "
+                          f"(weights do not match the config)")
+    if extra:
+        raise BundleError(f"{source}: unexpected tensors {extra[:3]}{' ...' if len(extra) > 3 else ''}")
+    for k, ref in expected.items():
+        t = state[k]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise BundleError(f"{source}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+        if t.is_floating_point() != ref.is_floating_point():
+            raise BundleError(f"{source}: tensor {k} has dtype {t.dtype}, expected {ref.dtype}")
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise BundleError(f"{source}: tensor {k} contains NaN or inf")
+
+
+# --------------------------------------------------------------------------- bundles
+@dataclass
+class Bundle:
+    """A loaded run directory: its config, a ready model (eval mode) and where it came from."""
+    path: Path
+    config: dict                 # the whole config.json
+    model_cfg: ModelConfig
+    model: torch.nn.Module
+    weights: str                 # which weights file was loaded
+
+    @property
+    def dataset(self) -> str:
+        return self.config.get("dataset", "fashion-mnist")
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def read_config(run_dir: Path) -> tuple[dict, ModelConfig]:
+    cfg = read_json(Path(run_dir) / CONFIG, "config.json")
+    if "model" not in cfg:
+        raise BundleError(f"config.json has no 'model' section: {run_dir}")
+    try:
+        model_cfg = ModelConfig.from_dict(cfg["model"])
+    except ValueError as e:
+        raise BundleError(f"config.json: {e}") from None
+    return cfg, model_cfg
+
+
+def load_bundle(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "last") -> Bundle:
+    """Rebuild the model of a run directory or shipped bundle and load its weights.
+
+    which: "last" (model.safetensors) or "best" (best.safetensors, falling back to last).
+    """
+    from .models import build_model
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise BundleError(f"not a run directory: {run_dir}")
+    cfg, model_cfg = read_config(run_dir)
+    path = run_dir / (BEST if which == "best" and (run_dir / BEST).is_file() else WEIGHTS)
+    if not path.is_file():
+        raise BundleError(f"no trained weights in {run_dir} (expected {WEIGHTS}; has training written a checkpoint yet?)")
+    state, _ = load_weights(path)
+    model = build_model(model_cfg)
+    check_state_dict(model, state, str(path))
+    model.load_state_dict(state)
+    return Bundle(run_dir, cfg, model_cfg, model.to(device).eval(), path.name)
+
+
+# ------------------------------------------------------------------------- status
+def read_status(run_dir: Path) -> dict:
+    """status.json, with state "interrupted" when it says running but its process is gone."""
+    try:
+        st = read_json(Path(run_dir) / STATUS, "status.json")
+    except BundleError:
+        return {"state": "unknown"}
+    if st.get("state") == "running" and not _pid_alive(st.get("pid"), st.get("host")):
+        st = {**st, "state": "interrupted"}
+    return st
+
+
+def _pid_alive(pid, host) -> bool:
+    import socket
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    if host and host != socket.gethostname():
+        return True      # cannot tell for another machine; trust the file
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:   # a zombie (finished but not reaped) is not running
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def list_runs(root: str | Path) -> list[Path]:
+    """Run directories (holding config.json) directly under root, or root itself."""
+    root = Path(root)
+    if (root / CONFIG).is_file():
+        return [root]
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file())
+
+
+def read_snapshots(run_dir: Path) -> list[dict]:
+    """Codebook/usage snapshots in step order: [{"step", "codebook" (K,d) float32, "usage" (K,)}]."""
+    out = []
+    folder = Path(run_dir) / SNAPSHOTS
+    if not folder.is_dir():
+        return out
+    for p in sorted(folder.glob("step_*.safetensors")):
+        try:
+            t, meta = load_weights(p)
+            out.append({"step": int(meta.get("step", p.stem.split("_")[-1])),
+                        "codebook": t["codebook"].float(), "usage": t["usage"].long()})
+        except (BundleError, KeyError, ValueError):
+            continue      # a snapshot torn by a kill is skipped, not fatal
+    return sorted(out, key=lambda s: s["step"])

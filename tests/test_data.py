@@ -1,0 +1,430 @@
+"""Tests for sqvae_core.data (no network: every download goes to file:// URLs)."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import shutil
+import struct
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from sqvae_core import data as D
+
+SYSTEM_FMNIST = Path("/usr/share/datasets/fashion-mnist")
+SHIPPED = D.SHIPPED_DIR / "fashion-mnist"
+FILES = ["train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+         "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"]
+SUBSET_SOURCE = "shipped subset (3000 train / 1000 test images)"
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """No real cache, no $SQVAE_DATA, no network: downloads point at a missing file."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg-cache"))
+    monkeypatch.delenv("SQVAE_DATA", raising=False)
+    for base, entries in list(D.SOURCES.items()):
+        monkeypatch.setitem(D.SOURCES, base, [
+            ((tmp_path / "no-network" / f).as_uri(), f, md5) for _, f, md5 in entries])
+
+
+@pytest.fixture
+def no_system(monkeypatch, tmp_path):
+    monkeypatch.setattr(D, "SYSTEM_DIRS", (str(tmp_path / "no-system"),))
+
+
+def write_idx(path: Path, arr: np.ndarray, compress: bool = True) -> None:
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    raw = struct.pack(">BBBB", 0, 0, 0x08, arr.ndim) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    raw += arr.tobytes()
+    path.write_bytes(gzip.compress(raw, mtime=0) if compress else raw)
+
+
+def make_idx_dataset(root: Path, n_train: int = 1000, n_test: int = 200) -> Path:
+    """Synthetic MNIST-style files; image i has pixel (0,0)=i%256, (0,1)=i//256, and
+    rows 1.. hold all 256 grey values."""
+    root.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs = np.zeros((n, 28, 28), np.uint8)
+        imgs[:, 1:, :] = (np.arange(27 * 28) % 256).reshape(27, 28)
+        imgs[:, 0, 0] = np.arange(n) % 256
+        imgs[:, 0, 1] = np.arange(n) // 256
+        write_idx(root / f"{prefix}-images-idx3-ubyte.gz", imgs)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", np.arange(n) % 10)
+    return root
+
+
+def ids(d: D.ImageData) -> np.ndarray:
+    px = np.rint(d.images[:, 0, 0, :2].numpy() * 255).astype(np.int64)
+    return px[:, 0] + 256 * px[:, 1]
+
+
+# ------------------------------------------------------------------ real data
+
+
+@pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(),
+                    reason=f"{SYSTEM_FMNIST} missing (apt-get install dataset-fashion-mnist)")
+def test_fashion_mnist_from_system_dir():
+    raw_test = D._read_idx(SYSTEM_FMNIST / "t10k-images-idx3-ubyte.gz", 3)
+    sizes = {"train": 55000, "val": 5000, "test": 10000}
+    for split, n in sizes.items():
+        d = D.load_dataset("fashion-mnist", split, download=False)
+        assert len(d) == n and d.split == split and d.name == "fashion-mnist"
+        assert d.images.shape == (n, 1, 28, 28) and d.images.dtype == torch.float32
+        assert d.images.is_contiguous()
+        assert 0.0 <= d.images.min().item() and d.images.max().item() == 1.0
+        assert d.labels.dtype == torch.int64 and d.labels.shape == (n,)
+        assert set(d.labels.unique().tolist()) == set(range(10))
+        assert d.source == str(SYSTEM_FMNIST) and d.num_labels == 10 and d.levels is None
+    assert torch.equal(d.images[:3, 0], torch.from_numpy(raw_test[:3].astype(np.float32)) / 255)
+    # repeated loads come from the in-process cache and can't be corrupted by callers
+    d.images.zero_()
+    again = D.load_dataset("fashion-mnist", "test", download=False)
+    assert again.images.max().item() == 1.0
+
+
+# ------------------------------------------------------------------ splits
+
+
+def test_val_train_disjoint_and_deterministic(tmp_path):
+    root = make_idx_dataset(tmp_path / "syn")
+    tr = D.load_dataset("mnist", "train", str(root), val_size=60)
+    va = D.load_dataset("mnist", "val", str(root), val_size=60)
+    te = D.load_dataset("mnist", "test", str(root))
+    assert (len(tr), len(va), len(te)) == (940, 60, 200)
+    a, b = ids(tr), ids(va)
+    assert not set(a) & set(b) and sorted(set(a) | set(b)) == list(range(1000))
+    assert torch.equal(tr.labels, torch.from_numpy(a % 10))
+    assert np.array_equal(ids(te), np.arange(200))
+    assert np.array_equal(ids(D.load_dataset("mnist", "val", str(root), val_size=60)), b)
+    assert not np.array_equal(ids(D.load_dataset("mnist", "val", str(root), val_size=60, seed=1)), b)
+    # int val_size is capped at 10% of train; a float is a fraction
+    assert len(D.load_dataset("mnist", "val", str(root))) == 100
+    assert len(D.load_dataset("mnist", "val", str(root), val_size=0.25)) == 250
+    assert len(D.load_dataset("mnist", "train", str(root), val_size=0)) == 1000
+    with pytest.raises(ValueError):
+        D.load_dataset("mnist", "val", str(root), val_size=1.5)
+
+
+def test_cat8_levels(tmp_path):
+    root = make_idx_dataset(tmp_path / "syn", n_train=50, n_test=20)
+    d = D.load_dataset("fashion-mnist-cat8", "test", str(root))
+    raw = D._read_idx(root / "t10k-images-idx3-ubyte.gz", 3).astype(np.int64)
+    expect = torch.from_numpy(np.floor(raw * 8 / 256).astype(np.float32)) / 7.0
+    assert torch.equal(d.images[:, 0], expect)
+    assert d.levels == 8 and d.num_labels == 10 and d.name == "fashion-mnist-cat8"
+    # on real Fashion-MNIST images (the shipped subset, always present)
+    real = D.load_dataset("fashion-mnist-cat8", "test", str(SHIPPED))
+    plain = D.load_dataset("fashion-mnist", "test", str(SHIPPED))
+    vals = real.images.unique()
+    assert vals.numel() == 8 and torch.allclose(vals, torch.arange(8) / 7.0)
+    for i, y, x in [(0, 14, 14), (1, 10, 5), (7, 20, 20), (999, 3, 27)]:
+        p = round(plain.images[i, 0, y, x].item() * 255)
+        assert real.images[i, 0, y, x].item() == pytest.approx((p * 8 // 256) / 7.0, abs=1e-7)
+    assert torch.equal(real.labels, plain.labels)
+
+
+# ------------------------------------------------------------------ lookup
+
+
+def test_env_var_override(tmp_path, monkeypatch):
+    parent = tmp_path / "env"
+    shutil.copytree(SHIPPED, parent / "fashion-mnist")
+    monkeypatch.setenv("SQVAE_DATA", str(parent))
+    d = D.load_dataset("fashion-mnist", "test")
+    assert d.source == str(parent / "fashion-mnist") and len(d) == 1000
+    monkeypatch.setenv("SQVAE_DATA", str(parent / "fashion-mnist"))  # the folder itself
+    assert D.load_dataset("fashion-mnist", "test").source == str(parent / "fashion-mnist")
+    # the data_dir argument wins over the env var
+    other = make_idx_dataset(tmp_path / "arg", n_train=30, n_test=10)
+    assert D.load_dataset("fashion-mnist", "test", str(other)).source == str(other)
+
+
+def test_shipped_subset_fallback(no_system):
+    with pytest.warns(UserWarning, match="subset") as rec:
+        d = D.load_dataset("fashion-mnist", "train", download=False)
+    assert "apt-get install dataset-fashion-mnist" in str(rec[0].message)
+    assert d.source == SUBSET_SOURCE
+    assert len(d) == 2700  # val is capped at 10% of the 3000 training images
+    with pytest.warns(UserWarning):
+        assert len(D.load_dataset("fashion-mnist", "val", download=False)) == 300
+    with pytest.warns(UserWarning):
+        t = D.load_dataset("fashion-mnist-cat8", "test", download=False)
+    assert len(t) == 1000 and t.source == SUBSET_SOURCE and t.levels == 8
+    with pytest.raises(D.DatasetNotFoundError, match="allow_subset=False"):
+        D.load_dataset("fashion-mnist", "test", download=False, allow_subset=False)
+    # the shipped files are the first 3000/1000 of the real ones and stay small
+    assert sum((SHIPPED / f).stat().st_size for f in FILES) < 2_000_000
+    if SYSTEM_FMNIST.is_dir():
+        full = D._read_idx(SYSTEM_FMNIST / "t10k-labels-idx1-ubyte.gz", 1)
+        sub = D._read_idx(SHIPPED / "t10k-labels-idx1-ubyte.gz", 1)
+        assert np.array_equal(full[:1000], sub)
+
+
+def _file_sources(src: Path, bad: str | None = None):
+    out = []
+    for f in FILES:
+        md5 = hashlib.md5((src / f).read_bytes()).hexdigest()
+        out.append(((src / f).as_uri(), f, "0" * 32 if f == bad else md5))
+    return out
+
+
+def test_download_with_md5(tmp_path, monkeypatch, no_system):
+    src = SYSTEM_FMNIST if SYSTEM_FMNIST.is_dir() else SHIPPED
+    cache = tmp_path / "xdg-cache" / "sqvae" / "fashion-mnist"
+    monkeypatch.setitem(D.SOURCES, "fashion-mnist", _file_sources(src, bad="t10k-images-idx3-ubyte.gz"))
+    with pytest.raises(D.ChecksumError, match="md5 mismatch.*t10k-images") as e:
+        D.load_dataset("fashion-mnist", "test")
+    assert "deleted" in str(e.value)
+    assert not (cache / "t10k-images-idx3-ubyte.gz").exists()
+    assert not list(cache.glob(".*part"))
+
+    monkeypatch.setitem(D.SOURCES, "fashion-mnist", _file_sources(src))
+    d = D.load_dataset("fashion-mnist", "test", allow_subset=False)
+    assert d.source == str(cache) and len(d) == (10000 if src == SYSTEM_FMNIST else 1000)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(FILES)
+    # once cached, no download is needed
+    monkeypatch.setitem(D.SOURCES, "fashion-mnist", [])
+    assert D.load_dataset("fashion-mnist", "test", download=False).source == str(cache)
+
+
+def test_network_failure_falls_back_to_subset(no_system):
+    with pytest.warns(UserWarning, match="subset") as rec:
+        d = D.load_dataset("fashion-mnist", "test")
+    assert d.source == SUBSET_SOURCE
+    assert "download into" in str(rec[0].message) and "failed" in str(rec[0].message)
+
+
+def test_partial_download_failure_names_failing_url(tmp_path, monkeypatch, no_system):
+    sources = _file_sources(SHIPPED)
+    missing = (tmp_path / "gone" / FILES[1]).as_uri()
+    sources[1] = (missing, FILES[1], sources[1][2])
+    monkeypatch.setitem(D.SOURCES, "fashion-mnist", sources)
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.load_dataset("fashion-mnist", "test", allow_subset=False)
+    assert f"failed ({missing}: URLError" in str(e.value)
+    # the file that did arrive was verified and kept; no temp files are left behind
+    cache = tmp_path / "xdg-cache" / "sqvae" / "fashion-mnist"
+    assert sorted(p.name for p in cache.iterdir()) == [FILES[0]]
+
+
+def test_not_found_message_lists_every_place(tmp_path, monkeypatch):
+    sysroot, env, dd = tmp_path / "sys", tmp_path / "env", tmp_path / "dd"
+    monkeypatch.setattr(D, "SYSTEM_DIRS", (str(sysroot),))
+    monkeypatch.setenv("SQVAE_DATA", str(env))
+    with pytest.raises(D.DatasetNotFoundError) as e:
+        D.load_dataset("mnist", "train", str(dd))
+    msg = str(e.value)
+    cache = tmp_path / "xdg-cache" / "sqvae" / "mnist"
+    for place in (dd, dd / "mnist", env, env / "mnist", sysroot / "mnist", cache,
+                  "$SQVAE_DATA", D.SOURCES["mnist"][0][0], "URLError", "shipped subset"):
+        assert str(place) in msg, place
+    assert "--data-dir" in msg and "network" in msg
+    assert isinstance(e.value, FileNotFoundError)
+    monkeypatch.delenv("SQVAE_DATA")
+    with pytest.raises(D.DatasetNotFoundError, match=r"(?s)SQVAE_DATA: not set.*download=False"):
+        D.load_dataset("mnist", "test", download=False)
+
+
+def test_unknown_name_and_split():
+    with pytest.raises(ValueError, match="fashion-mnist, mnist, cifar10, fashion-mnist-cat8"):
+        D.load_dataset("imagenet")
+    with pytest.raises(ValueError, match="train, val, test"):
+        D.load_dataset("mnist", "validation")
+    assert D.dataset_shape("fashion-mnist") == (1, 28, 28)
+    assert D.dataset_shape("fashion-mnist-cat8") == (1, 28, 28)
+    assert D.dataset_shape("cifar10") == (3, 32, 32)
+    assert D.dataset_shape("folder:/x") == (3, 32, 32)
+    assert D.dataset_shape("folder:/x", image_size=64, channels=1) == (1, 64, 64)
+
+
+def test_corrupt_idx_names_file(tmp_path):
+    root = make_idx_dataset(tmp_path / "bad", n_train=50, n_test=20)
+    f = root / "t10k-images-idx3-ubyte.gz"
+    good = f.read_bytes()
+    f.write_bytes(good[: len(good) // 2])  # truncated gzip
+    with pytest.raises(ValueError, match=f"{f}.*truncated"):
+        D.load_dataset("mnist", "test", str(root))
+    raw = gzip.decompress(good)
+    f.write_bytes(gzip.compress(raw[:-10]))  # valid gzip, truncated data
+    with pytest.raises(ValueError, match=f"{f}.*truncated"):
+        D.load_dataset("mnist", "test", str(root))
+    f.write_bytes(gzip.compress(b"\x00\x00\x08\x01" + raw[4:]))  # wrong number of dims
+    with pytest.raises(ValueError, match=str(f)):
+        D.load_dataset("mnist", "test", str(root))
+    f.write_bytes(b"PK\x03\x04 not idx")
+    with pytest.raises(ValueError, match=f"{f}.*magic"):
+        D.load_dataset("mnist", "test", str(root))
+
+
+# ------------------------------------------------------------------ folder: and CIFAR
+
+
+def test_folder_dataset(tmp_path):
+    from PIL import Image
+
+    root = tmp_path / "imgs"
+    for cls, colour in (("cats", (200, 30, 30)), ("dogs", (30, 30, 200))):
+        (root / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (20 + 7 * i, 30), colour).save(root / cls / f"{i}.png")
+    # wide image: left quarter red, middle half green, right quarter blue
+    wide = np.zeros((32, 64, 3), np.uint8)
+    wide[:, :16] = (255, 0, 0)
+    wide[:, 16:48] = (0, 255, 0)
+    wide[:, 48:] = (0, 0, 255)
+    Image.fromarray(wide).save(root / "dogs" / "wide.bmp")
+    Image.new("L", (8, 8), 99).save(root / "dogs" / "small.jpg")
+    (root / "dogs" / "notes.txt").write_text("not an image")
+
+    name = f"folder:{root}"
+    parts = {s: D.load_dataset(name, s, image_size=16, seed=3) for s in ("train", "val", "test")}
+    assert [len(parts[s]) for s in ("train", "val", "test")] == [10, 1, 1]
+    for d in parts.values():
+        assert d.images.shape[1:] == (3, 16, 16) and d.images.dtype == torch.float32
+        assert d.num_labels == 2 and d.class_names == ("cats", "dogs") and d.source == str(root)
+        assert d.labels.dtype == torch.int64
+    all_labels = torch.cat([parts[s].labels for s in parts]).sort().values
+    assert all_labels.tolist() == [0] * 5 + [1] * 7
+
+    # one split of a known folder: where the wide image landed, it was centre-cropped
+    full = torch.cat([parts[s].images for s in parts])
+    green = (full[:, 1] > 0.9) & (full[:, 0] < 0.1) & (full[:, 2] < 0.1)
+    assert green.flatten(1).all(1).sum().item() == 1  # exactly the wide image, all green
+    assert D.load_dataset(name, "train", image_size=16, seed=3).images.equal(parts["train"].images)
+
+    grey = D.load_dataset(name, "test", image_size=8, channels=1, seed=3)
+    assert grey.images.shape == (1, 1, 8, 8)
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for i in range(3):
+        Image.new("RGB", (10, 10), (i * 50, 0, 0)).save(flat / f"{i}.webp")
+    d = D.load_dataset(f"folder:{flat}", "train", image_size=4)
+    assert d.labels is None and d.num_labels is None and len(d) == 3
+
+    empty = tmp_path / "empty"
+    (empty / "sub").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no image"):
+        D.load_dataset(f"folder:{empty}")
+    with pytest.raises(D.DatasetNotFoundError):
+        D.load_dataset(f"folder:{tmp_path / 'missing'}")
+    (flat / "broken.png").write_bytes(b"\x89PNG garbage")
+    with pytest.raises(ValueError, match="broken.png"):
+        D.load_dataset(f"folder:{flat}", image_size=4)
+
+
+def write_cifar(root: Path, n: int = 20) -> Path:
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i, fname in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        data[:, 0] = i  # red channel, pixel (0, 0) = batch number
+        data[:, 1024] = 200  # green channel, pixel (0, 0)
+        batch = {b"batch_label": b"synthetic", b"data": data,
+                 b"labels": [(j + i) % 10 for j in range(n)],
+                 b"filenames": [b"x.png"] * n}
+        with open(d / fname, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return d
+
+
+def test_cifar_pickles(tmp_path):
+    d = write_cifar(tmp_path / "c")
+    tr = D.load_dataset("cifar10", "train", str(tmp_path / "c"), val_size=10)
+    te = D.load_dataset("cifar10", "test", str(d))
+    assert tr.images.shape == (90, 3, 32, 32) and te.images.shape == (20, 3, 32, 32)
+    assert tr.images.dtype == torch.float32 and tr.labels.dtype == torch.int64
+    assert torch.all(te.images[:, 0, 0, 0] == 5 / 255) and torch.all(te.images[:, 1, 0, 0] == 200 / 255)
+    assert te.labels.tolist() == [(j + 5) % 10 for j in range(20)]
+    assert te.source == str(d) and te.num_labels == 10 and te.class_names[0] == "airplane"
+
+    (d / "test_batch").write_bytes(pickle.dumps([1, 2, 3], protocol=2))
+    with pytest.raises(ValueError, match="test_batch.*dict"):
+        D.load_dataset("cifar10", "test", str(d))
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+    (d / "test_batch").write_bytes(pickle.dumps({b"data": Evil()}, protocol=2))
+    with pytest.raises(ValueError, match="test_batch.*refusing"):
+        D.load_dataset("cifar10", "test", str(d))
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cifar_download_and_safe_extract(tmp_path, monkeypatch, no_system):
+    write_cifar(tmp_path / "src")
+    archive = tmp_path / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    md5 = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(D.SOURCES, "cifar10", [(archive.as_uri(), "cifar-10-python.tar.gz", md5)])
+    d = D.load_dataset("cifar10", "test")
+    cache = tmp_path / "xdg-cache" / "sqvae" / "cifar10"
+    assert d.source == str(cache / "cifar-10-batches-py") and len(d) == 20
+    assert not (cache / "cifar-10-python.tar.gz").exists()
+
+    evil = tmp_path / "evil.tar"
+    with tarfile.open(evil, "w") as tar:
+        info = tarfile.TarInfo("../escaped.txt")
+        info.size = 2
+        tar.addfile(info, io.BytesIO(b"hi"))
+    with pytest.raises(ValueError, match="unsafe"):
+        D._safe_extract(evil, tmp_path / "out")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+# ------------------------------------------------------------------ batches, imports
+
+
+def test_iterate_batches():
+    n = 103
+    d = D.ImageData(images=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1),
+                    labels=torch.arange(n), name="t", split="train", source="mem",
+                    num_labels=None, levels=None)
+    seen = []
+    for x, y in D.iterate_batches(d, 10, shuffle=True, drop_last=False,
+                                  generator=torch.Generator().manual_seed(0)):
+        assert torch.equal(x.flatten().long(), y)
+        seen.append(y)
+    allidx = torch.cat(seen)
+    assert sorted(allidx.tolist()) == list(range(n))
+    assert not torch.equal(allidx, torch.arange(n))
+    sizes = [len(y) for _, y in D.iterate_batches(d, 10, shuffle=True)]
+    assert sizes == [10] * 10
+    dropped = torch.cat([y for _, y in D.iterate_batches(d, 10, shuffle=True)])
+    assert dropped.unique().numel() == 100
+    plain = torch.cat([y for _, y in D.iterate_batches(d, 50, shuffle=False, drop_last=False)])
+    assert torch.equal(plain, torch.arange(n))
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    a = [y for _, y in D.iterate_batches(d, 7, shuffle=True, generator=g1)]
+    b = [y for _, y in D.iterate_batches(d, 7, shuffle=True, generator=g2)]
+    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    with pytest.raises(ValueError):
+        D.iterate_batches(d, 0, shuffle=False)
+
+
+def test_import_is_light():
+    """Module-level imports of data.py are stdlib, numpy and torch only (Pillow is lazy)."""
+    import ast
+
+    tree = ast.parse(Path(D.__file__).read_text())
+    top = set()
+    for node in tree.body:  # statements run at import time (functions' bodies excluded)
+        for sub in ast.walk(node) if not isinstance(node, (ast.FunctionDef, ast.ClassDef)) else []:
+            if isinstance(sub, ast.Import):
+                top.update(a.name.split(".")[0] for a in sub.names)
+            elif isinstance(sub, ast.ImportFrom) and sub.level == 0:
+                top.add(sub.module.split(".")[0])
+    heavy = {m for m in top if m not in sys.stdlib_module_names} - {"numpy", "torch"}
+    assert not heavy, heavy
+    assert {"numpy", "torch"} <= top and "PIL" not in top

@@ -1,0 +1,170 @@
+"""Training runs end to end: run directory contract, resume, stops, failures, DDP."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqvae_core import rundir as rd
+from sqvae_core.config import ModelConfig
+from sqvae_core.train import TrainConfig, temperature_at, train
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--codebook-size", "16", "--code-dim", "16", "--num-rb", "1", "--batch-size", "16",
+        "--val-max-images", "200"]
+
+
+def cli(*args, timeout=300, env=None):
+    return subprocess.run([sys.executable, "-m", "sqvae_core", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+def tiny_cfg(out, kind="gaussian_1", steps=40, **kw):
+    base = dict(model=ModelConfig(kind=kind, codebook_size=16, code_dim=16, num_rb=1), out=str(out),
+                steps=steps, batch_size=16, log_every=5, val_every=10, snapshot_every=10,
+                checkpoint_every=10, val_max_images=200)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+GAUSSIAN_KEYS = {"step", "wall_time", "loss", "mse", "perplexity", "entropy", "sigma2_q", "sigma2_x",
+                 "temperature", "lr"}
+VAL_KEYS = {"val_mse", "val_perplexity", "val_entropy", "val_dead_codes"}
+
+
+def test_cli_50_steps_writes_a_complete_run_directory(tmp_path):
+    out = tmp_path / "run"
+    r = cli("train", "--model", "gaussian_1", "--dataset", "fashion-mnist", "--out", str(out),
+            "--steps", "50", "--val-every", "25", "--snapshot-every", "25", "--quiet", *TINY)
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model"]["kind"] == "gaussian_1" and config["dataset"] == "fashion-mnist"
+    assert "code_version" in config and "data_source" in config
+    rows = rd.read_metrics(out)
+    train_rows = [r for r in rows if "loss" in r]
+    val_rows = [r for r in rows if "val_mse" in r]
+    assert [r["step"] for r in train_rows] == list(range(10, 51, 10))
+    for row in train_rows:
+        assert GAUSSIAN_KEYS <= set(row), GAUSSIAN_KEYS - set(row)
+    assert [r["step"] for r in val_rows] == [25, 50]
+    assert VAL_KEYS <= set(val_rows[-1])
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] == 50 and status["error"] is None
+    assert len(rd.read_snapshots(out)) == 2
+    snap = rd.read_snapshots(out)[-1]
+    assert snap["codebook"].shape == (16, 16) and int(snap["usage"].sum()) == 25 * 16 * 49
+    b = rd.load_bundle(out)
+    assert b.model_cfg.codebook_size == 16
+    # eval --json carries every INTERFACE key
+    r = cli("eval", str(out), "--json", "--max-images", "300")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    for key in ("mse", "perplexity", "entropy", "dead_codes", "codebook_size", "usage", "n_images"):
+        assert key in res
+    assert res["n_images"] == 300 and len(res["usage"]) == 16 and sum(res["usage"]) == 300 * 49
+    assert res["dead_codes"] == sum(1 for u in res["usage"] if u == 0)
+    r = cli("list", str(tmp_path))
+    assert r.returncode == 0 and "gaussian_1" in r.stdout and "finished" in r.stdout
+
+
+@pytest.mark.parametrize("kind", ["gaussian_3", "vq_reset", "vmf"])
+def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, kind):
+    dataset = "fashion-mnist-cat8" if kind == "vmf" else "fashion-mnist"
+    full = train(tiny_cfg(tmp_path / "full", kind, steps=40, dataset=dataset), progress=False)
+    assert full["state"] == "finished"
+    part = train(tiny_cfg(tmp_path / "part", kind, steps=20, dataset=dataset), progress=False)
+    assert part["step"] == 20
+    resumed = train(tiny_cfg(tmp_path / "part", kind, steps=40, dataset=dataset), resume=True, progress=False)
+    assert resumed["step"] == 40
+    a, _ = rd.load_weights(tmp_path / "full" / "model.safetensors")
+    b, _ = rd.load_weights(tmp_path / "part" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-6, rtol=1e-5), k
+    # the metrics history is continuous: no duplicated or missing steps
+    steps = [r["step"] for r in rd.read_metrics(tmp_path / "part") if "loss" in r]
+    assert steps == list(range(5, 41, 5))
+
+
+def test_existing_run_is_not_overwritten_without_resume(tmp_path):
+    train(tiny_cfg(tmp_path / "r", steps=10), progress=False)
+    with pytest.raises(ValueError, match="--resume"):
+        train(tiny_cfg(tmp_path / "r", steps=10), progress=False)
+
+
+def test_sigterm_stops_saves_and_resumes(tmp_path):
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "sqvae_core", "train", "--model", "vq", "--out", str(out),
+                          "--steps", "100000", "--quiet", "--checkpoint-every", "100000", *TINY],
+                         cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len([r for r in rd.read_metrics(out) if "loss" in r]) < 2:
+        time.sleep(0.2)
+    assert rd.read_status(out)["state"] == "running"
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    status = rd.read_status(out)
+    assert status["state"] == "stopped" and "SIGTERM" in status["error"]
+    stopped_at = status["step"]
+    assert stopped_at >= 20
+    ck = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert ck["step"] == stopped_at
+    r = cli("train", "--out", str(out), "--resume", "--steps", str(stopped_at + 10), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert rd.read_status(out)["state"] == "finished" and rd.read_status(out)["step"] == stopped_at + 10
+
+
+def test_nan_loss_marks_failed_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = tmp_path / "run"
+    good = train(tiny_cfg(out, steps=20), progress=False)
+    before, _ = rd.load_weights(out / "model.safetensors")
+    r = cli("train", "--out", str(out), "--resume", "--steps", "400", "--lr", "1e6", "--quiet")
+    assert r.returncode == 1
+    assert "non-finite" in r.stderr and "Traceback" not in r.stderr
+    status = rd.read_status(out)
+    assert status["state"] == "failed" and "non-finite" in status["error"] and status["step"] > 20
+    after, _ = rd.load_weights(out / "model.safetensors")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert good["state"] == "finished"
+    rd.load_bundle(out)   # still loads
+
+
+def test_missing_dataset_gives_one_clear_line(tmp_path):
+    env = {"SQVAE_DATA": str(tmp_path / "nothing"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
+           "SQVAE_OFFLINE": "1"}
+    r = cli("train", "--model", "vq", "--dataset", "cifar10", "--out", str(tmp_path / "r"), "--steps", "5",
+            "--quiet", env=env)
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and "cifar" in lines[0].lower()
+    r = cli("train", "--model", "nonsense", "--out", str(tmp_path / "r2"), "--steps", "5")
+    assert r.returncode != 0 and "kind must be one of" in r.stderr and "Traceback" not in r.stderr
+    r = cli("eval", str(tmp_path / "missing"), "--json")
+    assert r.returncode != 0 and "not a run directory" in r.stderr
+
+
+def test_temperature_schedule():
+    cfg = TrainConfig(temperature_init=1.0, temperature_decay=1e-3, temperature_min=0.2)
+    assert temperature_at(cfg, 0) == 1.0
+    assert abs(temperature_at(cfg, 1000) - 0.36787944) < 1e-6
+    assert temperature_at(cfg, 10 ** 6) == 0.2
+
+
+def test_ddp_two_gloo_ranks_end_identical(tmp_path):
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
+                        "-m", "sqvae_core", "train", "--model", "vq_ema", "--out", str(out), "--steps", "20",
+                        "--device", "cpu", "--quiet", *TINY], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    status = json.loads((out / "status.json").read_text())
+    assert status["state"] == "finished"
+    assert len(status["rank_weight_digests"]) == 2 and status["ranks_identical"] is True
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["world_size"] == 2
