@@ -204,14 +204,14 @@ def batch_indices(n: int, batch: int, seed: int, step: int, dist: Dist) -> torch
 def rng_state(device: torch.device) -> dict:
     state = {"cpu": torch.get_rng_state()}
     if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
+        state[device.type] = torch.cuda.get_rng_state(device)
     return state
 
 
 def set_rng_state(state: dict, device: torch.device) -> None:
     torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
+    if device.type == "cuda" and device.type in state:
+        torch.cuda.set_rng_state(state[device.type], device)
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -389,6 +389,13 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
             return
         if not all(torch.isfinite(p).all() for p in model.parameters()):
             raise FloatingPointError(f"weights became non-finite by step {step}")
+        try:
+            _write_checkpoint()
+        except OSError as e:   # disk full, file too large, permissions: the old files survive
+            raise OSError(f"could not write the checkpoint at step {step} to {out} ({e.strerror or e}); "
+                          f"the previous checkpoint is kept") from None
+
+    def _write_checkpoint():
         rd.save_weights(out / rd.WEIGHTS, model.state_dict(), {"step": str(step), "config": json.dumps(cfg.model.to_dict())})
         rd.atomic_torch_save(ckpt_path, {
             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -472,7 +479,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         state, error = "failed", f"non-finite loss: {e}; the last good checkpoint is kept"
     except Exception as e:
         state, error = "failed", f"{e.__class__.__name__}: {e}"
-        writer.status(state, step, error)
+        try:
+            writer.status(state, step, error)
+        except OSError:
+            pass   # the disk may be full; the error still reaches the caller
         raise
     finally:
         stop.restore()
