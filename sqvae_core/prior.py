@@ -1,0 +1,766 @@
+"""Gated PixelCNN prior over grids of discrete latent codes.
+
+Implements the gated PixelCNN of van den Oord et al. (2016), "Conditional Image
+Generation with PixelCNN Decoders", for K-ary code grids such as the 7x7 / 8x8
+index maps produced by a VQ-VAE / SQ-VAE encoder.
+
+Architecture (``hidden`` = p channels, ``kernel`` = n, ``k2 = n // 2``)::
+
+    codes (B,H,W) --embedding--> x (B,p,H,W)
+    for each layer l = 0..L-1
+        vertical   v_pre = conv_{(k2+1) x n}(v)   (rows r-k2..r, cols c-k2..c+k2) [+ class]
+                   v     = tanh(v_pre[:p]) * sigmoid(v_pre[p:])
+        horizontal h_pre = conv_{1 x w}(h)       (l=0, mask A: cols c-k2..c-1;
+                                                   l>0, mask B: cols c-k2..c)
+                         + shift_down(conv_1x1(v_pre))   (rows strictly above)
+                         [+ class]
+                   g     = tanh(h_pre[:p]) * sigmoid(h_pre[p:])
+                   skip += conv_1x1(g)
+                   h     = conv_1x1(g) (+ h residual for l > 0)
+    logits = conv_1x1(ReLU(dropout(conv_1x1(ReLU(skip)))))    -> (B,K,H,W)
+
+The vertical stack only ever reaches the horizontal stack through a one-row
+down shift, so position (i, j) sees every row above it over the full receptive
+field width (no blind spot) and the positions to its left in its own row.  The
+masks are realised by cropped kernels + asymmetric padding instead of
+multiplicative weight masks, which is cheaper and makes masked weights
+impossible to "unmask" by training.
+
+Sampling (:meth:`GatedPixelCNN.sample`) runs the same network incrementally:
+the vertical stack is advanced one row at a time with a (k2+1)-row cache, the
+horizontal stack one column at a time with a (k2+1)-column cache, so each of
+the H*W positions costs O(layers) small batched matrix products for the whole
+batch instead of a full-grid forward pass.  The incremental path is tested to
+reproduce :meth:`GatedPixelCNN.forward` logits.
+
+Checkpoints are safetensors files (no pickle anywhere) holding the weights and
+the :class:`PriorConfig` as JSON metadata; see :func:`save_prior` /
+:func:`load_prior`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import struct
+import tempfile
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "PriorConfig",
+    "GatedPixelCNN",
+    "fit_prior",
+    "nll_bits_per_code",
+    "unigram_entropy_bits",
+    "save_prior",
+    "load_prior",
+]
+
+PRIOR_FORMAT = "sqvae_core.prior.GatedPixelCNN"
+FORMAT_VERSION = "1"
+
+_LN2 = math.log(2.0)
+
+# Hard limits for configs coming from (possibly untrusted) files.
+_MAX_CODES = 65536
+_MAX_SIDE = 256
+_MAX_POSITIONS = 65536
+_MAX_HIDDEN = 4096
+_MAX_LAYERS = 64
+_MAX_KERNEL = 15
+_MAX_CLASSES = 65536
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the safetensors reader
+
+
+# --------------------------------------------------------------------------- #
+# small validation helpers (shared with sqvae_core.fd)
+# --------------------------------------------------------------------------- #
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    if not lo <= int(value) <= hi:
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
+
+
+def _config_from_mapping(cls, data: Any, required: tuple[str, ...]):
+    """Build dataclass ``cls`` from a JSON-like mapping, rejecting unknown/missing keys."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{cls.__name__} must be a JSON object / dict, got {type(data).__name__}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(str(k) for k in data if k not in names)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; allowed keys: {sorted(names)}")
+    missing = [k for k in required if k not in data]
+    if missing:
+        raise ValueError(f"{cls.__name__}: missing required key(s) {missing}")
+    cfg = cls(**dict(data))
+    cfg.validate()
+    return cfg
+
+
+# --------------------------------------------------------------------------- #
+# configuration
+# --------------------------------------------------------------------------- #
+@dataclass
+class PriorConfig:
+    """Hyper-parameters of :class:`GatedPixelCNN`.
+
+    Defaults (hidden=64, layers=8, kernel=3) train and sample comfortably on a
+    CPU for 7x7 / 8x8 grids.  ``num_classes=None`` gives an unconditional prior.
+    """
+
+    num_codes: int
+    height: int
+    width: int
+    hidden: int = 64
+    layers: int = 8
+    kernel: int = 3
+    num_classes: int | None = None
+    dropout: float = 0.0
+
+    def validate(self) -> "PriorConfig":
+        """Raise ``ValueError`` if any field is invalid or absurdly large. Returns self."""
+        _check_int("num_codes", self.num_codes, 2, _MAX_CODES)
+        _check_int("height", self.height, 1, _MAX_SIDE)
+        _check_int("width", self.width, 1, _MAX_SIDE)
+        if self.height * self.width > _MAX_POSITIONS:
+            raise ValueError(f"height*width must be <= {_MAX_POSITIONS}, got {self.height * self.width}")
+        _check_int("hidden", self.hidden, 1, _MAX_HIDDEN)
+        _check_int("layers", self.layers, 1, _MAX_LAYERS)
+        _check_int("kernel", self.kernel, 3, _MAX_KERNEL)
+        if self.kernel % 2 != 1:
+            raise ValueError(f"kernel must be odd, got {self.kernel}")
+        if self.num_classes is not None:
+            _check_int("num_classes", self.num_classes, 1, _MAX_CLASSES)
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
+            raise ValueError(f"dropout must be a float, got {type(self.dropout).__name__}")
+        if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        return self
+
+    def to_dict(self) -> dict:
+        """JSON-safe dict (numpy scalars converted to Python numbers)."""
+        return {k: (v.item() if isinstance(v, np.generic) else v) for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PriorConfig":
+        """Validated construction from a dict (e.g. parsed JSON). Raises ValueError."""
+        return _config_from_mapping(cls, data, ("num_codes", "height", "width"))
+
+
+def _as_config(config: PriorConfig | Mapping[str, Any]) -> PriorConfig:
+    if isinstance(config, PriorConfig):
+        return config.validate()
+    return PriorConfig.from_dict(config)
+
+
+# --------------------------------------------------------------------------- #
+# model
+# --------------------------------------------------------------------------- #
+def _gate(t: Tensor) -> Tensor:
+    a, b = t.chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+@contextlib.contextmanager
+def _num_threads(n: int | None):
+    """Temporarily set torch's intra-op thread count (no-op for None)."""
+    if n is None or torch.get_num_threads() == n:
+        yield
+        return
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+class _GatedLayer(nn.Module):
+    """One gated layer with a vertical and a horizontal stack.
+
+    ``first=True`` is the mask-A layer (horizontal kernel excludes the current
+    column, no residual); otherwise mask B (current column included, residual).
+    """
+
+    def __init__(self, hidden: int, kernel: int, first: bool, num_cond: int | None):
+        super().__init__()
+        k2 = kernel // 2
+        self.first = first
+        self.v_conv = nn.Conv2d(hidden, 2 * hidden, (k2 + 1, kernel))
+        self.v_to_h = nn.Conv2d(2 * hidden, 2 * hidden, 1)
+        self.h_conv = nn.Conv2d(hidden, 2 * hidden, (1, k2 if first else k2 + 1))
+        self.h_out = nn.Conv2d(hidden, hidden, 1)
+        self.h_skip = nn.Conv2d(hidden, hidden, 1)
+        # Learned class embedding added to the gate inputs (index num_classes = "unconditional").
+        self.cond = nn.Embedding(num_cond, 2 * hidden) if num_cond else None
+
+
+class GatedPixelCNN(nn.Module):
+    """Gated PixelCNN over (H, W) grids of codes in ``[0, num_codes)``.
+
+    ``forward(codes, labels=None) -> logits (B, K, H, W)`` where the logits at
+    (i, j) depend only on codes at raster positions strictly before (i, j).
+    """
+
+    def __init__(self, config: PriorConfig | Mapping[str, Any]):
+        super().__init__()
+        cfg = _as_config(config)
+        self.config = dataclasses.replace(cfg)
+        p, K = cfg.hidden, cfg.num_codes
+        self.k2 = cfg.kernel // 2
+        num_cond = None if cfg.num_classes is None else cfg.num_classes + 1
+        self.embed = nn.Embedding(K, p)
+        self.layers = nn.ModuleList(
+            _GatedLayer(p, cfg.kernel, first=(l == 0), num_cond=num_cond) for l in range(cfg.layers)
+        )
+        self.head_hidden = nn.Conv2d(p, p, 1)
+        self.head_dropout = nn.Dropout(cfg.dropout)
+        self.head_out = nn.Conv2d(p, K, 1)
+
+    # ------------------------------------------------------------------ utils
+    @property
+    def num_codes(self) -> int:
+        return self.config.num_codes
+
+    def _device(self) -> torch.device:
+        return self.embed.weight.device
+
+    def _check_codes(self, codes: Any, name: str = "codes") -> Tensor:
+        cfg = self.config
+        if not isinstance(codes, Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of integer codes, got {type(codes).__name__}")
+        if codes.dtype == torch.bool or codes.is_floating_point() or codes.is_complex():
+            raise ValueError(f"{name} must have an integer dtype (expected torch.int64), got {codes.dtype}")
+        if codes.ndim != 3:
+            raise ValueError(
+                f"{name} must have shape (B, {cfg.height}, {cfg.width}) (3 dims), got shape {tuple(codes.shape)}"
+            )
+        if tuple(codes.shape[1:]) != (cfg.height, cfg.width):
+            raise ValueError(
+                f"{name} grid shape mismatch: expected (B, {cfg.height}, {cfg.width}), got {tuple(codes.shape)}"
+            )
+        if codes.numel() > 0:
+            lo, hi = int(codes.min()), int(codes.max())
+            if lo < 0 or hi >= cfg.num_codes:
+                raise ValueError(
+                    f"{name} values must be in [0, {cfg.num_codes}) (num_codes={cfg.num_codes}), "
+                    f"got min={lo}, max={hi}"
+                )
+        return codes.long()
+
+    def _cond_index(self, labels: Any, batch: int, device: torch.device) -> Tensor | None:
+        """Validated class indices (B,), or None for an unconditional model."""
+        nc = self.config.num_classes
+        if nc is None:
+            if labels is not None:
+                raise ValueError("labels were given but this prior is unconditional (num_classes=None)")
+            return None
+        if labels is None:
+            return torch.full((batch,), nc, dtype=torch.long, device=device)
+        if isinstance(labels, (int, np.integer)) and not isinstance(labels, bool):
+            labels = torch.full((batch,), int(labels), dtype=torch.long)
+        elif not isinstance(labels, Tensor):
+            try:
+                labels = torch.as_tensor(np.asarray(labels))
+            except Exception as exc:  # noqa: BLE001
+                raise ValueError(f"labels must be an int or a 1-D integer tensor: {exc}") from None
+        if labels.dtype == torch.bool or labels.is_floating_point() or labels.is_complex():
+            raise ValueError(f"labels must have an integer dtype, got {labels.dtype}")
+        if labels.ndim != 1 or labels.shape[0] != batch:
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+        if labels.numel() > 0:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= nc:
+                raise ValueError(f"labels must be in [0, {nc}) (num_classes={nc}), got min={lo}, max={hi}")
+        return labels.to(device=device, dtype=torch.long)
+
+    # ---------------------------------------------------------------- forward
+    def forward(self, codes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """Logits ``(B, K, H, W)`` for code grids ``(B, H, W)`` (integer dtype).
+
+        ``labels``: optional ``(B,)`` class indices for a conditional model
+        (``None`` uses the extra "unconditional" embedding).  Raises ValueError
+        for wrong dtype / shape / out-of-range values.
+        """
+        codes = self._check_codes(codes)
+        cond = self._cond_index(labels, codes.shape[0], self._device())
+        return self._logits(codes.to(self._device()), cond)
+
+    def _logits(self, codes: Tensor, cond: Tensor | None) -> Tensor:
+        x = self.embed(codes).permute(0, 3, 1, 2)  # (B, p, H, W)
+        return self._forward_embedded(x, cond)
+
+    def _forward_embedded(self, x: Tensor, cond: Tensor | None) -> Tensor:
+        """Network body on embedded input ``x (B, p, H, W)`` (exposed for Jacobian tests)."""
+        k2 = self.k2
+        v = h = x
+        skip = None
+        for layer in self.layers:
+            c = layer.cond(cond)[:, :, None, None] if layer.cond is not None else None
+            # vertical stack: rows r-k2..r, all columns c-k2..c+k2
+            v_pre = layer.v_conv(F.pad(v, (k2, k2, k2, 0)))
+            if c is not None:
+                v_pre = v_pre + c
+            # down-shift: row i of the horizontal stack only sees rows < i
+            v2h = F.pad(layer.v_to_h(v_pre), (0, 0, 1, 0))[:, :, :-1, :]
+            if layer.first:  # mask A: columns c-k2..c-1
+                h_in = F.pad(h, (k2, 0))[..., :-1]
+            else:  # mask B: columns c-k2..c
+                h_in = F.pad(h, (k2, 0))
+            h_pre = layer.h_conv(h_in) + v2h
+            if c is not None:
+                h_pre = h_pre + c
+            g = _gate(h_pre)
+            s = layer.h_skip(g)
+            skip = s if skip is None else skip + s
+            out = layer.h_out(g)
+            h = out if layer.first else h + out
+            v = _gate(v_pre)
+        y = F.relu(self.head_hidden(F.relu(skip)))
+        return self.head_out(self.head_dropout(y))
+
+    # --------------------------------------------------------------- sampling
+    def _autoregress(self, n: int, cond: Tensor | None, choose: Callable[[Tensor, int, int], Tensor]) -> Tensor:
+        """Incremental raster-order pass; ``choose(logits (n,K), i, j) -> codes (n,)``.
+
+        Numerically equivalent to ``forward`` (tested), but each position costs
+        O(layers) tiny matmuls: vertical stack advanced row by row with a
+        (k2+1)-row cache, horizontal stack column by column with a
+        (k2+1)-column cache.  Must be called under no_grad/inference_mode.
+        """
+        cfg = self.config
+        H, W, p, k2 = cfg.height, cfg.width, cfg.hidden, self.k2
+        dev = self._device()
+        dtype = self.embed.weight.dtype
+        L = len(self.layers)
+        codes = torch.zeros(n, H, W, dtype=torch.long, device=dev)
+
+        # Pre-arranged weights for the per-column horizontal step.
+        h_w, h_b, o_w, o_b, conds = [], [], [], [], []
+        for layer in self.layers:
+            w = layer.h_conv.weight  # (2p, p, 1, width)
+            h_w.append(w.permute(0, 3, 1, 2).reshape(2 * p, -1).t().contiguous())  # (width*p, 2p)
+            h_b.append(layer.h_conv.bias)
+            o_w.append(torch.cat([layer.h_out.weight, layer.h_skip.weight], 0).flatten(1).t().contiguous())
+            o_b.append(torch.cat([layer.h_out.bias, layer.h_skip.bias], 0))
+            conds.append(layer.cond(cond) if layer.cond is not None else None)  # (n, 2p) | None
+        w1 = self.head_hidden.weight.flatten(1).t().contiguous()
+        b1 = self.head_hidden.bias
+        w2 = self.head_out.weight.flatten(1).t().contiguous()
+        b2 = self.head_out.bias
+
+        # vertical caches: previous k2 rows of each layer's input (zeros = top padding)
+        v_cache = [torch.zeros(n, p, k2, W, device=dev, dtype=dtype) for _ in range(L)]
+        # per-layer horizontal bias for the current row: (W, n, 2p) = h bias + class + v2h of row above
+        row_bias = []
+        for l in range(L):
+            b = h_b[l].expand(n, 2 * p)
+            if conds[l] is not None:
+                b = b + conds[l]
+            row_bias.append(b.unsqueeze(0).expand(W, n, 2 * p).contiguous())
+
+        for i in range(H):
+            # horizontal caches: previous k2 columns of each layer's input (zeros = left padding)
+            h_cache = [torch.zeros(n, k2, p, device=dev, dtype=dtype) for _ in range(L)]
+            for j in range(W):
+                x = None
+                skip = None
+                for l in range(L):
+                    if l == 0:
+                        win = h_cache[0]  # embeddings of columns j-k2..j-1 (mask A)
+                    else:
+                        win = torch.cat([h_cache[l], x.unsqueeze(1)], 1)  # columns j-k2..j
+                        h_cache[l] = win[:, 1:]
+                    pre = torch.addmm(row_bias[l][j], win.reshape(n, -1), h_w[l])
+                    g = _gate(pre)
+                    os_ = torch.addmm(o_b[l], g, o_w[l])
+                    out, s = os_[:, :p], os_[:, p:]
+                    skip = s if skip is None else skip + s
+                    x = out if l == 0 else x + out
+                y = torch.relu(torch.addmm(b1, torch.relu(skip), w1))
+                logits = torch.addmm(b2, y, w2)
+                c = choose(logits, i, j)
+                codes[:, i, j] = c
+                if k2 > 0:
+                    h_cache[0] = torch.cat([h_cache[0][:, 1:], self.embed(c).unsqueeze(1)], 1)
+            if i + 1 < H:
+                # advance the vertical stack by row i -> horizontal biases for row i+1
+                x = self.embed(codes[:, i]).permute(0, 2, 1).unsqueeze(2)  # (n, p, 1, W)
+                for l, layer in enumerate(self.layers):
+                    full = torch.cat([v_cache[l], x], 2)  # rows i-k2..i
+                    v_cache[l] = full[:, :, 1:]
+                    v_pre = layer.v_conv(F.pad(full, (k2, k2, 0, 0)))  # (n, 2p, 1, W)
+                    if conds[l] is not None:
+                        v_pre = v_pre + conds[l][:, :, None, None]
+                    v2h = layer.v_to_h(v_pre)[:, :, 0, :].permute(2, 0, 1)  # (W, n, 2p)
+                    b = h_b[l].expand(n, 2 * p)
+                    if conds[l] is not None:
+                        b = b + conds[l]
+                    row_bias[l] = (v2h + b).contiguous()
+                    x = _gate(v_pre)
+        return codes
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        n: int,
+        *,
+        temperature: float = 1.0,
+        labels: Any = None,
+        generator: torch.Generator | None = None,
+        threads: int | None = 1,
+    ) -> Tensor:
+        """Draw ``n`` code grids ``(n, H, W)`` (int64, on the model's device).
+
+        All ``n`` grids are generated together (one incremental network step
+        per position, H*W steps in total).  ``temperature`` (> 0) divides the
+        logits; small values (e.g. 1e-3) approach greedy argmax decoding.
+        ``labels``: None, an int, or an ``(n,)`` integer tensor (conditional
+        models only).  ``generator`` must live on the model's device.
+
+        ``threads``: intra-op CPU threads used while sampling (default 1; the
+        per-position ops are tiny, and with more threads OpenMP synchronisation
+        dominates -- badly so when the cores are busy).  The previous
+        ``torch.get_num_threads()`` value is restored afterwards; ``None``
+        leaves the global setting untouched.
+        """
+        _check_int("n", n, 1, 1 << 24)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        temperature = float(temperature)
+        if not (math.isfinite(temperature) and temperature > 0.0):
+            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
+        dev = self._device()
+        cond = self._cond_index(labels, n, dev)
+
+        def choose(logits: Tensor, i: int, j: int) -> Tensor:
+            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+        if threads is not None:
+            _check_int("threads", threads, 1, 1024)
+        with self._eval_mode(), _num_threads(threads), torch.inference_mode():
+            codes = self._autoregress(n, cond, choose)
+        return codes.clone()  # plain tensor (not an inference tensor)
+
+    @torch.no_grad()
+    def _incremental_logits(self, codes: Tensor, labels: Any = None) -> Tensor:
+        """Teacher-forced logits via the sampling path (for testing equivalence with forward)."""
+        codes = self._check_codes(codes).to(self._device())
+        cond = self._cond_index(labels, codes.shape[0], self._device())
+        out = torch.empty(codes.shape[0], self.num_codes, *codes.shape[1:], device=codes.device)
+
+        def choose(logits: Tensor, i: int, j: int) -> Tensor:
+            out[:, :, i, j] = logits
+            return codes[:, i, j]
+
+        with self._eval_mode(), torch.inference_mode():
+            self._autoregress(codes.shape[0], cond, choose)
+        return out.clone()
+
+
+# --------------------------------------------------------------------------- #
+# training / evaluation helpers
+# --------------------------------------------------------------------------- #
+def _to_tensor(x: Any, name: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x.detach()
+    try:
+        return torch.as_tensor(np.asarray(x))
+    except Exception as exc:  # noqa: BLE001
+        raise ValueError(f"{name} could not be converted to a tensor: {exc}") from None
+
+
+def _resolve_device(device: Any) -> torch.device:
+    """None -> CPU; a torch.device as is; strings via sqvae_core.device.resolve_device ("auto", "cpu", ...)."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str):
+        try:
+            from .device import resolve_device
+        except ImportError:  # pragma: no cover - module optional
+            return torch.device(device)
+        return resolve_device(device)
+    return torch.device(device)
+
+
+def nll_bits_per_code(model: GatedPixelCNN, codes: Any, labels: Any = None, batch_size: int = 256) -> float:
+    """Mean negative log-likelihood of ``codes (N,H,W)`` in bits per code (model in eval mode)."""
+    _check_int("batch_size", batch_size, 1, 1 << 20)
+    codes = model._check_codes(_to_tensor(codes, "codes"))
+    N = codes.shape[0]
+    if N == 0:
+        raise ValueError("codes is empty")
+    dev = model._device()
+    if labels is not None:
+        labels = _to_tensor(labels, "labels")
+    cond = model._cond_index(labels, N, dev)
+    total = 0.0
+    with model._eval_mode(), torch.no_grad():
+        for s in range(0, N, batch_size):
+            x = codes[s : s + batch_size].to(dev)
+            c = None if cond is None else cond[s : s + batch_size]
+            logits = model._logits(x, c)
+            total += float(F.cross_entropy(logits.float(), x, reduction="sum"))
+    return total / (codes.numel() * _LN2)
+
+
+def unigram_entropy_bits(codes: Any, K: int) -> float:
+    """Entropy (bits) of the empirical histogram of ``codes`` over ``K`` symbols."""
+    _check_int("K", K, 1, 1 << 31)
+    c = _to_tensor(codes, "codes")
+    if c.dtype == torch.bool or c.is_floating_point() or c.is_complex():
+        raise ValueError(f"codes must have an integer dtype, got {c.dtype}")
+    c = c.reshape(-1).long()
+    if c.numel() == 0:
+        raise ValueError("codes is empty")
+    lo, hi = int(c.min()), int(c.max())
+    if lo < 0 or hi >= K:
+        raise ValueError(f"codes must be in [0, {K}), got min={lo}, max={hi}")
+    counts = torch.bincount(c.cpu(), minlength=K).double()
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * torch.log2(p)).sum())
+
+
+def fit_prior(
+    train_codes: Any,
+    val_codes: Any,
+    config: PriorConfig | Mapping[str, Any],
+    *,
+    steps: int = 2000,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    train_labels: Any = None,
+    val_labels: Any = None,
+    seed: int = 0,
+    device: Any = None,
+    log_every: int = 100,
+    callback: Callable[[dict], Any] | None = None,
+) -> tuple[GatedPixelCNN, list[dict]]:
+    """Fit a :class:`GatedPixelCNN` with Adam on cross-entropy.
+
+    ``train_codes`` / ``val_codes``: integer ``(N, H, W)`` tensors or arrays
+    (``val_codes`` may be None).  Every ``log_every`` steps (and at the last
+    step) a history row ``{"step", "train_nll_bits", "val_nll_bits"}`` is
+    appended (train = mean minibatch NLL since the previous row, bits/code;
+    val = full validation NLL or None) and passed to ``callback(row)``; if the
+    callback returns ``True`` training stops early.  Deterministic given
+    ``seed`` (global RNG state is restored afterwards).  Returns the model in
+    eval mode and the history.
+    """
+    cfg = _as_config(config)
+    _check_int("steps", steps, 1, 10**9)
+    _check_int("batch_size", batch_size, 1, 1 << 20)
+    _check_int("log_every", log_every, 1, 10**9)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+        raise ValueError(f"lr must be a positive float, got {lr!r}")
+    dev = _resolve_device(device)
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = GatedPixelCNN(cfg).to(dev)
+        train = model._check_codes(_to_tensor(train_codes, "train_codes"), "train_codes")
+        if train.shape[0] == 0:
+            raise ValueError("train_codes is empty")
+        tr_cond = model._cond_index(
+            None if train_labels is None else _to_tensor(train_labels, "train_labels"), train.shape[0], dev
+        )
+        val = None
+        if val_codes is not None:
+            val = model._check_codes(_to_tensor(val_codes, "val_codes"), "val_codes")
+            # validate labels early
+            model._cond_index(None if val_labels is None else _to_tensor(val_labels, "val_labels"), val.shape[0], dev)
+        elif val_labels is not None:
+            raise ValueError("val_labels given without val_codes")
+
+        train = train.to(dev)
+        gen = torch.Generator().manual_seed(int(seed))
+        opt = torch.optim.Adam(model.parameters(), lr=float(lr))
+        history: list[dict] = []
+        acc, acc_n = 0.0, 0
+        model.train()
+        for step in range(1, steps + 1):
+            idx = torch.randint(train.shape[0], (batch_size,), generator=gen).to(dev)
+            x = train[idx]
+            c = None if tr_cond is None else tr_cond[idx]
+            loss = F.cross_entropy(model._logits(x, c), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            acc += float(loss.detach())
+            acc_n += 1
+            if step % log_every == 0 or step == steps:
+                row = {
+                    "step": step,
+                    "train_nll_bits": acc / acc_n / _LN2,
+                    "val_nll_bits": None if val is None else nll_bits_per_code(model, val, val_labels),
+                }
+                history.append(row)
+                acc, acc_n = 0.0, 0
+                if callback is not None and callback(row) is True:
+                    break
+    model.eval()
+    return model, history
+
+
+# --------------------------------------------------------------------------- #
+# safetensors checkpoints (shared with sqvae_core.fd)
+# --------------------------------------------------------------------------- #
+_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
+
+
+def _atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Any) -> None:
+    """Write a safetensors file atomically (temp file in the same dir + fsync + os.replace)."""
+    from safetensors.torch import save_file
+
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
+    os.close(fd)
+    try:
+        cpu = {k: v.detach().to(device="cpu").contiguous().clone() for k, v in tensors.items()}
+        save_file(cpu, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _sniff_safetensors(path: str) -> None:
+    """Cheap structural check of the header before handing the file to safetensors."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if head[:1] == b"\x80" or head[:2] == b"PK":
+        raise ValueError(
+            f"{path!r} looks like a pickle / torch.save archive, not a safetensors file; "
+            "refusing to load it (pickles can execute code)"
+        )
+    if size < 10 or len(head) < 9:
+        raise ValueError(f"{path!r} is not a valid safetensors file (truncated: {size} bytes)")
+    (n,) = struct.unpack("<Q", head[:8])
+    if n > _MAX_HEADER_BYTES or 8 + n > size or head[8:9] != b"{":
+        raise ValueError(f"{path!r} is not a valid safetensors file (bad or truncated header)")
+
+
+def _load_safetensors_checked(
+    path: Any,
+    fmt: str,
+    config_from_dict: Callable[[Any], Any],
+    build: Callable[[Any], nn.Module],
+) -> tuple[Any, dict[str, Tensor]]:
+    """Read + validate a checkpoint: format tag, JSON config, keys, shapes, dtypes, finiteness.
+
+    Returns ``(config, state_dict)``; raises ValueError with a clear message on
+    any problem.  Never unpickles anything.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path!r}")
+    _sniff_safetensors(path)
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            meta = f.metadata()
+            if not meta:
+                raise ValueError(f"{path!r}: safetensors file has no metadata (expected format={fmt!r} and config)")
+            if meta.get("format") != fmt:
+                raise ValueError(f"{path!r}: unexpected checkpoint format {meta.get('format')!r}, expected {fmt!r}")
+            if "config" not in meta:
+                raise ValueError(f"{path!r}: metadata is missing the 'config' entry")
+            try:
+                raw = json.loads(meta["config"])
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path!r}: config metadata is not valid JSON: {exc}") from None
+            try:
+                cfg = config_from_dict(raw)
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{path!r}: invalid config: {exc}") from None
+
+            with torch.device("meta"):
+                expected = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
+            keys = set(f.keys())
+            missing = sorted(set(expected) - keys)
+            unexpected = sorted(keys - set(expected))
+            if missing:
+                raise ValueError(f"{path!r}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+            if unexpected:
+                raise ValueError(
+                    f"{path!r}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+                )
+            for k, shape in expected.items():
+                sl = f.get_slice(k)
+                got = tuple(sl.get_shape())
+                if got != shape:
+                    raise ValueError(f"{path!r}: tensor {k!r} has shape {got}, expected {shape} for the stored config")
+                if sl.get_dtype() not in _FLOAT_DTYPES:
+                    raise ValueError(f"{path!r}: tensor {k!r} has dtype {sl.get_dtype()}, expected a float dtype")
+            state = {}
+            for k in expected:
+                t = f.get_tensor(k)
+                if not bool(torch.isfinite(t).all()):
+                    raise ValueError(f"{path!r}: tensor {k!r} contains NaN/inf values")
+                state[k] = t.float()
+    except SafetensorError as exc:
+        raise ValueError(f"{path!r} is not a valid safetensors file: {exc}") from None
+    except (OSError, RuntimeError, struct.error) as exc:
+        raise ValueError(f"{path!r} could not be read as a safetensors checkpoint: {exc}") from None
+    return cfg, state
+
+
+def _build_from_state(build: Callable[[Any], nn.Module], cfg: Any, state: dict[str, Tensor], device: Any) -> nn.Module:
+    with torch.device("meta"):
+        model = build(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model = model.to(_resolve_device(device))
+    model.eval()
+    return model
+
+
+def save_prior(model: GatedPixelCNN, path: Any) -> None:
+    """Save weights + config (JSON metadata) to a safetensors file, atomically."""
+    if not isinstance(model, GatedPixelCNN):
+        raise ValueError(f"model must be a GatedPixelCNN, got {type(model).__name__}")
+    meta = {
+        "format": PRIOR_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "config": json.dumps(model.config.to_dict(), sort_keys=True),
+    }
+    _atomic_save_safetensors(dict(model.state_dict()), meta, path)
+
+
+def load_prior(path: Any, device: Any = None, *, num_codes: int | None = None) -> GatedPixelCNN:
+    """Load a prior saved by :func:`save_prior` (eval mode, on ``device`` or CPU).
+
+    Validates the config and every tensor's name/shape/dtype before building;
+    raises ValueError for corrupt/truncated/pickle files, bad configs or
+    shapes.  If ``num_codes`` is given the stored codebook size must match it.
+    """
+    cfg, state = _load_safetensors_checked(path, PRIOR_FORMAT, PriorConfig.from_dict, GatedPixelCNN)
+    if num_codes is not None and cfg.num_codes != num_codes:
+        raise ValueError(f"{os.fspath(path)!r}: prior has num_codes={cfg.num_codes}, expected {num_codes}")
+    return _build_from_state(GatedPixelCNN, cfg, state, device)

@@ -1,0 +1,500 @@
+"""Tests for sqvae_core.prior (Gated PixelCNN prior over code grids)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from sqvae_core.prior import (
+    GatedPixelCNN,
+    PriorConfig,
+    fit_prior,
+    load_prior,
+    nll_bits_per_code,
+    save_prior,
+    unigram_entropy_bits,
+)
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """The ops here are tiny; on a busy 2-core box OpenMP oversubscription makes
+    multi-threaded torch 10x slower, so run this module single-threaded."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+CAUSAL_CASES = [
+    pytest.param(nc, k, hw, id=f"cls{nc}-k{k}-{hw[0]}x{hw[1]}")
+    for nc in (None, 3)
+    for k in (3, 5)
+    for hw in ((7, 7), (8, 8))
+]
+
+
+def _model(K=16, H=7, W=7, *, hidden=8, layers=8, kernel=3, num_classes=None, seed=0, dropout=0.0):
+    torch.manual_seed(seed)
+    m = GatedPixelCNN(PriorConfig(K, H, W, hidden=hidden, layers=layers, kernel=kernel,
+                                  num_classes=num_classes, dropout=dropout))
+    if num_classes is not None:  # non-trivial class embeddings
+        with torch.no_grad():
+            for layer in m.layers:
+                layer.cond.weight.normal_(0.0, 1.0)
+    return m.eval()
+
+
+def _labels(nc, B, seed=0):
+    if nc is None:
+        return None
+    return torch.randint(0, nc, (B,), generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- causality
+@pytest.mark.parametrize("nc,kernel,hw", CAUSAL_CASES)
+def test_causality_jacobian(nc, kernel, hw):
+    """d logits[p] / d embedded input[q] is exactly 0 for q >= p and non-zero for every q < p."""
+    H, W = hw
+    K = 16
+    m = _model(K, H, W, kernel=kernel, num_classes=nc)
+    P = H * W
+    codes = torch.randint(0, K, (P, H, W), generator=torch.Generator().manual_seed(1))
+    captured = {}
+
+    def hook(mod, inp, out):
+        out.retain_grad()
+        captured["emb"] = out
+
+    handle = m.embed.register_forward_hook(hook)
+    try:
+        logits = m(codes, _labels(nc, P))  # (P, K, H, W); sample b probes position b
+    finally:
+        handle.remove()
+    proj = torch.randn(K, generator=torch.Generator().manual_seed(2))
+    rows = torch.arange(P) // W
+    cols = torch.arange(P) % W
+    sel = logits[torch.arange(P), :, rows, cols]  # (P, K)
+    (sel @ proj).sum().backward()
+    dep = captured["emb"].grad.abs().sum(-1).reshape(P, P)  # dep[p, q]: influence of q on p
+
+    for p in range(P):
+        i, j = divmod(p, W)
+        # q >= p (including p itself): no influence at all (mask A + causal stacks)
+        assert torch.all(dep[p, p:] == 0), f"position {(i, j)} depends on itself/future: {dep[p, p:]}"
+        # every earlier position influences p (full receptive field for 8 layers)
+        assert torch.all(dep[p, :p] > 0), f"position {(i, j)} misses earlier positions"
+        if j > 0:
+            assert dep[p, p - 1] > 0  # left neighbour (mask A horizontal)
+        if i > 0:
+            assert dep[p, p - W] > 0  # above (vertical stack, down-shifted)
+            if j + 1 < W:
+                assert dep[p, p - W + 1] > 0, "blind spot: up-right neighbour ignored"
+
+
+@pytest.mark.parametrize("nc,kernel,hw", CAUSAL_CASES)
+def test_causality_perturbation(nc, kernel, hw):
+    """Changing the code at q never changes logits at p <= q, but changes later positions."""
+    H, W = hw
+    K = 16
+    m = _model(K, H, W, kernel=kernel, num_classes=nc, hidden=12, layers=3)
+    P = H * W
+    base = torch.randint(0, K, (H, W), generator=torch.Generator().manual_seed(3))
+    batch = base.repeat(P + 1, 1, 1)
+    for q in range(P):
+        i, j = divmod(q, W)
+        batch[q + 1, i, j] = (base[i, j] + 1 + q % (K - 1)) % K
+    lab = None if nc is None else torch.full((P + 1,), 1)
+    with torch.no_grad():
+        out = m(batch, lab).permute(0, 2, 3, 1).reshape(P + 1, P, K)
+    diff = (out[1:] - out[0]).abs().amax(-1)  # (q, p)
+    for q in range(P):
+        i, j = divmod(q, W)
+        assert diff[q, : q + 1].max() < 1e-5, f"changing {(i, j)} altered logits at or before it"
+        if j + 1 < W:
+            assert diff[q, q + 1] > 1e-5, f"right neighbour of {(i, j)} ignores it"
+        if i + 1 < H:
+            assert diff[q, q + W] > 1e-5, f"position below {(i, j)} ignores it"
+        if i + 1 < H and j > 0:
+            assert diff[q, q + W - 1] > 1e-5, "blind spot: (i+1, j-1) ignores (i, j)"
+
+
+def test_first_position_is_input_independent():
+    m = _model(K=32, num_classes=None)
+    a = torch.randint(0, 32, (6, 7, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        out = m(a)
+    assert torch.allclose(out[:, :, 0, 0], out[:1, :, 0, 0].expand(6, -1), atol=1e-6)
+
+
+# --------------------------------------------------------------------------- incremental path
+@pytest.mark.parametrize("nc,kernel,hw", [(None, 3, (7, 7)), (4, 5, (8, 8)), (2, 3, (5, 9))])
+def test_incremental_logits_match_forward(nc, kernel, hw):
+    H, W = hw
+    m = _model(20, H, W, hidden=16, layers=5, kernel=kernel, num_classes=nc)
+    codes = torch.randint(0, 20, (6, H, W), generator=torch.Generator().manual_seed(5))
+    lab = _labels(nc, 6)
+    with torch.no_grad():
+        full = m(codes, lab)
+    inc = m._incremental_logits(codes, lab)
+    assert torch.allclose(full, inc, atol=1e-5, rtol=1e-5), (full - inc).abs().max()
+
+
+def _naive_sample(m, n, temperature, labels, gen):
+    cfg = m.config
+    codes = torch.zeros(n, cfg.height, cfg.width, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(cfg.height):
+            for j in range(cfg.width):
+                logits = m(codes, labels)[:, :, i, j]
+                probs = torch.softmax(logits.float() / temperature, -1)
+                codes[:, i, j] = torch.multinomial(probs, 1, generator=gen).squeeze(1)
+    return codes
+
+
+@pytest.mark.parametrize("nc", [None, 3])
+def test_sample_matches_naive_full_forward_sampling(nc):
+    m = _model(12, 6, 7, hidden=16, layers=4, num_classes=nc)
+    lab = _labels(nc, 8)
+    fast = m.sample(8, labels=lab, generator=torch.Generator().manual_seed(7))
+    slow = _naive_sample(m, 8, 1.0, lab, torch.Generator().manual_seed(7))
+    assert torch.equal(fast, slow)
+
+
+# --------------------------------------------------------------------------- sampling
+def test_sample_shape_dtype_range():
+    m = _model(K=37, H=8, W=8, hidden=16, layers=3, num_classes=5)
+    s = m.sample(9, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (9, 8, 8) and s.dtype == torch.long
+    assert int(s.min()) >= 0 and int(s.max()) < 37
+    s2 = m.sample(3, labels=2, temperature=2.5)
+    assert s2.shape == (3, 8, 8)
+    s3 = m.sample(4, labels=torch.tensor([0, 1, 2, 4]))
+    assert s3.shape == (4, 8, 8)
+    # deterministic for a seeded generator, varied across seeds
+    a = m.sample(9, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(a, s)
+    b = m.sample(9, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(a, b)
+
+
+def test_sample_restores_training_mode_and_threads():
+    m = _model(K=8, hidden=8, layers=2, dropout=0.3)
+    m.train()
+    old = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        m.sample(2)  # runs single-threaded internally
+        assert torch.get_num_threads() == 2
+        m.sample(2, threads=None)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(old)
+    assert m.training
+
+
+def test_low_temperature_is_greedy():
+    m = _model(K=24, H=7, W=7, hidden=16, layers=4)
+    a = m.sample(5, temperature=1e-3, generator=torch.Generator().manual_seed(0))
+    b = m.sample(5, temperature=1e-3, generator=torch.Generator().manual_seed(123))
+    assert torch.equal(a, b)
+    # greedy argmax decoding with the full forward pass
+    g = torch.zeros(1, 7, 7, dtype=torch.long)
+    with torch.no_grad():
+        for i in range(7):
+            for j in range(7):
+                g[0, i, j] = m(g)[0, :, i, j].argmax()
+    assert torch.equal(a, g.expand(5, -1, -1))
+
+
+def test_conditioning_changes_samples():
+    m = _model(K=16, H=7, W=7, hidden=16, layers=4, num_classes=4)
+    s0 = m.sample(16, labels=0, generator=torch.Generator().manual_seed(0))
+    s1 = m.sample(16, labels=1, generator=torch.Generator().manual_seed(0))
+    su = m.sample(16, labels=None, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(s0, s1)
+    assert not torch.equal(s0, su)
+    codes = torch.randint(0, 16, (2, 7, 7))
+    with torch.no_grad():
+        assert not torch.allclose(m(codes, torch.tensor([0, 0])), m(codes, torch.tensor([3, 3])))
+
+
+# --------------------------------------------------------------------------- validation
+def test_invalid_codes_raise():
+    m = _model(K=16, H=7, W=7, hidden=8, layers=2)
+    good = torch.zeros(2, 7, 7, dtype=torch.long)
+    m(good)
+    with pytest.raises(ValueError, match=r"\[0, 16\).*max=16"):
+        m(torch.full((2, 7, 7), 16))
+    with pytest.raises(ValueError, match="min=-1"):
+        m(torch.full((2, 7, 7), -1))
+    with pytest.raises(ValueError, match=r"expected \(B, 7, 7\), got \(2, 8, 7\)"):
+        m(torch.zeros(2, 8, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 dims"):
+        m(torch.zeros(7, 7, dtype=torch.long))
+    with pytest.raises(ValueError, match="integer dtype"):
+        m(torch.zeros(2, 7, 7))
+    with pytest.raises(ValueError, match="torch.Tensor"):
+        m(np.zeros((2, 7, 7), dtype=np.int64))
+    with pytest.raises(ValueError, match="unconditional"):
+        m(good, torch.tensor([0, 1]))
+
+
+def test_invalid_labels_raise():
+    m = _model(K=16, hidden=8, layers=2, num_classes=3)
+    codes = torch.zeros(2, 7, 7, dtype=torch.long)
+    m(codes)  # labels optional
+    with pytest.raises(ValueError, match="labels must be in"):
+        m(codes, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match=r"shape \(2,\)"):
+        m(codes, torch.tensor([0, 1, 2]))
+    with pytest.raises(ValueError, match="labels must be in"):
+        m.sample(2, labels=-1)
+
+
+@pytest.mark.parametrize("t", [0.0, -1.0, float("nan"), float("inf"), "1"])
+def test_invalid_temperature_raises(t):
+    m = _model(K=8, hidden=8, layers=2)
+    with pytest.raises(ValueError, match="temperature"):
+        m.sample(2, temperature=t)
+
+
+def test_invalid_n_raises():
+    m = _model(K=8, hidden=8, layers=2)
+    with pytest.raises(ValueError, match="n must"):
+        m.sample(0)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"num_codes": 1}, "num_codes"),
+        ({"num_codes": 65537}, "num_codes"),
+        ({"height": 0}, "height"),
+        ({"width": -3}, "width"),
+        ({"hidden": 4097}, "hidden"),
+        ({"hidden": 0}, "hidden"),
+        ({"layers": 65}, "layers"),
+        ({"layers": 0}, "layers"),
+        ({"kernel": 4}, "odd"),
+        ({"kernel": 1}, "kernel"),
+        ({"num_classes": 0}, "num_classes"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"dropout": float("nan")}, "dropout"),
+        ({"hidden": 3.5}, "hidden must be an int"),
+        ({"layers": True}, "layers must be an int"),
+    ],
+)
+def test_config_validation(overrides, match):
+    d = {"num_codes": 16, "height": 7, "width": 7, **overrides}
+    with pytest.raises(ValueError, match=match):
+        PriorConfig.from_dict(d)
+    with pytest.raises(ValueError, match=match):
+        GatedPixelCNN(PriorConfig(**d))
+
+
+def test_config_from_dict_keys():
+    with pytest.raises(ValueError, match="missing"):
+        PriorConfig.from_dict({"num_codes": 16, "height": 7})
+    with pytest.raises(ValueError, match="unknown"):
+        PriorConfig.from_dict({"num_codes": 16, "height": 7, "width": 7, "evil": 1})
+    cfg = PriorConfig.from_dict({"num_codes": 16, "height": 7, "width": 7})
+    assert cfg == PriorConfig(16, 7, 7)
+
+
+# --------------------------------------------------------------------------- training
+def _structured_codes(n, K=16, H=7, W=7, seed=0):
+    """Row-wise 'stripes': a code mostly copies its left neighbour, rows mostly copy the row above."""
+    rng = np.random.default_rng(seed)
+    c = np.zeros((n, H, W), dtype=np.int64)
+    for i in range(H):
+        if i == 0:
+            c[:, 0, 0] = rng.integers(0, K, n)
+        else:
+            keep = rng.random(n) < 0.7
+            c[:, i, 0] = np.where(keep, c[:, i - 1, 0], rng.integers(0, K, n))
+        for j in range(1, W):
+            keep = rng.random(n) < 0.85
+            c[:, i, j] = np.where(keep, c[:, i, j - 1], rng.integers(0, K, n))
+    return torch.from_numpy(c)
+
+
+def test_fit_prior_beats_unigram_entropy():
+    K = 16
+    train = _structured_codes(2000, K, seed=0)
+    val = _structured_codes(400, K, seed=1)
+    cfg = PriorConfig(K, 7, 7, hidden=32, layers=3)
+    rows = []
+    model, hist = fit_prior(train, val, cfg, steps=200, batch_size=32, lr=3e-3, log_every=100,
+                            seed=0, callback=rows.append)
+    assert [r["step"] for r in hist] == [100, 200]
+    assert rows == hist
+    assert set(hist[0]) == {"step", "train_nll_bits", "val_nll_bits"}
+    uni = unigram_entropy_bits(val, K)
+    val_nll = nll_bits_per_code(model, val)
+    assert val_nll == pytest.approx(hist[-1]["val_nll_bits"])
+    assert uni > 3.5  # codes are ~uniform marginally ...
+    assert val_nll < uni - 1.5, (val_nll, uni)  # ... but highly predictable from context
+    assert not model.training
+    s = model.sample(4, generator=torch.Generator().manual_seed(0))
+    assert s.shape == (4, 7, 7)
+
+
+def test_fit_prior_conditional_and_early_stop():
+    K = 8
+    train = _structured_codes(64, K, seed=2) % K
+    labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(0))
+    cfg = {"num_codes": K, "height": 7, "width": 7, "hidden": 8, "layers": 2, "num_classes": 3}
+    model, hist = fit_prior(train, None, cfg, steps=50, batch_size=8, log_every=5,
+                            train_labels=labels, callback=lambda row: row["step"] >= 10)
+    assert [r["step"] for r in hist] == [5, 10]
+    assert hist[-1]["val_nll_bits"] is None
+    with pytest.raises(ValueError, match="train_codes values"):
+        fit_prior(train + K, None, cfg, steps=1)
+    with pytest.raises(ValueError, match="train_codes grid shape"):
+        fit_prior(train[:, :6], None, cfg, steps=1)
+
+
+def test_fit_prior_is_deterministic():
+    train = _structured_codes(64, 8, seed=3) % 8
+    cfg = PriorConfig(8, 7, 7, hidden=8, layers=2)
+    m1, h1 = fit_prior(train, train, cfg, steps=10, batch_size=8, log_every=10, seed=4)
+    m2, h2 = fit_prior(train, train, cfg, steps=10, batch_size=8, log_every=10, seed=4)
+    assert h1 == h2
+    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_nll_and_unigram_helpers():
+    m = _model(K=16, hidden=8, layers=2)
+    codes = torch.randint(0, 16, (10, 7, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = F.cross_entropy(m(codes), codes).item() / math.log(2)
+    assert nll_bits_per_code(m, codes, batch_size=3) == pytest.approx(ref, rel=1e-5)
+    assert unigram_entropy_bits(torch.tensor([0, 1, 2, 3] * 5), 4) == pytest.approx(2.0)
+    assert unigram_entropy_bits(np.zeros((3, 7, 7), dtype=np.int64), 16) == pytest.approx(0.0)
+    with pytest.raises(ValueError):
+        unigram_entropy_bits(torch.tensor([0, 4]), 4)
+
+
+# --------------------------------------------------------------------------- checkpoints
+def _state_and_meta(m):
+    sd = {k: v.contiguous().clone() for k, v in m.state_dict().items()}
+    meta = {"format": "sqvae_core.prior.GatedPixelCNN", "format_version": "1",
+            "config": json.dumps(m.config.to_dict())}
+    return sd, meta
+
+
+def test_save_load_roundtrip(tmp_path):
+    m = _model(K=20, H=8, W=8, hidden=12, layers=3, kernel=5, num_classes=3, dropout=0.1)
+    path = tmp_path / "prior.safetensors"
+    save_prior(m, path)
+    save_prior(m, path)  # overwrite works
+    assert os.listdir(tmp_path) == ["prior.safetensors"]  # no temp files left behind
+    loaded = load_prior(path)
+    assert loaded.config == m.config and not loaded.training
+    codes = torch.randint(0, 20, (4, 8, 8), generator=torch.Generator().manual_seed(0))
+    lab = torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        assert torch.equal(m(codes, lab), loaded(codes, lab))
+    assert torch.equal(m.sample(3, generator=torch.Generator().manual_seed(0)),
+                       loaded.sample(3, generator=torch.Generator().manual_seed(0)))
+    assert all(p.requires_grad for p in loaded.parameters())
+    assert load_prior(str(path), device=torch.device("cpu"), num_codes=20).config.num_codes == 20
+    with pytest.raises(ValueError, match="num_codes=20, expected 32"):
+        load_prior(path, num_codes=32)
+
+
+def test_load_truncated_and_garbage(tmp_path):
+    m = _model(K=16, hidden=8, layers=2)
+    path = tmp_path / "p.safetensors"
+    save_prior(m, path)
+    data = path.read_bytes()
+    for name, blob in [("half", data[: len(data) // 2]), ("tail", data[:-16]), ("tiny", data[:5]),
+                       ("empty", b""), ("garbage", os.urandom(4096)),
+                       ("json", b'{"num_codes": 16}')]:
+        bad = tmp_path / f"{name}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(ValueError, match="safetensors|truncated"):
+            load_prior(bad)
+    with pytest.raises(FileNotFoundError):
+        load_prior(tmp_path / "nope.safetensors")
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_load_refuses_pickles(tmp_path):
+    marker = tmp_path / "PWNED"
+    p1 = tmp_path / "evil.safetensors"
+    p1.write_bytes(pickle.dumps(_Evil(str(marker))))
+    with pytest.raises(ValueError, match="pickle"):
+        load_prior(p1)
+    p2 = tmp_path / "torchsave.pt"
+    torch.save({"state_dict": _model(K=16, hidden=8, layers=2).state_dict(), "x": _Evil(str(marker))}, p2)
+    with pytest.raises(ValueError, match="pickle"):
+        load_prior(p2)
+    assert not marker.exists()
+
+
+def test_load_rejects_bad_contents(tmp_path):
+    m = _model(K=16, hidden=8, layers=2)
+    sd, meta = _state_and_meta(m)
+
+    def write(name, tensors, metadata):
+        p = tmp_path / name
+        save_file(tensors, str(p), metadata=metadata)
+        return p
+
+    bad = dict(sd, **{"embed.weight": torch.zeros(17, 8)})
+    with pytest.raises(ValueError, match=r"'embed.weight' has shape \(17, 8\), expected \(16, 8\)"):
+        load_prior(write("shape.safetensors", bad, meta))
+    # K mismatch: config says 32 codes but tensors were trained for 16
+    meta_k = dict(meta, config=json.dumps(dict(m.config.to_dict(), num_codes=32)))
+    with pytest.raises(ValueError, match="expected \\(32, 8\\)"):
+        load_prior(write("k.safetensors", sd, meta_k))
+    missing = {k: v for k, v in sd.items() if k != "head_out.bias"}
+    with pytest.raises(ValueError, match="missing tensor.*head_out.bias"):
+        load_prior(write("missing.safetensors", missing, meta))
+    with pytest.raises(ValueError, match="unexpected tensor"):
+        load_prior(write("extra.safetensors", dict(sd, extra=torch.zeros(1)), meta))
+    absurd = dict(meta, config=json.dumps(dict(m.config.to_dict(), hidden=10**9, layers=10**6)))
+    with pytest.raises(ValueError, match="invalid config.*hidden"):
+        load_prior(write("absurd.safetensors", sd, absurd))
+    with pytest.raises(ValueError, match="not valid JSON"):
+        load_prior(write("json.safetensors", sd, dict(meta, config="{nope")))
+    with pytest.raises(ValueError, match="invalid config"):
+        load_prior(write("list.safetensors", sd, dict(meta, config="[1, 2]")))
+    with pytest.raises(ValueError, match="missing required"):
+        load_prior(write("req.safetensors", sd, dict(meta, config='{"num_codes": 16}')))
+    with pytest.raises(ValueError, match="no metadata"):
+        load_prior(write("nometa.safetensors", sd, None))
+    with pytest.raises(ValueError, match="format"):
+        load_prior(write("fmt.safetensors", sd, dict(meta, format="something.else")))
+    with pytest.raises(ValueError, match="'config'"):
+        load_prior(write("nocfg.safetensors", sd, {"format": meta["format"]}))
+    nan = dict(sd, **{"embed.weight": torch.full((16, 8), float("nan"))})
+    with pytest.raises(ValueError, match="NaN"):
+        load_prior(write("nan.safetensors", nan, meta))
+    ints = dict(sd, **{"embed.weight": torch.zeros(16, 8, dtype=torch.int32)})
+    with pytest.raises(ValueError, match="dtype"):
+        load_prior(write("int.safetensors", ints, meta))
+    # a valid file written by hand with float64 tensors loads fine
+    m2 = load_prior(write("f64.safetensors", {k: v.double() for k, v in sd.items()}, meta))
+    codes = torch.randint(0, 16, (2, 7, 7))
+    with torch.no_grad():
+        assert torch.allclose(m(codes), m2(codes))
