@@ -73,6 +73,52 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--device", default="auto")
     e.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
+    e.add_argument("--scores", action="store_true",
+                   help="add the paper's Table 2 scores: rFD, generation/Neighbor-k/interpolation FD, prior NLL")
+    e.add_argument("--n-fd", type=int, default=1000, help="test images (and samples) per Fréchet distance")
+
+    pr = sub.add_parser("prior", help="PixelCNN prior over a run's code grids")
+    psub = pr.add_subparsers(dest="prior_command", required=True)
+    pt = psub.add_parser("train", help="fit the prior to the run's training code grids")
+    pt.add_argument("run_dir")
+    pt.add_argument("--steps", type=int, default=2000)
+    pt.add_argument("--batch-size", type=int, default=64)
+    pt.add_argument("--hidden", type=int, default=64)
+    pt.add_argument("--layers", type=int, default=8)
+    pt.add_argument("--unconditional", action="store_true", help="ignore class labels")
+    pt.add_argument("--max-images", type=int, default=None, help="cap on training images to encode")
+    pt.add_argument("--seed", type=int, default=0)
+    pt.add_argument("--data-dir", default=None)
+    pt.add_argument("--device", default="auto")
+    pt.add_argument("--json", action="store_true")
+    ps = psub.add_parser("sample", help="decode samples of the prior to a PNG grid")
+    ps.add_argument("run_dir")
+    ps.add_argument("--n", type=int, default=64)
+    ps.add_argument("--out", required=True, help="PNG file to write")
+    ps.add_argument("--seed", type=int, default=0)
+    ps.add_argument("--temperature", type=float, default=1.0)
+    ps.add_argument("--label", type=int, default=None, help="class to condition on (conditional priors)")
+    ps.add_argument("--json", action="store_true")
+    ps.add_argument("--device", default="auto")
+    for q in (pr, pt, ps):
+        q.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    ex = sub.add_parser("explore", help="scripted figures: codebook map, Neighbor-k, interpolation")
+    ex.add_argument("run_dir")
+    ex.add_argument("--umap", action="store_true", help="codebook map (with --json: one object per code)")
+    ex.add_argument("--pca", action="store_true", help="with --umap: the instant PCA map instead")
+    ex.add_argument("--json", action="store_true")
+    ex.add_argument("--image-index", type=int, default=None, help="test-split image for --neighbor")
+    ex.add_argument("--neighbor", type=int, default=None, help="Neighbor-k edit (1 = the reconstruction)")
+    ex.add_argument("--interpolate", type=int, nargs=2, metavar=("I", "J"), default=None)
+    ex.add_argument("--steps", type=int, default=8)
+    ex.add_argument("--out", default=None, help="PNG file to write")
+    ex.add_argument("--max-images", type=int, default=2000, help="test images used for code usage")
+    ex.add_argument("--seed", type=int, default=0)
+    ex.add_argument("--data-dir", default=None)
+    ex.add_argument("--device", default="auto")
+    ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
     ls = sub.add_parser("list", help="list runs and bundles")
     ls.add_argument("dirs", nargs="*", help="directories to scan (default: runs checkpoints)")
     ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -139,6 +185,9 @@ def cmd_eval(args) -> int:
     res = evaluate_model(b.model, images, device=device)
     res.update(split=args.split, run=str(b.path), kind=b.model_cfg.kind, weights=b.weights,
                data_source=data.source)
+    if args.scores:
+        from .scores import score_run
+        res.update(score_run(b, n=args.n_fd, data_dir=args.data_dir))
     if args.json:
         print(json.dumps(res))
     else:
@@ -168,7 +217,88 @@ def cmd_list(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list}
+def cmd_prior(args) -> int:
+    from . import rundir as rd
+    from .device import resolve_device
+    from .imageio import save_png
+    from .scores import load_run_prior, prior_summary, sample_images, train_run_prior
+    device = resolve_device(args.device)
+    if args.prior_command == "train":
+        log = None if args.json else (lambda msg: print(msg, file=sys.stderr))
+        summary = train_run_prior(args.run_dir, steps=args.steps, batch_size=args.batch_size, hidden=args.hidden,
+                                  layers=args.layers, conditional=not args.unconditional,
+                                  max_images=args.max_images, data_dir=args.data_dir, seed=args.seed,
+                                  device=device, log=log)
+        brief = {k: v for k, v in summary.items() if k != "history"}
+        if args.json:
+            print(json.dumps(brief))
+        else:
+            print(f"prior NLL {brief['nll_bits_per_code']:.3f} bits/code on the test codes "
+                  f"(unigram {brief['unigram_bits']:.3f}, uniform log2 K = {brief['uniform_bits']:.3f})")
+        return 0
+    b = rd.load_bundle(args.run_dir, device)
+    if not b.model.discrete:
+        raise ValueError("the continuous VAE has no code grids to model with a prior")
+    prior = load_run_prior(b)
+    images, _ = sample_images(b, prior, args.n, temperature=args.temperature, label=args.label, seed=args.seed)
+    save_png(images, args.out, nrow=min(8, args.n))
+    if args.json:
+        summary = prior_summary(b) or {}
+        print(json.dumps({"out": str(args.out), "n": args.n, "seed": args.seed, "temperature": args.temperature,
+                          "label": args.label, **{k: summary.get(k) for k in
+                          ("nll_bits_per_code", "unigram_bits", "uniform_bits", "conditional")}}))
+    return 0
+
+
+def cmd_explore(args) -> int:
+    import torch
+
+    from . import explore
+    from . import rundir as rd
+    from .device import resolve_device
+    from .imageio import save_png
+    from .scores import bundle_split
+    device = resolve_device(args.device)
+    b = rd.load_bundle(args.run_dir, device)
+    actions = [args.umap, args.neighbor is not None, args.interpolate is not None]
+    if sum(actions) != 1:
+        raise ValueError("choose exactly one of --umap, --neighbor K (with --image-index I), --interpolate I J")
+    if args.umap:
+        images, _, _ = bundle_split(b, "test", args.data_dir, args.max_images)
+        usage = explore.code_usage(b.model, images)
+        points = explore.cached_codebook_map(b.path, b.model, usage, method="pca" if args.pca else "umap",
+                                             seed=args.seed)
+        if args.json:
+            print(json.dumps(points))
+        else:
+            for p in points:
+                print(f"code {p['code']:>5}  x={p['x']:+.3f} y={p['y']:+.3f}  usage={p['usage']}"
+                      f"{'  dead' if p['dead'] else ''}")
+        return 0
+    if not args.out:
+        raise ValueError("--out FILE.png is required for --neighbor and --interpolate")
+    images, _, _ = bundle_split(b, "test", args.data_dir)
+
+    def pick(i):
+        if not 0 <= i < len(images):
+            raise ValueError(f"image index {i} is out of range for the test split ({len(images)} images)")
+        return images[i:i + 1].to(device)
+
+    if args.neighbor is not None:
+        if args.image_index is None:
+            raise ValueError("--neighbor needs --image-index I")
+        x = pick(args.image_index)
+        edited, _ = explore.neighbour_edit(b.model, x, args.neighbor)
+        save_png(torch.cat([x.cpu(), b.model.reconstruct(x).cpu(), edited.cpu()]), args.out, nrow=3, scale=4)
+    else:
+        path = explore.interpolate(b.model, pick(args.interpolate[0]), pick(args.interpolate[1]), args.steps)
+        save_png(torch.cat([path["latent"], path["pixel"]]), args.out, nrow=args.steps, scale=3)
+    if args.json:
+        print(json.dumps({"out": str(args.out)}))
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "prior": cmd_prior, "explore": cmd_explore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,196 @@
+"""A run's PixelCNN prior and the paper's generation-quality scores (Table 2 columns).
+
+    train_run_prior(run_dir)  -> fits the prior on the run's training code grids, stores
+                                 prior.safetensors + prior.json (NLL in bits per code beside
+                                 log2 K and the unigram entropy of the test codes)
+    score_run(bundle)         -> Fréchet distances in the feature space of a small classifier:
+                                 rFD (reconstructions), generation (prior samples),
+                                 Neighbor-3/5/10 edits and interpolations, each against test images
+
+The classifier for a dataset lives in checkpoints/fd_classifier/<dataset>.safetensors
+(scripts/train_fd_classifier.py makes it; checkpoints/README.md gives its test accuracy).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import rundir as rd
+from .data import load_dataset
+from .explore import dataset_codes, neighbour_edit
+from .fd import extract_features, frechet_distance, load_classifier
+from .prior import PriorConfig, fit_prior, load_prior, nll_bits_per_code, save_prior, unigram_entropy_bits
+
+PRIOR_WEIGHTS, PRIOR_SUMMARY = "prior.safetensors", "prior.json"
+REPO_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
+
+
+def _require_discrete(bundle: rd.Bundle, what: str) -> None:
+    if not bundle.model.discrete:
+        raise ValueError(f"{what}: the continuous VAE ({bundle.path}) has no code grids")
+
+
+def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max_images: int | None = None):
+    """The run's dataset split (images, labels), as configured at training time."""
+    train_cfg = bundle.config.get("train", {})
+    data = load_dataset(bundle.dataset, split, data_dir or train_cfg.get("data_dir"),
+                        val_size=train_cfg.get("val_size", 5000), image_size=bundle.model_cfg.image_size,
+                        channels=bundle.model_cfg.image_channels)
+    images, labels = data.images, data.labels
+    if max_images:
+        images = images[:max_images]
+        labels = labels[:max_images] if labels is not None else None
+    return images, labels, data
+
+
+# ------------------------------------------------------------------------- the prior
+def train_run_prior(run_dir: str | Path, *, steps: int = 2000, batch_size: int = 64, hidden: int = 64,
+                    layers: int = 8, conditional: bool = True, max_images: int | None = None,
+                    data_dir: str | None = None, seed: int = 0, device: torch.device | str = "cpu",
+                    log=None) -> dict:
+    """Fit a Gated PixelCNN to the run's training code grids; store it in the run dir."""
+    bundle = rd.load_bundle(run_dir, device)
+    _require_discrete(bundle, "prior train")
+    t0 = time.time()
+    tr_x, tr_y, data = bundle_split(bundle, "train", data_dir, max_images)
+    va_x, va_y, _ = bundle_split(bundle, "val", data_dir, max_images and max(max_images // 10, 100))
+    te_x, te_y, _ = bundle_split(bundle, "test", data_dir, max_images and max(max_images // 5, 200))
+    tr_c, va_c, te_c = (dataset_codes(bundle.model, x) for x in (tr_x, va_x, te_x))
+    k, n = bundle.model_cfg.codebook_size, bundle.model_cfg.latent_size
+    use_labels = conditional and tr_y is not None and data.num_labels
+    cfg = PriorConfig(num_codes=k, height=n, width=n, hidden=hidden, layers=layers,
+                      num_classes=data.num_labels if use_labels else None)
+
+    def progress(row):
+        if log:
+            log(f"prior step {row['step']}: train {row['train_nll_bits']:.3f} bits/code"
+                + (f", val {row['val_nll_bits']:.3f}" if row.get("val_nll_bits") is not None else ""))
+
+    threads = torch.get_num_threads()
+    if torch.device(device).type == "cpu":
+        torch.set_num_threads(1)   # the prior's ops are small: extra threads only add sync overhead
+    try:
+        prior, history = fit_prior(tr_c, va_c, cfg, steps=steps, batch_size=batch_size, seed=seed, device=device,
+                                   train_labels=tr_y if use_labels else None,
+                                   val_labels=va_y if use_labels else None, callback=progress)
+    finally:
+        torch.set_num_threads(threads)
+    summary = {
+        "nll_bits_per_code": nll_bits_per_code(prior, te_c, te_y if use_labels else None),
+        "unigram_bits": unigram_entropy_bits(te_c, k),
+        "uniform_bits": math.log2(k),
+        "split": "test", "n_test_grids": int(te_c.shape[0]), "n_train_grids": int(tr_c.shape[0]),
+        "steps": steps, "conditional": bool(use_labels), "config": cfg.to_dict(),
+        "train_seconds": round(time.time() - t0, 1), "history": history,
+    }
+    save_prior(prior, Path(run_dir) / PRIOR_WEIGHTS)
+    rd.atomic_write_json(Path(run_dir) / PRIOR_SUMMARY, summary)
+    return summary
+
+
+def load_run_prior(bundle: rd.Bundle):
+    """The run's stored prior, checked against the model's K and grid size."""
+    path = bundle.path / PRIOR_WEIGHTS
+    if not path.is_file():
+        raise rd.BundleError(f"{bundle.path} has no PixelCNN prior yet; fit one with: "
+                             f"sqvae prior train {bundle.path}")
+    try:
+        prior = load_prior(path, device=next(bundle.model.parameters()).device,
+                           num_codes=bundle.model_cfg.codebook_size)
+    except ValueError as e:
+        raise rd.BundleError(f"prior of {bundle.path}: {e}") from None
+    n = bundle.model_cfg.latent_size
+    if (prior.config.height, prior.config.width) != (n, n):
+        raise rd.BundleError(f"prior of {bundle.path} is for {prior.config.height}x{prior.config.width} grids, "
+                             f"the model makes {n}x{n}")
+    return prior
+
+
+def prior_summary(bundle: rd.Bundle) -> dict | None:
+    path = bundle.path / PRIOR_SUMMARY
+    return rd.read_json(path, "prior.json") if path.is_file() else None
+
+
+@torch.no_grad()
+def sample_images(bundle: rd.Bundle, prior, n: int, *, temperature: float = 1.0, label: int | None = None,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n images decoded from prior samples: (images (n, C, S, S), code grids (n, H, W))."""
+    if not 1 <= n <= 4096:
+        raise ValueError(f"--n must be in [1, 4096], got {n}")
+    device = next(bundle.model.parameters()).device
+    labels = None
+    if label is not None:
+        if prior.config.num_classes is None:
+            raise ValueError("this prior is unconditional; drop --label")
+        if not 0 <= label < prior.config.num_classes:
+            raise ValueError(f"--label must be in [0, {prior.config.num_classes}), got {label}")
+        labels = torch.full((n,), label, dtype=torch.long, device=device)
+    g = torch.Generator(device=device).manual_seed(seed)
+    codes = prior.sample(n, temperature=temperature, labels=labels, generator=g)
+    images = torch.cat([bundle.model.decode_indices(codes[i:i + 256]) for i in range(0, n, 256)])
+    return images.cpu(), codes.cpu()
+
+
+# ----------------------------------------------------------------- Fréchet distances
+def classifier_path(dataset: str) -> Path:
+    base = "fashion-mnist" if dataset.startswith("fashion-mnist") else dataset
+    root = Path(os.environ.get("SQVAE_CHECKPOINTS", REPO_CHECKPOINTS))
+    return root / "fd_classifier" / f"{base}.safetensors"
+
+
+def load_fd_classifier(dataset: str):
+    path = classifier_path(dataset)
+    if not path.is_file():
+        raise rd.BundleError(f"no feature classifier for {dataset} at {path}; "
+                             f"make one with: python scripts/train_fd_classifier.py {dataset}")
+    return load_classifier(path)
+
+
+@torch.no_grad()
+def interpolation_midpoints(model, x_a: torch.Tensor, x_b: torch.Tensor, t: float = 0.5,
+                            batch_size: int = 256) -> torch.Tensor:
+    """decode(quantize((1−t)·z_a + t·z_b)) for aligned batches of image pairs."""
+    out = []
+    for i in range(0, len(x_a), batch_size):
+        (za, lva), (zb, lvb) = model.encode(x_a[i:i + batch_size]), model.encode(x_b[i:i + batch_size])
+        z = (1 - t) * za + t * zb
+        if model.discrete:
+            lv = None if lva is None else (1 - t) * lva + t * lvb
+            out.append(model.decode(model.quantize(z, lv, mode="argmax").z_q))
+        else:
+            out.append(model.decode(z))
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def score_run(bundle: rd.Bundle, *, n: int = 1000, data_dir: str | None = None, seed: int = 0,
+              with_prior: bool = True) -> dict:
+    """Table 2 columns for one model: FDs against n test images (lower is better)."""
+    clf = load_fd_classifier(bundle.dataset)
+    model = bundle.model
+    device = next(model.parameters()).device
+    test_x, _, _ = bundle_split(bundle, "test", data_dir, n)
+    test_x = test_x.to(device)
+
+    def fd(images):
+        return frechet_distance(extract_features(clf, test_x.cpu()), extract_features(clf, images.cpu()))
+
+    recon = torch.cat([model.reconstruct(test_x[i:i + 256]) for i in range(0, len(test_x), 256)])
+    res = {"n_fd_images": len(test_x), "mse": float((recon - test_x).pow(2).flatten(1).sum(1).mean()),
+           "rfd": fd(recon)}
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(test_x), generator=g)
+    res["fd_interpolation"] = fd(interpolation_midpoints(model, test_x, test_x[perm.to(device)]))
+    if model.discrete:
+        for k in (3, 5, 10):
+            res[f"fd_neighbor_{k}"] = fd(neighbour_edit(model, test_x, k)[0])
+        if with_prior and (bundle.path / PRIOR_WEIGHTS).is_file():
+            samples, _ = sample_images(bundle, load_run_prior(bundle), len(test_x), seed=seed)
+            res["fd_generation"] = fd(samples)
+            res["prior_nll_bits"] = (prior_summary(bundle) or {}).get("nll_bits_per_code")
+    return res

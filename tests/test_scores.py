@@ -1,0 +1,110 @@
+"""The prior and explore command lines, and the Table 2 scores, on a trained run."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from sqvae_core import rundir as rd
+from sqvae_core.prior import PriorConfig, GatedPixelCNN, save_prior
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, env=None, timeout=600):
+    import os
+    return subprocess.run([sys.executable, "-m", "sqvae_core", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="module")
+def run_with_prior(trained_run, tmp_path_factory):
+    run = tmp_path_factory.mktemp("p") / "run"
+    shutil.copytree(trained_run, run)
+    r = cli("prior", "train", run, "--steps", "300", "--max-images", "4000", "--json")
+    assert r.returncode == 0, r.stderr
+    return run, json.loads(r.stdout)
+
+
+def test_prior_beats_unigram_and_uniform_on_test_codes(run_with_prior):
+    run, summary = run_with_prior
+    print(f"PRIOR: {summary['nll_bits_per_code']:.3f} bits/code, unigram {summary['unigram_bits']:.3f}, "
+          f"uniform {summary['uniform_bits']:.3f}")
+    assert summary["nll_bits_per_code"] < summary["unigram_bits"] < summary["uniform_bits"]
+    assert (run / "prior.safetensors").is_file() and (run / "prior.json").is_file()
+
+
+def test_prior_sample_writes_png_and_json(run_with_prior, tmp_path):
+    run, _ = run_with_prior
+    out = tmp_path / "s.png"
+    r = cli("prior", "sample", run, "--n", "16", "--out", out, "--seed", "3", "--json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["n"] == 16 and res["nll_bits_per_code"] > 0
+    img = Image.open(out)
+    assert img.size == (8 * 30 + 2, 2 * 30 + 2)   # 8 x 2 tiles of 28 px + 2 px padding
+    r2 = cli("prior", "sample", run, "--n", "16", "--out", tmp_path / "t.png", "--seed", "4", "--label", "2")
+    assert r2.returncode == 0
+    assert out.read_bytes() != (tmp_path / "t.png").read_bytes()
+
+
+def test_prior_errors_are_clear(run_with_prior, trained_run, tmp_path):
+    run, _ = run_with_prior
+    # a run directory without a model
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    r = cli("prior", "sample", empty, "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "config.json not found" in r.stderr
+    # a prior whose K does not match the model's
+    bad = tmp_path / "bad"
+    shutil.copytree(run, bad)
+    save_prior(GatedPixelCNN(PriorConfig(num_codes=7, height=7, width=7, hidden=8, layers=2)), bad / "prior.safetensors")
+    r = cli("prior", "sample", bad, "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "7" in r.stderr and "32" in r.stderr
+    r = cli("prior", "sample", trained_run, "--out", tmp_path / "x.png")
+    assert r.returncode != 0 and "prior train" in r.stderr
+    r = cli("prior", "sample", run, "--n", "4", "--out", tmp_path / "x.jpg")
+    assert r.returncode != 0 and ".png" in r.stderr
+
+
+def test_explore_cli_umap_neighbor_interpolate(trained_run, tmp_path):
+    r = cli("explore", trained_run, "--umap", "--json", "--max-images", "500")
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout)
+    assert len(points) == 32 and {"code", "x", "y", "usage", "dead"} <= set(points[0])
+    assert sum(p["usage"] for p in points) == 500 * 49
+    assert all(p["dead"] == (p["usage"] == 0) for p in points)
+    assert (trained_run / "umap.json").is_file()
+    out = tmp_path / "nb.png"
+    r = cli("explore", trained_run, "--image-index", "5", "--neighbor", "3", "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert Image.open(out).size[0] > Image.open(out).size[1]          # original | recon | edit
+    out = tmp_path / "int.png"
+    r = cli("explore", trained_run, "--interpolate", "1", "2", "--steps", "5", "--out", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("explore", trained_run, "--image-index", "5", "--neighbor", "999", "--out", out)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    r = cli("explore", trained_run, "--neighbor", "3", "--out", out)
+    assert r.returncode != 0 and "--image-index" in r.stderr
+
+
+def test_score_table_columns(run_with_prior, tmp_path, monkeypatch):
+    from sqvae_core.data import load_dataset
+    from sqvae_core.fd import save_classifier, train_classifier
+    from sqvae_core.scores import score_run
+    data = load_dataset("fashion-mnist", "train", allow_subset=True)
+    clf, info = train_classifier(data.images[:3000], data.labels[:3000], epochs=1, width=8, feature_dim=32)
+    (tmp_path / "fd_classifier").mkdir()
+    save_classifier(clf, tmp_path / "fd_classifier" / "fashion-mnist.safetensors")
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path))
+    run, _ = run_with_prior
+    res = score_run(rd.load_bundle(run), n=300)
+    for key in ("rfd", "fd_generation", "fd_neighbor_3", "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation"):
+        assert res[key] >= 0, key
+    # reconstructions are closer to the data than Neighbor-10 edits
+    assert res["rfd"] < res["fd_neighbor_10"]
+    print("SCORES:", {k: round(v, 3) if isinstance(v, float) else v for k, v in res.items()})
