@@ -12,7 +12,6 @@ The classifier for a dataset lives in checkpoints/fd_classifier/<dataset>.safete
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import time

@@ -222,10 +222,6 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def code_version() -> str:
-    return rd.CODE_VERSION
-
-
 class RunWriter:
     """Everything rank 0 writes into RUN_DIR (other ranks get a writer that does nothing)."""
 
@@ -297,9 +293,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if dist.main:
         if not resume and ckpt_path.exists():
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        if resume and not ckpt_path.exists() and (out / rd.CONFIG).exists():
-            # killed before its first checkpoint: nothing to resume, start over cleanly
-            pass
         out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(cfg.seed + dist.rank)
@@ -335,7 +328,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     config_doc = {"model": cfg.model.to_dict(), "train": {k: v for k, v in cfg.to_dict().items() if k != "model"},
                   "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
-                  "n_val": len(val_data), "code_version": code_version(), "torch_version": torch.__version__,
+                  "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
                   "world_size": dist.world, "device": device.type}
     if resume and ckpt_path.exists():
         saved_cfg, saved_model_cfg = rd.read_config(out)
@@ -362,7 +355,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         set_rng_state(ck["rng"], device)
         config_doc["resumed_from_step"] = step
     elif resume:
-        resume = False
+        resume = False   # killed before its first checkpoint: nothing to resume, start over
 
     train_model = model
     if dist.world > 1:

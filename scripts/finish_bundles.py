@@ -1,0 +1,130 @@
+"""Turn trained runs into the shipped bundles of checkpoints/ and write checkpoints/README.md.
+
+    python scripts/finish_bundles.py runs/ship [--prior-steps 2000] [--n-fd 1000]
+
+For each run: fit the PixelCNN prior (discrete models), evaluate on the test split,
+compute the Fréchet-distance scores, then copy a compact bundle to checkpoints/<kind>/:
+config, metrics history, status, weights, prior, at most 25 codebook snapshots (float16),
+the cached UMAP map, 16 test images as PNG (so the app needs no dataset) and eval.json.
+"""
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from sqvae_core import explore  # noqa: E402
+from sqvae_core import rundir as rd  # noqa: E402
+from sqvae_core.evaluate import evaluate_model  # noqa: E402
+from sqvae_core.imageio import save_png  # noqa: E402
+from sqvae_core.scores import PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, score_run, train_run_prior  # noqa: E402
+
+KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMARY]
+MAX_SNAPSHOTS = 25
+
+
+def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
+    t0 = time.time()
+    b = rd.load_bundle(run)
+    kind = b.model_cfg.kind
+    if b.model.discrete and not (run / PRIOR_WEIGHTS).is_file():
+        train_run_prior(run, steps=prior_steps, max_images=20000, log=lambda m: print(f"  {kind}: {m}", flush=True))
+    test_x, test_y, data = bundle_split(b, "test")
+    ev = evaluate_model(b.model, test_x)
+    scores = score_run(rd.load_bundle(run), n=n_fd)
+    status = rd.read_status(run)
+    cfg = b.config
+    steps = status.get("step")
+    doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
+           "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
+           "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
+           **{k: v for k, v in scores.items() if k != "mse"},
+           "command": (f"python -m sqvae_core train --model {kind} --dataset {b.dataset} --out runs/ship/{kind} "
+                       f"--preset paper --steps {cfg['train']['steps']} --val-every 500 --snapshot-every 100 "
+                       f"--checkpoint-every 500 --seed {cfg['train']['seed']}")}
+    dest = dest_root / kind
+    if dest.exists():
+        shutil.rmtree(dest)
+    dest.mkdir(parents=True)
+    for name in KEEP:
+        if (run / name).is_file():
+            shutil.copy2(run / name, dest / name)
+    snaps = sorted((run / rd.SNAPSHOTS).glob("step_*.safetensors"))
+    if snaps:
+        (dest / rd.SNAPSHOTS).mkdir()
+        stride = max(1, -(-len(snaps) // MAX_SNAPSHOTS))
+        for p in snaps[::-1][::stride][::-1]:        # always keep the last one
+            shutil.copy2(p, dest / rd.SNAPSHOTS / p.name)
+    (dest / "samples").mkdir()
+    for i in range(16):
+        save_png(test_x[i:i + 1], dest / "samples" / f"test_{i:02d}.png")
+    if b.model.discrete:
+        usage = explore.code_usage(b.model, test_x[:2000])
+        explore.cached_codebook_map(dest, b.model, usage, method="umap", seed=0)
+        explore.cached_codebook_map(dest, b.model, usage, method="pca", seed=0)
+    rd.atomic_write_json(dest / "eval.json", doc)
+    print(f"{kind}: done in {time.time() - t0:.0f}s: " + json.dumps({k: doc[k] for k in ("test_mse", "test_perplexity", "dead_codes")}), flush=True)
+    return doc
+
+
+def fmt(v, nd=2):
+    return "–" if v is None else (f"{v:.{nd}f}" if isinstance(v, float) else str(v))
+
+
+def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
+    lines = ["# Shipped checkpoints", "",
+             "Bundles trained on this project's 2-core CPU machine and loaded by the app by default. Each folder",
+             "is a run directory (../shared/INTERFACE.md): config, metrics history, status, weights, the PixelCNN",
+             "prior, float16 codebook snapshots, the cached codebook map, 16 test images and `eval.json`.", "",
+             "Test split of the dataset (10,000 images); deterministic quantization. MSE is the per-image sum of",
+             "squared error (pixels in [0, 1]); for vmf/nc it is on grey levels c/7 of the most probable class.",
+             "FD columns are Fréchet distances on the feature classifier (lower is better) against 1,000 test",
+             "images; prior NLL is in bits per code on the test code grids.", "",
+             "| model | data | steps | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for d in docs:
+        lines.append(f"| `{d['kind']}` | {d['dataset']} | {d['steps']} | {fmt(d['train_seconds'], 0)} | {fmt(d['test_mse'])} | "
+                     f"{fmt(d['test_perplexity'], 1)} | {fmt(d['dead_codes'])} | {fmt(d.get('rfd'), 3)} | "
+                     f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
+    lines += ["", "Commands (each also in the bundle's `eval.json`):", "", "```bash"]
+    lines += [d["command"] for d in docs]
+    lines += ["python scripts/finish_bundles.py runs/ship   # prior, scores, compact copy into checkpoints/", "```", ""]
+    if clf_info:
+        lines += ["## Feature classifier for Fréchet distances", "",
+                  f"`fd_classifier/{clf_info['dataset']}.safetensors`: test accuracy "
+                  f"{clf_info['test_accuracy']:.4f} on {clf_info['n_test']} test images after {clf_info['epochs']} epochs "
+                  f"({clf_info['seconds']:.0f} s). Made with `{clf_info['command']}`.", ""]
+    (dest_root / "README.md").write_text("\n".join(lines))
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("runs", nargs="?", default="runs/ship")
+    p.add_argument("--dest", default=str(ROOT / "checkpoints"))
+    p.add_argument("--prior-steps", type=int, default=2000)
+    p.add_argument("--n-fd", type=int, default=1000)
+    p.add_argument("--only", nargs="*", default=None)
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    dest = Path(args.dest)
+    for run in rd.list_runs(args.runs):
+        if args.only and run.name not in args.only:
+            continue
+        if rd.read_status(run).get("state") != "finished":
+            print(f"skip {run}: not finished", flush=True)
+            continue
+        finish(run, dest, args.prior_steps, args.n_fd)
+    docs = [json.loads((d / "eval.json").read_text()) for d in sorted(dest.iterdir()) if (d / "eval.json").is_file()]
+    order = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "vae", "vmf", "nc"]
+    docs.sort(key=lambda d: order.index(d["kind"]) if d["kind"] in order else 99)
+    clf = dest / "fd_classifier" / "fashion-mnist.json"
+    write_readme(docs, dest, json.loads(clf.read_text()) if clf.is_file() else None)
+
+
+if __name__ == "__main__":
+    main()
