@@ -25,7 +25,26 @@ from sqvae_core.imageio import save_png  # noqa: E402
 from sqvae_core.scores import PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, score_run, train_run_prior  # noqa: E402
 
 KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMARY]
-MAX_SNAPSHOTS = 25
+MAX_SNAPSHOTS = 15
+
+
+def compact(dest: Path) -> None:
+    """Keep shipped bundles small: the prior in float16 (load_prior casts back to float32;
+    its NLL in eval.json was measured in float32) and at most MAX_SNAPSHOTS snapshots."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+    prior = dest / PRIOR_WEIGHTS
+    if prior.is_file():
+        with safe_open(prior, "pt") as f:
+            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+        rd.atomic_write_bytes(prior, save({k: v.half() if v.is_floating_point() else v
+                                           for k, v in tensors.items()}, metadata=meta))
+    snaps = sorted((dest / rd.SNAPSHOTS).glob("step_*.safetensors"))
+    stride = max(1, -(-len(snaps) // MAX_SNAPSHOTS))
+    keep = set(snaps[::-1][::stride])          # always keep the last one
+    for p in snaps:
+        if p not in keep:
+            p.unlink()
 
 
 def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
@@ -54,12 +73,9 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
     for name in KEEP:
         if (run / name).is_file():
             shutil.copy2(run / name, dest / name)
-    snaps = sorted((run / rd.SNAPSHOTS).glob("step_*.safetensors"))
-    if snaps:
-        (dest / rd.SNAPSHOTS).mkdir()
-        stride = max(1, -(-len(snaps) // MAX_SNAPSHOTS))
-        for p in snaps[::-1][::stride][::-1]:        # always keep the last one
-            shutil.copy2(p, dest / rd.SNAPSHOTS / p.name)
+    if (run / rd.SNAPSHOTS).is_dir():
+        shutil.copytree(run / rd.SNAPSHOTS, dest / rd.SNAPSHOTS)
+    compact(dest)
     (dest / "samples").mkdir()
     for i in range(16):
         save_png(test_x[i:i + 1], dest / "samples" / f"test_{i:02d}.png")
@@ -84,7 +100,9 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "Test split of the dataset (10,000 images); deterministic quantization. MSE is the per-image sum of",
              "squared error (pixels in [0, 1]); for vmf/nc it is on grey levels c/7 of the most probable class.",
              "FD columns are Fréchet distances on the feature classifier (lower is better) against 1,000 test",
-             "images; prior NLL is in bits per code on the test code grids.", "",
+             "images; prior NLL is in bits per code on the test code grids (priors stored in float16).",
+             "Train times are wall-clock on a machine shared with other jobs. What these figures say about",
+             "the paper's claims is discussed in ../benchmarks/RESULTS.md.", "",
              "| model | data | steps | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for d in docs:
@@ -109,7 +127,12 @@ def main():
     p.add_argument("--prior-steps", type=int, default=2000)
     p.add_argument("--n-fd", type=int, default=1000)
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--compact-only", action="store_true", help="only shrink the bundles already in --dest")
     args = p.parse_args()
+    if args.compact_only:
+        for d in rd.list_runs(args.dest):
+            compact(d)
+        return
     torch.set_num_threads(1)
     dest = Path(args.dest)
     for run in rd.list_runs(args.runs):
