@@ -21,9 +21,12 @@ def cli(*args, env=None, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def run_with_prior(trained_run, tmp_path_factory):
+def run_with_prior(tmp_path_factory):
+    """The shipped gaussian_1 bundle with its prior refitted here for 300 steps."""
     run = tmp_path_factory.mktemp("p") / "run"
-    shutil.copytree(trained_run, run)
+    shutil.copytree(ROOT / "checkpoints" / "gaussian_1", run)
+    for f in ("prior.safetensors", "prior.json"):
+        (run / f).unlink()
     r = cli("prior", "train", run, "--steps", "300", "--max-images", "4000", "--json")
     assert r.returncode == 0, r.stderr
     return run, json.loads(r.stdout)
@@ -63,7 +66,7 @@ def test_prior_errors_are_clear(run_with_prior, trained_run, tmp_path):
     shutil.copytree(run, bad)
     save_prior(GatedPixelCNN(PriorConfig(num_codes=7, height=7, width=7, hidden=8, layers=2)), bad / "prior.safetensors")
     r = cli("prior", "sample", bad, "--out", tmp_path / "x.png")
-    assert r.returncode != 0 and "Traceback" not in r.stderr and "7" in r.stderr and "32" in r.stderr
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "7" in r.stderr and "256" in r.stderr
     r = cli("prior", "sample", trained_run, "--out", tmp_path / "x.png")
     assert r.returncode != 0 and "prior train" in r.stderr
     r = cli("prior", "sample", run, "--n", "4", "--out", tmp_path / "x.jpg")
@@ -91,17 +94,10 @@ def test_explore_cli_umap_neighbor_interpolate(trained_run, tmp_path):
     assert r.returncode != 0 and "--image-index" in r.stderr
 
 
-def test_score_table_columns(run_with_prior, tmp_path, monkeypatch):
-    from sqvae_core.data import load_dataset
-    from sqvae_core.fd import save_classifier, train_classifier
+def test_score_table_columns(run_with_prior):
     from sqvae_core.scores import score_run
-    data = load_dataset("fashion-mnist", "train", allow_subset=True)
-    clf, info = train_classifier(data.images[:3000], data.labels[:3000], epochs=1, width=8, feature_dim=32)
-    (tmp_path / "fd_classifier").mkdir()
-    save_classifier(clf, tmp_path / "fd_classifier" / "fashion-mnist.safetensors")
-    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path))
     run, _ = run_with_prior
-    res = score_run(rd.load_bundle(run), n=300)
+    res = score_run(rd.load_bundle(run), n=300)       # the shipped feature classifier
     for key in ("rfd", "fd_generation", "fd_neighbor_3", "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation"):
         assert res[key] >= 0, key
     # reconstructions are closer to the data than Neighbor-10 edits
