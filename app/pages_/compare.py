@@ -1,0 +1,252 @@
+"""Compare runs: overlaid curves, a table of final metrics, a sweep launcher and the one-click
+codebook-collapse race (Gaussian SQ-VAE vs VQ-VAE vs VQ-VAE EMA, demo preset)."""
+from __future__ import annotations
+
+import re
+import sys
+import time
+from pathlib import Path
+
+_REPO = Path(__file__).resolve().parents[2]
+if str(_REPO) not in sys.path:
+    sys.path.insert(0, str(_REPO))
+
+import plotly.graph_objects as go      # noqa: E402
+import streamlit as st                 # noqa: E402
+
+from app import common as C            # noqa: E402
+
+if not C.RUN.in_entrypoint:
+    st.set_page_config(page_title="Compare · SQ-VAE Explorer", layout="wide")
+C.page_setup("Compare")
+
+RACE_KINDS = ("gaussian_1", "vq", "vq_ema")
+RACE_RE = re.compile(r"^race-(\d{8}-\d{6}(?:-\d+)?)-(gaussian_1|vq|vq_ema)$")
+ACTIVE = ("queued", "starting", "running")
+SKIP_KEYS = {"step", "wall_time", "elapsed"}
+SWEEP_PARAMS = {   # option -> (label, parser)
+    "model": ("model kind", str),
+    "lr": ("learning rate", float),
+    "codebook_size": ("K (codebook size)", int),
+    "code_dim": ("d (code dim)", int),
+    "batch_size": ("batch size", int),
+    "seed": ("seed", int),
+    "num_rb": ("residual blocks", int),
+    "var_q_init": ("initial σ²_φ", float),
+}
+
+
+def run_summary(ref) -> dict:
+    rows = C.read_metrics(ref.path)
+    val = C.last_val_row(rows) or {}
+    st_ = C.read_status(ref.path)
+    try:
+        cfg = C.read_config(ref.path)
+        model = cfg.get("model", {})
+    except Exception:      # noqa: BLE001
+        cfg, model = {}, {}
+    return {"run": ref.label, "kind": model.get("kind"), "dataset": cfg.get("dataset"),
+            "K": model.get("codebook_size"), "d": model.get("code_dim"), "state": st_.get("state"),
+            "step": max([r.get("step", 0) for r in rows] + [0]), "val step": val.get("step"),
+            "val_mse": val.get("val_mse"), "val_perplexity": val.get("val_perplexity"),
+            "val_dead_codes": val.get("val_dead_codes"), "val_entropy": val.get("val_entropy")}
+
+
+# --------------------------------------------------------------------------- curves
+def curves(refs):
+    labels = [r.label for r in refs]
+    by_label = {r.label: r for r in refs}
+    if "cmp_runs" in st.session_state:
+        st.session_state["cmp_runs"] = [x for x in st.session_state["cmp_runs"] if x in labels]
+    else:
+        st.session_state["cmp_runs"] = labels[: min(3, len(labels))]
+    chosen = st.multiselect("Runs", labels, key="cmp_runs")
+    if not chosen:
+        st.info("Pick one or more runs.")
+        return
+    all_rows = {lab: C.read_metrics(by_label[lab].path) for lab in chosen}
+    keys = sorted({k for rows in all_rows.values() for r in rows for k, v in r.items()
+                   if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)})
+    if not keys:
+        st.info("The chosen runs have no metrics yet.")
+    else:
+        default = next((k for k in ("val_perplexity", "perplexity", "val_mse", "loss") if k in keys), keys[0])
+        if st.session_state.get("cmp_metric") not in keys:
+            st.session_state["cmp_metric"] = default
+        c1, c2 = st.columns([3, 1])
+        metric = c1.selectbox("Metric", keys, key="cmp_metric")
+        log_y = c2.toggle("log y", key="cmp_log")
+        fig = go.Figure()
+        for lab, rows in all_rows.items():
+            xs, ys = C.series(rows, metric)
+            if xs:
+                fig.add_trace(go.Scatter(x=xs, y=ys, name=lab,
+                                         mode="lines+markers" if metric.startswith("val_") else "lines"))
+        fig.update_xaxes(title="step")
+        fig.update_yaxes(title=metric, type="log" if log_y else "linear")
+        C.style(fig, 420, f"{metric} over training")
+        fig.update_layout(legend=dict(orientation="h", y=-0.2))
+        C.plot(fig, key="cmp_chart")
+    table = [run_summary(by_label[lab]) for lab in chosen]
+    st.markdown("**Final metrics** (last validation row of each run)")
+    st.dataframe(table, hide_index=True, width="stretch")
+    st.download_button("Download table CSV", C.metrics_csv(table), file_name="compare_final_metrics.csv",
+                       mime="text/csv", key="dl_cmp", on_click="ignore")
+
+
+# ---------------------------------------------------------------------------- sweep
+def sweep(jm):
+    st.markdown("Vary one setting over a list of values; every value becomes one training job "
+                f"(at most {jm.max_jobs} run at once, the rest wait in the queue).")
+    with st.form("sweep_form"):
+        c = st.columns(4)
+        kind = c[0].selectbox("Base model kind", C.MODEL_KINDS, key="sw_kind")
+        preset = c[1].selectbox("Preset", ["demo", "none", "paper"], key="sw_preset")
+        steps = c[2].number_input("Steps", 1, 10_000_000, value=None, placeholder="preset", key="sw_steps")
+        param = c[3].selectbox("Vary", list(SWEEP_PARAMS), format_func=lambda p: SWEEP_PARAMS[p][0], key="sw_param")
+        values = st.text_input("Values (comma-separated; model kinds by name)", key="sw_values",
+                               placeholder="e.g. 0.0005, 0.001, 0.002   or   gaussian_1, vq, vq_ema")
+        go_ = st.form_submit_button("Enqueue sweep", type="primary", icon=":material/playlist_add:")
+    if not go_:
+        return
+    with C.guard("Sweep"):
+        label, parse = SWEEP_PARAMS[param]
+        raw = [v.strip() for v in (values or "").split(",") if v.strip()]
+        if not raw:
+            raise ValueError("give at least one value")
+        if len(raw) > 16:
+            raise ValueError("at most 16 values per sweep")
+        parsed = []
+        for v in raw:
+            try:
+                x = parse(v)
+            except ValueError:
+                raise ValueError(f"{v!r} is not a valid {label}") from None
+            if param == "model" and x not in C.MODEL_KINDS:
+                raise ValueError(f"unknown model kind {x!r}; choose from {', '.join(C.MODEL_KINDS)}")
+            parsed.append(x)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        started = []
+        for x in parsed:
+            opts = {"model": kind, "preset": None if preset == "none" else preset, "steps": steps}
+            opts[param] = x
+            name = f"sweep-{stamp}-{param}-{re.sub(r'[^A-Za-z0-9_.-]', '_', str(x))}"[:100]
+            started.append((name, jm.submit(name, opts)))
+        st.success("Enqueued: " + ", ".join(f"`{n}` ({s})" for n, s in started))
+        st.session_state["cmp_runs"] = [f"runs/{n}" for n, _ in started]
+
+
+# ----------------------------------------------------------------------------- race
+def races() -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for ref in C.list_bundles(("runs",)):
+        m = RACE_RE.match(ref.name)
+        if m:
+            out.setdefault(m.group(1), []).append(ref.name)
+    return out
+
+
+def race_names(stamp: str) -> list[str]:
+    return [f"race-{stamp}-{k}" for k in RACE_KINDS]
+
+
+def race_panel(stamp: str):
+    jm = C.job_manager()
+    names = race_names(stamp)
+    states = {n: jm.job_state(n) for n in names}
+    cols = st.columns(3)
+    for col, n, kind in zip(cols, names, RACE_KINDS):
+        s = states[n]
+        col.metric(C.KIND_LABELS[kind], s["state"], help=n)
+        col.caption(f"step {C.latest_step(jm.run_dir(n), s)}" + (f" · queue #{s['position']}" if s.get("position") else ""))
+    rows = {n: C.read_metrics(jm.run_dir(n)) for n in names}
+    left, right = st.columns(2)
+    for col, key, title, val in ((left, "perplexity", "Perplexity (codes in use, higher is better)", "val_perplexity"),
+                                 (right, "val_dead_codes", "Dead codes (validation)", None)):
+        fig = go.Figure()
+        for i, (n, kind) in enumerate(zip(names, RACE_KINDS)):
+            xs, ys = C.series(rows[n], key)
+            color = (C.DEMO_COLORS if C.demo_mode() else C.COLORS)[i]
+            if xs:
+                fig.add_trace(go.Scatter(x=xs, y=ys, name=C.KIND_LABELS[kind], line=dict(color=color),
+                                         mode="lines+markers" if key.startswith("val_") else "lines"))
+            if val:
+                vx, vy = C.series(rows[n], val)
+                if vx:
+                    fig.add_trace(go.Scatter(x=vx, y=vy, name=f"{C.KIND_LABELS[kind]} (val)", mode="markers",
+                                             marker=dict(color=color, size=9, symbol="diamond"), showlegend=False))
+        fig.update_xaxes(title="step")
+        C.style(fig, 380, title)
+        fig.update_layout(legend=dict(orientation="h", y=-0.25))
+        with col:
+            C.plot(fig, key=f"race_{key}")
+    if any(s["state"] in ("stopped", "interrupted", "failed") for s in states.values()):
+        st.caption("Some race runs are not running: see **Train live** to resume or read their errors.")
+    active = any(s["state"] in ACTIVE for s in states.values())
+    was = st.session_state.get("_race_active")
+    st.session_state["_race_active"] = active
+    if was and not active:
+        st.rerun()
+
+
+def race_fragment(stamp: str):
+    with C.guard("Race panel"):
+        race_panel(stamp)
+
+
+def race(jm):
+    st.markdown("**Codebook collapse race** — Gaussian SQ-VAE vs VQ-VAE vs VQ-VAE (EMA), demo preset, "
+                "started together (queued on a CPU, one after the other). What the SQ-VAE paper leads one to "
+                "expect: SQ-VAE keeps many codes in use (high perplexity, few dead codes) while plain VQ-VAE "
+                "collapses onto a few. Dead codes come from the validation passes (every 200 steps in the demo preset).")
+    c1, c2 = st.columns([1, 3])
+    steps = c1.number_input("Steps (empty = demo preset, 1200)", 1, 1_000_000, value=None, key="race_steps",
+                            placeholder="1200")
+    if c2.button("Start the race", type="primary", key="race_start", icon=":material/sports_score:"):
+        with C.guard("Race"):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            i = 1
+            while any((C.runs_dir() / n).exists() for n in race_names(stamp)):
+                i += 1
+                stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{i}"
+            for n, kind in zip(race_names(stamp), RACE_KINDS):
+                jm.submit(n, {"model": kind, "preset": "demo", "steps": steps})
+            st.session_state["race"] = stamp
+    known = races()
+    for n in [q["name"] for q in jm.queue()] + [j["name"] for j in jm.jobs()]:
+        m = RACE_RE.match(n)
+        if m:
+            known.setdefault(m.group(1), [])
+    if st.session_state.get("race") and st.session_state["race"] not in known:
+        known[st.session_state["race"]] = []
+    if not known:
+        st.info("No race yet: press **Start the race**.")
+        return
+    stamps = sorted(known, reverse=True)
+    if st.session_state.get("race_pick") not in stamps or st.session_state.get("race") != st.session_state.get("_race_applied"):
+        st.session_state["race_pick"] = st.session_state.get("race") if st.session_state.get("race") in stamps else stamps[0]
+        st.session_state["_race_applied"] = st.session_state.get("race")
+    stamp = st.selectbox("Race", stamps, key="race_pick")
+    states = [jm.job_state(n)["state"] for n in race_names(stamp)]
+    active = any(s in ACTIVE for s in states)
+    st.session_state["_race_active"] = active
+    st.fragment(run_every=C.refresh_seconds() if active else None)(race_fragment)(stamp)
+
+
+# ----------------------------------------------------------------------------- page
+jm = C.job_manager()
+tabs = st.tabs(["Curves & final metrics", "Sweep", "Collapse race"], key="compare_tab", on_change="rerun")
+with tabs[0]:
+    if tabs[0].open:
+        refs = C.list_bundles()
+        if not refs:
+            st.info(f"No runs or bundles found in `{C.runs_dir()}` or `{C.checkpoints_dir()}`.")
+        else:
+            with C.guard("Curves"):
+                curves(refs)
+with tabs[1]:
+    if tabs[1].open:
+        sweep(jm)
+with tabs[2]:
+    if tabs[2].open:
+        race(jm)

@@ -1,0 +1,457 @@
+"""The Streamlit app, page by page, with streamlit.testing.v1.AppTest.
+
+Each page script runs on its own (AppTest.from_file) against temporary SQVAE_CHECKPOINTS /
+SQVAE_RUNS directories holding tiny bundles made here. The Train tests launch real training
+subprocesses (20 steps, K=16, d=16) and stop a long one.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = ROOT / "app" / "pages_"
+
+pytest.importorskip("streamlit.testing.v1")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from sqvae_core import rundir  # noqa: E402
+from sqvae_core.config import ModelConfig  # noqa: E402
+from sqvae_core.models import build_model  # noqa: E402
+
+TIMEOUT = 60
+
+
+def make_bundle(path: Path, kind: str = "gaussian_1", seed: int = 0, state: str = "finished", **status):
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    cfg = ModelConfig(kind=kind, codebook_size=16, code_dim=16, num_rb=1)
+    model = build_model(cfg)
+    rundir.save_weights(path / "model.safetensors", model.state_dict())
+    (path / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "dataset": "fashion-mnist"}))
+    rows = [{"step": s, "loss": 100.0 - s, "mse": 50.0 - s / 2, "perplexity": 5 + s / 10, "entropy": 2 - s / 100,
+             "sigma2_q": 10 / (1 + s), "sigma2_x": 0.1, "temperature": 1.0} for s in range(10, 60, 10)]
+    rows.append({"step": 50, "val_mse": 40.0, "val_perplexity": 7.5, "val_dead_codes": 3, "val_entropy": 1.2})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "status.json").write_text(json.dumps({"state": state, "step": 50, "error": None, **status}))
+    return model
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("app")
+    ck, runs = base / "checkpoints", base / "runs"
+    model = make_bundle(ck / "tiny")
+    make_bundle(ck / "tiny_vq", kind="vq", seed=1)
+    # a prior for the tiny bundle: class-conditional, so the class selector shows
+    from sqvae_core.prior import GatedPixelCNN, PriorConfig, save_prior
+    prior = GatedPixelCNN(PriorConfig(num_codes=16, height=7, width=7, hidden=8, layers=2, num_classes=10))
+    save_prior(prior, ck / "tiny" / "prior.safetensors")
+    make_bundle(ck / "tiny_vmf", kind="vmf", seed=2)
+    (ck / "tiny_vmf" / "config.json").write_text(json.dumps(
+        {"model": json.loads((ck / "tiny_vmf" / "config.json").read_text())["model"], "dataset": "fashion-mnist-cat8"}))
+    make_bundle(ck / "tiny_vae", kind="vae", seed=3)
+    broken = ck / "zz_broken"
+    broken.mkdir()
+    (broken / "config.json").write_text(json.dumps({"model": model.cfg.to_dict(), "dataset": "fashion-mnist"}))
+    (broken / "model.safetensors").write_bytes(b"\x00not a safetensors file" * 8)
+    runs.mkdir()
+    make_bundle(runs / "crashed", state="running", pid=2 ** 22 + 12345)          # process long gone
+    make_bundle(runs / "failed-run", state="failed", error="non-finite loss: loss became nan at step 7")
+    old = {k: os.environ.get(k) for k in ("SQVAE_CHECKPOINTS", "SQVAE_RUNS", "SQVAE_APP_UMAP", "SQVAE_OFFLINE",
+                                          "SQVAE_APP_EVAL_IMAGES", "SQVAE_MAX_JOBS", "SQVAE_DATA")}
+    os.environ.update(SQVAE_CHECKPOINTS=str(ck), SQVAE_RUNS=str(runs), SQVAE_APP_UMAP="0", SQVAE_OFFLINE="1",
+                      SQVAE_APP_EVAL_IMAGES="200", SQVAE_MAX_JOBS="1",
+                      # the small Fashion-MNIST subset shipped in the package: trainings start faster
+                      SQVAE_DATA=str(ROOT / "sqvae_core" / "datasets_shipped"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)          # tiny ops; a busy 2-core box hates OpenMP oversubscription
+    yield {"ck": ck, "runs": runs, "base": base}
+    torch.set_num_threads(threads)
+    jm = _jm(runs)
+    if jm is not None:
+        jm.shutdown(grace=10)
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def _jm(runs: Path):
+    from app import common
+    try:
+        return common._job_manager(str(runs.resolve()), 1)
+    except Exception:
+        return None
+
+
+def app(page: str, **kw) -> AppTest:
+    at = AppTest.from_file(str(PAGES / f"{page}.py"), default_timeout=TIMEOUT)
+    for k, v in kw.items():
+        at.session_state[k] = v
+    at.run()
+    if page == "explore":
+        at.run()      # Explore's first run is the progressive first paint (header + map); see below
+    return at
+
+
+def ok(at: AppTest):
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def md(at: AppTest) -> str:
+    return "\n".join(m.value for m in at.markdown)
+
+
+def card_of(at: AppTest) -> dict:
+    """The model card (one HTML block of label/value tiles) as {label: value}."""
+    import re
+    for m in at.get("html"):
+        body = m.proto.body
+        if 'class="sq-card"' in body:
+            return dict(re.findall(r'sq-label">([^<]*)</div><div class="sq-value">([^<]*)<', body))
+    return {}
+
+
+def plotly_count(at: AppTest) -> int:
+    return len(at.get("plotly_chart"))
+
+
+def wait_state(run_dir: Path, states, timeout: float) -> dict:
+    t0 = time.time()
+    st = {}
+    while time.time() - t0 < timeout:
+        try:
+            st = json.loads((run_dir / "status.json").read_text())
+            if st.get("state") in states:
+                return st
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    log = (run_dir / "train.log").read_text() if (run_dir / "train.log").exists() else ""
+    raise AssertionError(f"{run_dir.name}: state {st.get('state')!r} after {timeout}s, wanted {states}\n{log[-2000:]}")
+
+
+# ------------------------------------------------------------------------- entry point
+def test_main_entrypoint_navigation(env):
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=TIMEOUT).run()
+    ok(at)
+    assert any(t.value == "Explore" for t in at.title)
+    assert at.toggle(key="demo_mode").value is False
+
+
+# ----------------------------------------------------------------------------- Explore
+def test_explore_overview(env):
+    at = app("explore")
+    ok(at)
+    assert at.selectbox(key="bundle").value == "checkpoints/tiny"
+    card = card_of(at)
+    for key in ("Kind", "Dataset", "K (codes)", "d (code dim)", "Steps", "Test MSE", "Perplexity", "Dead codes"):
+        assert key in card
+    assert card["Kind"] == "gaussian_1" and card["K (codes)"] == "16" and card["Steps"] == "50"
+    assert plotly_count(at) == 1                        # the codebook map (PCA: UMAP is off in tests)
+    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+    assert "Codebook map (PCA)" in spec["layout"]["title"]["text"]
+    assert sum(len(t["x"]) for t in spec["data"]) == 16        # one point per code
+    assert len(at.get("image")) >= 1                    # originals vs reconstructions grid
+    assert any(b.label == "Download PNG" for b in at.get("download_button"))
+    assert not at.error
+    at.session_state["explore_tab"] = "Codebook usage"
+    at.run()
+    ok(at)
+    assert plotly_count(at) == 2                        # + the sorted usage bars
+    assert any("codes dead on 200 test images" in c.value for c in at.caption)
+
+
+def test_explore_progressive_first_paint(env):
+    """A session's first run sends the header and the codebook map only; the browser's fragment
+    timer then asks for the full page (AppTest does not run timers: the second run stands in)."""
+    at = AppTest.from_file(str(PAGES / "explore.py"), default_timeout=TIMEOUT).run()
+    ok(at)
+    assert card_of(at)["Kind"] == "gaussian_1" and plotly_count(at) == 1
+    assert not at.tabs and not at.get("image")
+    at.run()
+    ok(at)
+    assert [t.label for t in at.tabs][:2] == ["Reconstructions", "Codebook usage"]
+    assert len(at.get("image")) >= 1
+
+
+def test_explore_bundle_switch_reruns(env):
+    at = app("explore")
+    at.selectbox(key="bundle").set_value("checkpoints/tiny_vq").run()
+    ok(at)
+    assert card_of(at)["Kind"] == "vq"
+    assert "checkpoints/tiny_vq" in "\n".join(c.value for c in at.caption)
+
+
+def test_explore_neighbor_k_slider_changes_output(env):
+    at = app("explore", explore_tab="Neighbor-k")
+    ok(at)
+    assert "**Neighbor-2**" in md(at)
+    at.slider(key="nk_k").set_value(5).run()
+    ok(at)
+    assert "**Neighbor-5**" in md(at) and "**Neighbor-2**" not in md(at)
+
+
+def test_explore_code_edit(env):
+    at = app("explore", explore_tab="Edit codes")
+    ok(at)
+    assert at.number_input(key="edit_row").value == 3
+    at.number_input(key="edit_row").set_value(1).run()
+    at.number_input(key="edit_col").set_value(5).run()
+    ok(at)
+    text = md(at)
+    assert "Edited cell (1, 5)" in text
+    sel = at.selectbox(key="edit_code_0_1_5")
+    assert len(sel.options) >= 2 and "distance" in sel.options[1]
+    before = [m.value for m in at.markdown if m.value.startswith("Edited cell")][0]
+    sel.select_index(len(sel.options) - 1).run()
+    ok(at)
+    after = [m.value for m in at.markdown if m.value.startswith("Edited cell")][0]
+    assert after != before and after.endswith(f"**{sel.options[-1].split()[1]}**")
+    assert plotly_count(at) >= 1                        # the clickable code grid
+
+
+def test_explore_other_tabs(env):
+    at = app("explore", explore_tab="Interpolate")
+    ok(at)
+    assert "Interpolation #0" in md(at)
+    at.slider(key="interp_steps").set_value(5).run()
+    ok(at)
+    assert "5 steps" in md(at)
+    at.session_state["explore_tab"] = "Code gallery"
+    at.run()
+    ok(at)
+    assert at.number_input(key="gallery_code") is not None
+    at.session_state["explore_tab"] = "Prior samples"
+    at.run()
+    ok(at)
+    assert at.slider(key="prior_temp").value == 1.0
+    assert at.selectbox(key="prior_class") is not None       # conditional prior -> class selector
+    before = at.session_state["prior_seed"]
+    at.button(key="prior_regen").click().run()
+    ok(at)
+    assert at.session_state["prior_seed"] == before + 1
+    at.session_state["explore_tab"] = "Metrics"
+    at.run()
+    ok(at)
+    assert any("metrics CSV" in b.label for b in at.get("download_button"))
+    # a bundle without a prior explains how to fit one
+    at.selectbox(key="bundle").set_value("checkpoints/tiny_vq").run()
+    at.session_state["explore_tab"] = "Prior samples"
+    at.run()
+    ok(at)
+    assert any("prior train" in i.value for i in at.info)
+
+
+def test_explore_corrupt_bundle_is_an_error_not_a_crash(env):
+    at = app("explore")
+    at.selectbox(key="bundle").set_value("checkpoints/zz_broken").run()
+    ok(at)
+    assert at.error and "corrupt" in at.error[0].value
+    at.selectbox(key="bundle").set_value("checkpoints/tiny").run()      # and the app keeps working
+    ok(at)
+    assert not at.error and plotly_count(at) >= 1 and card_of(at)["Kind"] == "gaussian_1"
+
+
+def test_explore_no_bundles(env, tmp_path, monkeypatch):
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "none"))
+    monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "none_runs"))
+    at = app("explore")
+    ok(at)
+    assert any("python -m sqvae_core train" in i.value for i in at.info)
+    assert at.button(key="train_demo").label == "Train a demo model"
+
+
+def test_demo_mode_query_param(env):
+    at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=TIMEOUT)
+    at.query_params["demo"] = "1"
+    at.run()
+    ok(at)
+    assert at.toggle(key="demo_mode").value is True
+    assert any("#ffd400" in h.proto.body for h in at.get("html"))   # the high-contrast CSS
+
+
+def test_hostile_run_labels_are_refused(env):
+    from app import common
+    for bad in ("runs/../etc", "runs/a/../../b", "elsewhere/x", "runs/.hidden", "checkpoints/a b"):
+        with pytest.raises(ValueError):
+            common.resolve_label(bad)
+    assert common.resolve_label("checkpoints/tiny").path == env["ck"] / "tiny"
+
+
+# ------------------------------------------------------------------------------ Train
+def test_train_page_lists_failed_and_interrupted_runs(env):
+    at = app("train", watch="failed-run")
+    ok(at)
+    assert any("loss became nan at step 7" in e.value for e in at.error)
+    at.selectbox(key="watch").set_value("crashed").run()
+    ok(at)
+    assert "interrupted" in md(at)
+    assert at.button(key="resume_crashed").label == "Resume"
+
+
+def test_train_start_runs_a_real_subprocess_to_finished(env):
+    at = app("train")
+    ok(at)
+    at.selectbox(key="f_kind").set_value("gaussian_1")
+    at.text_input(key="f_name").set_value("tiny-live")
+    at.number_input(key="f_k").set_value(16)
+    at.number_input(key="f_d").set_value(16)
+    at.number_input(key="f_steps").set_value(20)
+    at.number_input(key="f_num_rb").set_value(1)
+    at.number_input(key="f_val_max_images").set_value(200)
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    ok(at)
+    assert any("tiny-live" in s.value for s in at.success)
+    run = env["runs"] / "tiny-live"
+    st = wait_state(run, ("finished", "failed"), 80)
+    assert st["state"] == "finished", st
+    at.run()
+    ok(at)
+    assert "finished" in md(at)
+    assert plotly_count(at) >= 4                        # live curves from metrics.jsonl
+    reg = json.loads((env["runs"] / ".sqvae_jobs.json").read_text())
+    assert "tiny-live" in reg["jobs"]
+
+
+def test_train_stop_long_run_and_queue(env):
+    at = app("train")
+    at.text_input(key="f_name").set_value("long-run")
+    at.number_input(key="f_k").set_value(16)
+    at.number_input(key="f_d").set_value(16)
+    at.number_input(key="f_steps").set_value(1_000_000)
+    at.number_input(key="f_num_rb").set_value(1)
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    ok(at)
+    run = env["runs"] / "long-run"
+    wait_state(run, ("running",), 60)
+    # a second job waits in the persisted queue (cap 1) and can be removed from it
+    jm = _jm(env["runs"])
+    assert jm.submit("waiting", {"model": "vq", "steps": 10}) == "queued"
+    assert [q["name"] for q in json.loads((env["runs"] / ".sqvae_jobs.json").read_text())["queue"]] == ["waiting"]
+    assert jm.job_state("waiting")["state"] == "queued"
+    assert jm.stop("waiting") == "dequeued"
+    at.run()
+    assert at.selectbox(key="watch").value == "long-run"
+    at.button(key="stop_long-run").click().run()
+    ok(at)
+    st = wait_state(run, ("stopped", "failed", "finished"), 60)
+    assert st["state"] == "stopped", st
+    time.sleep(1.5)                                     # the pump thread reaps the child
+    assert not jm.is_running("long-run")
+    pid = st["pid"]
+    with pytest.raises(ProcessLookupError):             # reaped: no zombie left behind
+        os.kill(pid, 0)
+    at.run()
+    ok(at)
+    step = st["step"]
+    at.button(key="resume_long-run").click().run()       # --resume from the checkpoint
+    ok(at)
+    t0 = time.time()
+    while time.time() - t0 < 60:
+        st2 = json.loads((run / "status.json").read_text())
+        if st2["state"] == "running" and st2["pid"] != pid:
+            break
+        time.sleep(0.5)
+    assert st2["state"] == "running" and st2["pid"] != pid, st2
+    assert "--resume" in (run / "train.log").read_text()
+    assert jm.stop("long-run") == "stopping"
+    st3 = wait_state(run, ("stopped", "failed", "finished"), 60)
+    assert st3["state"] == "stopped" and st3["step"] >= step, (st3, step)
+    t0 = time.time()
+    while jm.is_running("long-run") and time.time() - t0 < 20:      # reaped by the pump thread
+        time.sleep(0.3)
+    assert not jm.is_running("long-run")
+
+
+# ---------------------------------------------------------------------------- Compare
+def test_compare_curves_table_and_metric_switch(env):
+    at = app("compare", cmp_runs=["checkpoints/tiny", "checkpoints/tiny_vq"])
+    ok(at)
+    assert plotly_count(at) == 1
+    assert len(at.dataframe) == 1
+    assert at.selectbox(key="cmp_metric").value == "val_perplexity"
+    at.selectbox(key="cmp_metric").set_value("loss").run()
+    ok(at)
+    assert at.selectbox(key="cmp_metric").value == "loss"
+
+
+def test_compare_sweep_validation_and_race_enqueue(env):
+    at = app("compare", compare_tab="Sweep")
+    ok(at)
+    at.selectbox(key="sw_param").set_value("lr")
+    at.text_input(key="sw_values").set_value("0.001, fast")
+    [b for b in at.button if b.label == "Enqueue sweep"][0].click().run()
+    ok(at)
+    assert any("not a valid learning rate" in e.value for e in at.error)
+    # the collapse race: three jobs, one running and two queued on a CPU (cap 1); then cleaned up
+    at.session_state["compare_tab"] = "Collapse race"
+    at.run()
+    at.number_input(key="race_steps").set_value(3)
+    at.button(key="race_start").click().run()
+    ok(at)
+    jm = _jm(env["runs"])
+    stamp = at.session_state["race"]
+    names = [f"race-{stamp}-{k}" for k in ("gaussian_1", "vq", "vq_ema")]
+    states = [jm.job_state(n)["state"] for n in names]
+    assert states.count("queued") == 2, states
+    assert len([m for m in at.metric]) == 3
+    assert [jm.stop(n) for n in names[1:]] == ["dequeued", "dequeued"]
+    jm.stop(names[0])
+    t0 = time.time()
+    while jm.is_running(names[0]) and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert not jm.is_running(names[0])
+
+
+@pytest.mark.parametrize("label", ["checkpoints/tiny_vmf", "checkpoints/tiny_vae"])
+def test_explore_other_model_families(env, label):
+    at = app("explore", bundle=label)
+    ok(at)
+    assert not at.error, [e.value for e in at.error]
+    for tab in ("Codebook usage", "Neighbor-k", "Interpolate", "Edit codes", "Code gallery", "Metrics"):
+        at.session_state["explore_tab"] = tab
+        at.run()
+        ok(at)
+        assert not at.error, (tab, [e.value for e in at.error])
+    if label.endswith("vae"):
+        assert any("continuous VAE has no codebook" in i.value for i in at.info)
+
+
+def test_jobs_are_stopped_when_the_app_exits(tmp_path):
+    """A JobManager's atexit handler SIGTERMs its running trainings: they end "stopped", no orphans."""
+    runs = tmp_path / "runs"
+    code = f"""
+import json, sys, time
+sys.path.insert(0, {str(ROOT)!r})
+from app.jobs import JobManager
+jm = JobManager({str(runs)!r}, 1)
+jm.submit("orphan", {{"model": "gaussian_1", "codebook_size": 16, "code_dim": 16, "num_rb": 1, "steps": 10**6,
+                      "val_max_images": 100}})
+t0 = time.time()
+while time.time() - t0 < 60:
+    try:
+        if json.loads(open({str(runs / "orphan" / "status.json")!r}).read())["state"] == "running":
+            break
+    except (OSError, ValueError):
+        pass
+    time.sleep(0.3)
+print(jm.job_state("orphan")["pid"])
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, SQVAE_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr
+    pid = int(out.stdout.split()[-1])
+    st = json.loads((runs / "orphan" / "status.json").read_text())
+    assert st["state"] == "stopped", st
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)

@@ -1,0 +1,313 @@
+"""The app in a real browser: `streamlit run app/main.py` driven by headless Chromium (Playwright).
+
+Explore (wait for the codebook map, edit a code), Train live (start a 30-step training, watch
+new points arrive on the live curves, stop a long run), Compare, demo mode; screenshots go to
+artifacts/screenshots/*.png. Also measures the first useful paint (time until the first Plotly
+figure is visible) of Explore against a one-chart Streamlit+Plotly page served the same way.
+
+Needs /usr/bin/chromium (Debian: apt-get install chromium) and `pip install playwright`
+(no `playwright install`: the system Chromium is used).
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHOTS = ROOT / "artifacts" / "screenshots"
+CHROMIUM = "/usr/bin/chromium"
+CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+               "--disable-sync", "--no-first-run"]
+PLOT = "[data-testid='stPlotlyChart'] .js-plotly-plot .main-svg"
+
+pytestmark = pytest.mark.browser
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} not found (Debian: apt-get install chromium)", allow_module_level=True)
+try:
+    from playwright.sync_api import expect, sync_playwright
+except ImportError:
+    pytest.skip("playwright is not installed (pip install playwright; the system chromium is used)",
+                allow_module_level=True)
+
+BASELINE_PAGE = '''
+import plotly.graph_objects as go
+import streamlit as st
+st.set_page_config(layout="wide")
+st.title("Baseline")
+st.plotly_chart(go.Figure(go.Scatter(x=[1, 2, 3, 4], y=[1, 3, 2, 4])))
+'''
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(script: Path, env: dict, log: Path) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
+         "--server.port", str(port), "--server.address", "127.0.0.1", "--browser.gatherUsageStats", "false",
+         "--server.fileWatcherType", "none"],
+        cwd=str(ROOT), env=env, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    atexit.register(_kill_group, proc)       # even if the test run is interrupted
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < 40:
+        try:
+            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.3)
+        if proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError(f"streamlit did not start: {log.read_text()[-2000:]}")
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+
+
+def trainers_under(path: Path) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "sqvae_core" in cmd and " train " in cmd and str(path) in cmd:
+                try:
+                    if (p / "stat").read_text().split(") ")[-1][:1] != "Z":
+                        out.append(int(p.name))
+                except OSError:
+                    pass
+    return out
+
+
+def make_tiny_bundle(path: Path) -> None:
+    """gaussian_1, K=32, d=16, one residual block (untrained weights), with a few metrics rows."""
+    import torch
+    from sqvae_core import rundir
+    from sqvae_core.config import ModelConfig
+    from sqvae_core.models import build_model
+    path.mkdir(parents=True)
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="gaussian_1", codebook_size=32, code_dim=16, num_rb=1)
+    rundir.save_weights(path / "model.safetensors", build_model(cfg).state_dict())
+    (path / "config.json").write_text(json.dumps({"model": cfg.to_dict(), "dataset": "fashion-mnist"}))
+    rows = [{"step": s, "loss": 100.0 - s, "mse": 50.0 - s / 2, "perplexity": 5 + s / 10} for s in range(10, 60, 10)]
+    rows.append({"step": 50, "val_mse": 40.0, "val_perplexity": 7.5, "val_dead_codes": 3})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "status.json").write_text(json.dumps({"state": "finished", "step": 50, "error": None}))
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    base = tmp_path_factory.mktemp("browser")
+    ck, runs = base / "checkpoints", base / "runs"
+    ck.mkdir()
+    runs.mkdir()
+    env = dict(os.environ, SQVAE_CHECKPOINTS=str(ck), SQVAE_RUNS=str(runs), SQVAE_OFFLINE="1",
+               SQVAE_APP_REFRESH="1.0", SQVAE_MAX_JOBS="1", PYTHONPATH=str(ROOT),
+               SQVAE_DATA=str(ROOT / "sqvae_core" / "datasets_shipped"))     # small subset: fast starts
+    t0 = time.perf_counter()
+    baseline = base / "baseline.py"
+    baseline.write_text(BASELINE_PAGE)
+    app, app_url = start_server(ROOT / "app" / "main.py", env, base / "app.log")
+    ref, ref_url = start_server(baseline, env, base / "baseline.log")
+    make_tiny_bundle(ck / "tiny")
+    print(f"\nservers up in {time.perf_counter() - t0:.1f} s")
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    yield {"app": app_url, "baseline": ref_url, "runs": runs, "app_proc": app, "base": base}
+    stop_server(ref)
+    stop_server(app)
+    left = trainers_under(runs)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"training processes left behind after the app exited: {left}"
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROME_ARGS)
+        yield b
+        b.close()
+
+
+def first_plot_seconds(page, url: str, timeout: float = 60) -> float:
+    t = time.perf_counter()
+    page.goto(url, wait_until="commit")
+    page.locator(PLOT).first.wait_for(state="visible", timeout=timeout * 1000)
+    return time.perf_counter() - t
+
+
+def shot(page, name: str, height: int = 2300):
+    """Screenshot of the whole app (Streamlit scrolls inside its own container: use a tall viewport)."""
+    size = page.viewport_size
+    page.set_viewport_size({"width": size["width"], "height": height})
+    page.wait_for_timeout(700)
+    page.screenshot(path=str(SHOTS / name))
+    page.set_viewport_size(size)
+
+
+def n_points(page, chart_index: int = 0) -> int:
+    """Points of the first trace of a chart (the training loss on the Train page)."""
+    return page.evaluate(
+        """(i) => { const p = document.querySelectorAll("[data-testid='stPlotlyChart'] .js-plotly-plot")[i];
+                    return p && p.data && p.data[0] && p.data[0].x ? p.data[0].x.length : 0; }""", chart_index)
+
+
+def test_app_in_browser(servers, browser):
+    t_start = time.perf_counter()
+
+    def phase(name):
+        print(f"  [{time.perf_counter() - t_start:6.1f} s] {name}")
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1500})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+
+    # ---- Explore: cold first paint, the codebook map, reconstructions
+    cold_explore = first_plot_seconds(page, servers["app"] + "/")
+    expect(page.get_by_text("Codebook map (", exact=False).first).to_be_visible(timeout=30_000)
+    # progressive first paint: the tools below the map follow the map a moment later
+    expect(page.get_by_text("Originals (top) vs reconstructions (bottom)")).to_be_visible(timeout=30_000)
+    expect(page.locator('.sq-card .sq-value').first).to_be_visible()
+    shot(page, "explore.png")
+
+    phase("explore loaded")
+    # ---- Edit a code: click a cell of the code grid, pick another replacement code
+    page.get_by_role("tab", name="Edit codes").click()
+    expect(page.get_by_text("Edited cell (3, 3)", exact=False)).to_be_visible()
+    grid = page.locator("[data-testid='stPlotlyChart']").nth(1)      # 0 is the codebook map
+    grid.locator(".js-plotly-plot .main-svg").first.wait_for(state="visible")
+    points = grid.locator(".scatterlayer .point")
+    expect(points.first).to_be_attached()
+    page.wait_for_timeout(500)
+    clicked = False
+    for _ in range(2):                              # a click during a rerun can be swallowed: retry once
+        try:
+            points.nth(8).click(force=True, timeout=5000)     # row 1, col 1 of the 7x7 grid
+            expect(page.get_by_text("Edited cell (1, 1)", exact=False)).to_be_visible(timeout=4000)
+            clicked = True
+            break
+        except Exception:                           # noqa: BLE001 - playwright timeout or assertion
+            page.wait_for_timeout(500)
+    if not clicked:                                 # fall back to the number inputs
+        clicked = False
+        page.get_by_label("row", exact=True).fill("1")
+        page.get_by_label("row", exact=True).press("Enter")
+        page.get_by_label("col", exact=True).fill("1")
+        page.get_by_label("col", exact=True).press("Enter")
+        expect(page.get_by_text("Edited cell (1, 1)", exact=False)).to_be_visible()
+    text_before = page.get_by_text("Edited cell (1, 1)", exact=False).inner_text()
+    box = page.locator("[data-testid='stSelectbox']").filter(has_text="Replacement code")
+    box.get_by_role("button", name="Open").click()
+    page.get_by_role("option").nth(3).click()
+    page.wait_for_function(
+        "(t) => [...document.querySelectorAll('p')].some(p => p.innerText.startsWith('Edited cell (1, 1)') "
+        "&& p.innerText !== t)", arg=text_before, timeout=15_000)
+    shot(page, "explore_edit.png")
+    print(f"\ncode grid click selected the cell: {clicked}")
+
+    phase("code edited")
+    # ---- Train live: a 30-step run (batch 256: slow enough to watch), new points on the live
+    # curves, then Stop -> "stopped". If it finished before Stop could be pressed (a fast, idle
+    # machine), a long run is started and stopped instead.
+    page.goto(servers["app"] + "/train")
+    page.get_by_label("Run name", exact=True).fill("browser-30")
+    page.get_by_label("K (codes)", exact=True).fill("16")
+    page.get_by_label("d (code dim)", exact=True).fill("16")
+    page.get_by_label("Steps", exact=True).fill("30")
+    page.get_by_label("Batch", exact=True).fill("256")
+    page.get_by_text("Advanced").click()
+    page.get_by_label("Residual blocks", exact=True).fill("1")
+    page.get_by_label("log every", exact=True).fill("1")
+    page.get_by_label("max val images", exact=True).fill("200")
+    page.get_by_role("button", name="Start training").click()
+    expect(page.get_by_text("browser-30", exact=False).first).to_be_visible()
+    stop = page.locator("button[kind='primary']", has_text="Stop")
+    seen = []
+    t0 = time.time()
+    while time.time() - t0 < 90:
+        n = n_points(page, 0)
+        if n and (not seen or n != seen[-1]):
+            seen.append(n)
+        if len(seen) >= 3 or page.get_by_text("Finished 30 steps", exact=False).count():
+            break
+        page.wait_for_timeout(150)
+    print(f"loss-curve point counts seen while training: {seen}")
+    assert len(seen) >= 2 and seen[-1] > seen[0], f"no new points appeared on the live curve: {seen}"
+    shot(page, "train_live.png")
+    stopped_run = "browser-30"
+    try:
+        stop.click(timeout=3000)
+        expect(page.get_by_text("Stopped at step", exact=False).first).to_be_visible(timeout=30_000)
+    except Exception:                                # finished first: stop a long run instead
+        print("the 30-step run finished before Stop; stopping a long run instead")
+        stopped_run = "browser-long"
+        page.get_by_label("Run name", exact=True).fill("browser-long")
+        page.get_by_label("Steps", exact=True).fill("1000000")
+        page.get_by_role("button", name="Start training").click()
+        expect(page.get_by_text("browser-long — running", exact=False).first).to_be_visible(timeout=60_000)
+        page.locator(PLOT).first.wait_for(state="visible", timeout=30_000)
+        stop.click()
+        expect(page.get_by_text("Stopped at step", exact=False).first).to_be_visible(timeout=30_000)
+    expect(page.get_by_role("button", name="Resume")).to_be_visible()
+    st = json.loads((servers["runs"] / stopped_run / "status.json").read_text())
+    assert st["state"] == "stopped", st
+    shot(page, "train_stopped.png")
+
+    phase("training watched and stopped")
+    # ---- Compare, demo mode
+    page.goto(servers["app"] + "/compare")
+    page.locator(PLOT).first.wait_for(state="visible")
+    shot(page, "compare.png")
+    page.goto(servers["app"] + "/?demo=1")
+    page.locator(PLOT).first.wait_for(state="visible")
+    shot(page, "explore_demo_mode.png")
+
+    phase("compare + demo mode")
+    # ---- first useful paint, warm server: Explore vs a one-chart Streamlit+Plotly page
+    page.goto("about:blank")
+    cold_base = first_plot_seconds(page, servers["baseline"])
+    explore_t, base_t = [], []
+    for _ in range(5):                               # alternate the two, compare medians
+        base_t.append(first_plot_seconds(page, servers["baseline"]))
+        explore_t.append(first_plot_seconds(page, servers["app"] + "/"))
+    e, b = statistics.median(explore_t), statistics.median(base_t)
+    print(f"first plotly paint, cold server: explore {cold_explore:.2f} s, baseline {cold_base:.2f} s")
+    print(f"first plotly paint, warm (median of 5): explore {e:.2f} s {['%.2f' % x for x in explore_t]}, "
+          f"baseline {b:.2f} s {['%.2f' % x for x in base_t]}, ratio {e / b:.2f}")
+    print(f"screenshots: {sorted(p.name for p in SHOTS.glob('*.png'))}")
+    ctx.close()
+    assert e <= 1.5 * b + 0.5, f"Explore first paint {e:.2f}s vs baseline {b:.2f}s"
