@@ -40,8 +40,7 @@ from app.jobs import check_name, valid_name  # noqa: E402,F401
 log = logging.getLogger("sqvae_app")
 
 SOURCES = ("checkpoints", "runs")
-MODEL_KINDS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "vmf", "nc", "vq", "vq_ema",
-               "vq_reset", "fixed_var", "vae")
+from sqvae_core.config import MODEL_KINDS  # noqa: E402,F401  (one list of kinds)
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "fashion-mnist-cat8")
 KIND_LABELS = {
     "gaussian_1": "Gaussian SQ-VAE I", "gaussian_2": "Gaussian SQ-VAE II", "gaussian_3": "Gaussian SQ-VAE III",
@@ -602,7 +601,27 @@ def sidebar():
     with st.sidebar:
         st.toggle("Demo mode (large type, high contrast)", key="demo_mode", on_change=_sync_demo_param)
         st.caption(f"Bundles: `{checkpoints_dir()}`  \nRuns: `{runs_dir()}`")
+        upload_bundle()
     st.html(BASE_CSS + (DEMO_CSS if demo_mode() else ""))      # style-only: no layout element
+
+
+def upload_bundle():
+    """Sidebar uploader: a .zip of a run directory, validated and unpacked into RUNS/uploads/."""
+    import re
+
+    from sqvae_core import rundir as rd
+    up = st.file_uploader("Upload a bundle (.zip of a run directory)", type=["zip"], key="bundle_upload")
+    if up is None or st.session_state.get("_uploaded") == up.file_id:
+        return
+    st.session_state["_uploaded"] = up.file_id
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(up.name).stem).lstrip(".")[:60] or "bundle"
+    name = f"{name}-{int(time.time())}"
+    try:
+        (runs_dir() / "uploads").mkdir(parents=True, exist_ok=True)
+        dest = rd.import_bundle_zip(up.getvalue(), runs_dir() / "uploads", name)
+        st.success(f"Uploaded as `runs/uploads/{dest.name}`; choose it in the bundle list.")
+    except (rd.BundleError, OSError) as e:
+        st.error(f"Upload refused: {e}")
 
 
 def torch_threads() -> int:

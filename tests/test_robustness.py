@@ -226,3 +226,37 @@ def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     assert ck["step"] == 10
     rd.load_bundle(out)
     assert not list(out.glob(".*.tmp")), "failed writes must clean up their temp files"
+
+
+def test_uploaded_zip_bundle_is_validated_and_sandboxed(tmp_path):
+    import io
+    import zipfile
+    src = tmp_path / "src"
+    make_bundle(src)
+
+    def zipped(extra=None, folder="mybundle/"):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            for f in (rd.CONFIG, rd.WEIGHTS):
+                z.write(src / f, folder + f)
+            for name, data in (extra or {}).items():
+                z.writestr(name, data)
+        return buf.getvalue()
+
+    root = tmp_path / "uploads"
+    root.mkdir()
+    out = rd.import_bundle_zip(zipped({"../../evil.py": "x", "mybundle/run.sh": "rm -rf /"}), root, "ok")
+    assert sorted(p.name for p in out.iterdir()) == [rd.CONFIG, rd.WEIGHTS]
+    assert not (tmp_path / "evil.py").exists()
+    rd.load_bundle(out)
+    with pytest.raises(rd.BundleError, match="not a valid .zip"):
+        rd.import_bundle_zip(b"garbage", root, "bad1")
+    with pytest.raises(rd.BundleError, match="invalid bundle name"):
+        rd.import_bundle_zip(zipped(), root, "../escape")
+    broken = io.BytesIO()
+    with zipfile.ZipFile(broken, "w") as z:
+        z.write(src / rd.CONFIG, rd.CONFIG)
+        z.writestr(rd.WEIGHTS, b"not weights")
+    with pytest.raises(rd.BundleError, match="corrupt"):
+        rd.import_bundle_zip(broken.getvalue(), root, "bad2")
+    assert not (root / "bad2").exists()          # nothing left behind
