@@ -1,9 +1,7 @@
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("SQVAE_OFFLINE", "1")     # tests never reach for the network
 
 
 @pytest.fixture(scope="session")
