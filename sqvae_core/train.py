@@ -485,6 +485,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
     extra = {}
     if dist.world > 1:
+        # parameters agree through DDP's gradient all-reduce; buffers (batch-norm running stats)
+        # follow rank 0, which wrote the checkpoint: make every rank hold exactly what was saved
+        for b in model.buffers():
+            torch.distributed.broadcast(b.data, 0)
         digests = [None] * dist.world
         torch.distributed.all_gather_object(digests, weights_digest(model))
         extra = {"rank_weight_digests": digests, "ranks_identical": len(set(digests)) == 1}

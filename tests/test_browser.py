@@ -282,7 +282,7 @@ def test_app_in_browser(servers, browser):
         page.locator(PLOT).first.wait_for(state="visible", timeout=30_000)
         stop.click()
         expect(page.get_by_text("Stopped at step", exact=False).first).to_be_visible(timeout=30_000)
-    expect(page.get_by_role("button", name="Resume")).to_be_visible()
+    expect(page.get_by_role("button", name="Resume").first).to_be_visible()
     st = json.loads((servers["runs"] / stopped_run / "status.json").read_text())
     assert st["state"] == "stopped", st
     shot(page, "train_stopped.png")
