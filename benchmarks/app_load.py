@@ -89,6 +89,12 @@ def main() -> int:
             browser = pw.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROME_ARGS)
             pages = [browser.new_context(viewport={"width": 1400, "height": 1000}).new_page()
                      for _ in range(args.sessions)]
+            def open_bundle(i, page, step):
+                name = bundles[(i + step // len(TABS)) % len(bundles)]
+                page.goto(f"{url}/explore?run=checkpoints/{name}", wait_until="domcontentloaded")
+                page.get_by_role("tab", name="Edit codes").wait_for(state="visible", timeout=90_000)
+                loads[0] += 1
+
             for i, page in enumerate(pages):
                 page.goto(f"{url}/explore", wait_until="domcontentloaded")
             t_end = time.time() + args.seconds
@@ -96,12 +102,9 @@ def main() -> int:
             while time.time() < t_end:
                 for i, page in enumerate(pages):
                     try:
-                        if step % len(TABS) == 0:    # switch bundle now and then
-                            page.get_by_label("Bundle").click(timeout=5000)
-                            page.get_by_role("option", name=f"checkpoints/{bundles[(i + step) % len(bundles)]}"
-                                             ).click(timeout=5000)
-                            loads[0] += 1
-                        page.get_by_role("tab", name=TABS[step % len(TABS)]).click(timeout=5000)
+                        if step % len(TABS) == 0:    # a new page load on another bundle now and then
+                            open_bundle(i, page, step)
+                        page.get_by_role("tab", name=TABS[step % len(TABS)]).click(timeout=15_000)
                         if page.locator("[data-testid='stException']").count():
                             errors.append(f"session {i}: {page.locator('[data-testid=stException]').first.inner_text()[:200]}")
                     except Exception as e:   # a slow page is not an app error; record and go on
