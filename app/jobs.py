@@ -106,25 +106,9 @@ def train_argv(run_dir: Path, options: dict, resume: bool = False, python: str |
     return argv
 
 
-def _pid_alive(pid) -> bool:
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except OSError:
-        return True
-
-
 def _is_our_trainer(pid: int, run_dir: Path) -> bool:
     """True only if pid is a `sqvae_core train` process writing run_dir (never signal a stranger)."""
-    if not _pid_alive(pid):
+    if not rd.pid_alive(pid):
         return False
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
@@ -226,7 +210,7 @@ class JobManager:
                 raise ValueError(f"a job named {name!r} is already running or queued")
             if not resume and ((run_dir / rd.CONFIG).exists() or (run_dir / rd.CHECKPOINT).exists()):
                 raise ValueError(f"a run named {name!r} already exists in {self.root}; choose another name")
-            if resume and _pid_alive((self._state["jobs"].get(name) or {}).get("pid")):
+            if resume and rd.pid_alive((self._state["jobs"].get(name) or {}).get("pid")):
                 raise ValueError(f"run {name!r} is still running")
             self._state["queue"].append({"name": name, "options": options, "resume": resume,
                                          "submitted": time.time()})
@@ -291,7 +275,7 @@ class JobManager:
         n = sum(1 for p in self._procs.values() if p.poll() is None)
         # trainers started by an earlier server process that are still alive use slots too
         for name, job in self._state["jobs"].items():
-            if name not in self._procs and job.get("returncode") is None and _pid_alive(job.get("pid")) \
+            if name not in self._procs and job.get("returncode") is None and rd.pid_alive(job.get("pid")) \
                     and _is_our_trainer(job["pid"], self.root / name):
                 n += 1
         return n
@@ -342,7 +326,7 @@ class JobManager:
             if proc is not None:
                 return proc.poll() is None
             job = self._state["jobs"].get(name) or {}
-        return job.get("returncode") is None and _pid_alive(job.get("pid")) and \
+        return job.get("returncode") is None and rd.pid_alive(job.get("pid")) and \
             _is_our_trainer(job["pid"], self.root / name)
 
     def job_state(self, name: str) -> dict:

@@ -211,12 +211,13 @@ def read_status(run_dir: Path) -> dict:
         st = read_json(Path(run_dir) / STATUS, "status.json")
     except BundleError:
         return {"state": "unknown"}
-    if st.get("state") == "running" and not _pid_alive(st.get("pid"), st.get("host")):
+    if st.get("state") == "running" and not pid_alive(st.get("pid"), st.get("host")):
         st = {**st, "state": "interrupted"}
     return st
 
 
-def _pid_alive(pid, host) -> bool:
+def pid_alive(pid, host: str | None = None) -> bool:
+    """Is process `pid` (on `host`, default this machine) running and not a zombie?"""
     import socket
     if not isinstance(pid, int) or pid <= 0:
         return False
