@@ -172,16 +172,12 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from . import rundir as rd
-    from .data import load_dataset
     from .device import resolve_device
     from .evaluate import evaluate_model
+    from .scores import bundle_split
     device = resolve_device(args.device)
     b = rd.load_bundle(args.run_dir, device, which=args.weights)
-    train_cfg = b.config.get("train", {})
-    data = load_dataset(b.dataset, args.split, args.data_dir or train_cfg.get("data_dir"),
-                        val_size=train_cfg.get("val_size", 5000), image_size=b.model_cfg.image_size,
-                        channels=b.model_cfg.image_channels)
-    images = data.images[:args.max_images] if args.max_images else data.images
+    images, _, data = bundle_split(b, args.split, args.data_dir, args.max_images)
     res = evaluate_model(b.model, images, device=device)
     res.update(split=args.split, run=str(b.path), kind=b.model_cfg.kind, weights=b.weights,
                data_source=data.source)

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
-from .config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, ModelConfig
+from .config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, VQ_KINDS, ModelConfig
 from .data import ImageData, dataset_shape, load_dataset
 from .device import resolve_device
 from .evaluate import evaluate_model
@@ -314,7 +314,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         val_data.images = val_data.images[:cfg.val_max_images]
     if cfg.model.kind in CATEGORICAL_KINDS and data.levels:
         cfg.model.num_levels = data.levels
-    if cfg.model.kind in ("vq", "vq_ema", "vq_reset"):
+    if cfg.model.kind in VQ_KINDS:
         cfg.model.data_variance = float(data.images.var())
     if cfg.epochs:
         cfg.steps = max(1, int(cfg.epochs * (len(data) // (cfg.batch_size * dist.world))))
