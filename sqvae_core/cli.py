@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument(flag, type=typ, default=None, help=help_)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     t.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
+    t.add_argument("--compile", action="store_true", default=None,
+                   help="torch.compile the training step (compiles for ~30-60 s first; see benchmarks/)")
     t.add_argument("--no-arelbo", action="store_true", default=None, help="learn σ² instead of ARELBO")
     t.add_argument("--no-batch-norm", action="store_true", default=None, help="nets without batch-norm")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -136,6 +138,8 @@ def cmd_train(args) -> int:
             explicit[target] = v
     if args.deterministic:
         explicit["deterministic"] = True
+    if args.compile:
+        explicit["compile"] = True
     if args.no_arelbo:
         explicit["model.arelbo"] = False
     if args.no_batch_norm:

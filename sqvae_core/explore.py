@@ -527,6 +527,19 @@ def neighbour_edit(model, images, k: int, batch_size: int = 256) -> tuple[torch.
 
 
 # ---------------------------------------------------------------------- interpolation
+def decode_latent_mix(model, enc_a: tuple, enc_b: tuple, w) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """decode(quantize((1−w)·z_a + w·z_b)), the encoder's log-variances mixed alike (exact at w = 0
+    and 1); enc_* = model.encode(...) outputs, w a scalar or broadcastable tensor. Returns the
+    images and the code indices (None for the continuous VAE, which decodes the mix directly)."""
+    (za, lva), (zb, lvb) = enc_a, enc_b
+    z = (1 - w) * za + w * zb
+    if not getattr(model, "discrete", True):
+        return model.decode(z), None
+    lv = None if lva is None else (1 - w) * lva + w * lvb
+    q = model.quantize(z, lv, mode="argmax")
+    return model.decode(q.z_q), q.indices
+
+
 def interpolate(model, x_a, x_b, steps: int = 8) -> dict:
     """Paths from image a to image b for t = 0 .. 1 (inclusive), each (steps, C, S, S):
 
@@ -545,13 +558,8 @@ def interpolate(model, x_a, x_b, steps: int = 8) -> dict:
     with _inference(model):
         (za, lva), (zb, lvb) = model.encode(a), model.encode(b)
         w = t.to(za.dtype).to(za.device).reshape(-1, 1, 1, 1)
-        z = (1 - w) * za + w * zb                   # exact at t = 0 and t = 1
-        lv = None if lva is None else (1 - w) * lva + w * lvb
-        if getattr(model, "discrete", True):
-            q = model.quantize(z, lv, mode="argmax")
-            latent, indices = model.decode(q.z_q), q.indices.cpu()
-        else:
-            latent, indices = model.decode(z), None
+        latent, indices = decode_latent_mix(model, (za, lva), (zb, lvb), w)
+        indices = None if indices is None else indices.cpu()
         rec_a, rec_b = model.reconstruct(a), model.reconstruct(b)
         pixel = (1 - w) * rec_a + w * rec_b
     return {"latent": latent.cpu(), "pixel": pixel.cpu(), "t": t.float(), "indices": indices}

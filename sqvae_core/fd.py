@@ -24,7 +24,6 @@ N).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import warnings
@@ -38,12 +37,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .prior import (
-    _atomic_save_safetensors,
     _build_from_state,
     _check_int,
     _config_from_mapping,
     _load_safetensors_checked,
     _resolve_device,
+    _save_with_config,
 )
 
 __all__ = [
@@ -369,14 +368,7 @@ def fd_between(model: FeatureClassifier, images_a: Any, images_b: Any, batch_siz
 # --------------------------------------------------------------------------- #
 def save_classifier(model: FeatureClassifier, path: Any) -> None:
     """Save weights + config (JSON metadata) as safetensors, atomically."""
-    if not isinstance(model, FeatureClassifier):
-        raise ValueError(f"model must be a FeatureClassifier, got {type(model).__name__}")
-    meta = {
-        "format": CLASSIFIER_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": json.dumps(model.config.to_dict(), sort_keys=True),
-    }
-    _atomic_save_safetensors(dict(model.state_dict()), meta, path)
+    _save_with_config(model, FeatureClassifier, CLASSIFIER_FORMAT, path)
 
 
 def load_classifier(path: Any, device: Any = None) -> FeatureClassifier:

@@ -741,16 +741,18 @@ def _build_from_state(build: Callable[[Any], nn.Module], cfg: Any, state: dict[s
     return model
 
 
+def _save_with_config(model: nn.Module, cls: type, fmt: str, path: Any) -> None:
+    """Weights + the model's config (JSON metadata, tagged with its format) as safetensors, atomically."""
+    if not isinstance(model, cls):
+        raise ValueError(f"model must be a {cls.__name__}, got {type(model).__name__}")
+    meta = {"format": fmt, "format_version": FORMAT_VERSION,
+            "config": json.dumps(model.config.to_dict(), sort_keys=True)}
+    _atomic_save_safetensors(dict(model.state_dict()), meta, path)
+
+
 def save_prior(model: GatedPixelCNN, path: Any) -> None:
     """Save weights + config (JSON metadata) to a safetensors file, atomically."""
-    if not isinstance(model, GatedPixelCNN):
-        raise ValueError(f"model must be a GatedPixelCNN, got {type(model).__name__}")
-    meta = {
-        "format": PRIOR_FORMAT,
-        "format_version": FORMAT_VERSION,
-        "config": json.dumps(model.config.to_dict(), sort_keys=True),
-    }
-    _atomic_save_safetensors(dict(model.state_dict()), meta, path)
+    _save_with_config(model, GatedPixelCNN, PRIOR_FORMAT, path)
 
 
 def load_prior(path: Any, device: Any = None, *, num_codes: int | None = None) -> GatedPixelCNN:

@@ -44,10 +44,13 @@ def from_rows(rows: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
     return rows.reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
-def squared_distances(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
-    """‖z_i − b_k‖² for every row i and code k, as an (N, K) matrix."""
-    return (rows.pow(2).sum(1, keepdim=True) - 2 * rows @ codebook.t()
-            + codebook.pow(2).sum(1)[None, :]).clamp_min(0)
+def shifted_neg_half_distances(rows: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """zᵢᵀb_k − ½‖b_k‖² = −½‖z_i − b_k‖² + ½‖z_i‖², as an (N, K) matrix, in one fused matmul.
+
+    Softmax, argmax and entropy over k do not change when a row gets a constant added, so the
+    quantizers use this instead of −½‖z_i − b_k‖²: a third of the elementwise work of the hot
+    path, and no cancellation between ‖z‖² and 2zᵀb."""
+    return torch.addmm(codebook.pow(2).sum(1).mul(-0.5), rows, codebook.t())
 
 
 def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
@@ -150,12 +153,11 @@ class GaussianSQ(nn.Module):
         rows = to_rows(z)
         var = self.effective_variance(z, log_var)
         precision = 1.0 / var
-        if var.shape[1] == 1:   # isotropic: logits = −‖z − b_k‖² / (2σ²_φ)
-            logits = -0.5 * precision * squared_distances(rows, self.codebook)
-        else:                   # variant IV: −½ Σ_j (z_j − b_kj)² / σ²_φ,j
-            logits = -0.5 * ((rows.pow(2) * precision).sum(1, keepdim=True)
-                             - 2 * (rows * precision) @ self.codebook.t()
-                             + precision @ self.codebook.pow(2).t())
+        # logits = −‖z − b_k‖² / (2σ²_φ) up to a per-row constant (which softmax ignores)
+        if var.shape[1] == 1:   # isotropic: (zᵀb_k − ½‖b_k‖²) / σ²_φ
+            logits = precision * shifted_neg_half_distances(rows, self.codebook)
+        else:                   # variant IV: Σ_j (z_j b_kj − ½ b_kj²) / σ²_φ,j
+            logits = (rows * precision) @ self.codebook.t() - 0.5 * precision @ self.codebook.pow(2).t()
         probs, entropy = _entropy_rows(logits)
         weights = _assignments(logits, mode, temperature, generator)
         zq_rows = weights @ self.codebook
@@ -280,7 +282,7 @@ class VectorQuantizer(nn.Module):
         _check_z(z, self.d)
         b, _, h, w = z.shape
         rows = to_rows(z)
-        indices = squared_distances(rows.detach(), self.codebook).argmin(-1)
+        indices = shifted_neg_half_distances(rows.detach(), self.codebook).argmax(-1)   # nearest code
         zq_rows = self.codebook[indices]
         commitment = F.mse_loss(rows, zq_rows.detach())
         terms = {"commitment": self.beta * commitment}

@@ -21,7 +21,7 @@ import torch
 
 from . import rundir as rd
 from .data import load_dataset
-from .explore import dataset_codes, neighbour_edit
+from .explore import dataset_codes, decode_latent_mix, neighbour_edit
 from .fd import extract_features, frechet_distance, load_classifier
 from .prior import PriorConfig, fit_prior, load_prior, nll_bits_per_code, save_prior, unigram_entropy_bits
 
@@ -154,16 +154,9 @@ def load_fd_classifier(dataset: str):
 def interpolation_midpoints(model, x_a: torch.Tensor, x_b: torch.Tensor, t: float = 0.5,
                             batch_size: int = 256) -> torch.Tensor:
     """decode(quantize((1−t)·z_a + t·z_b)) for aligned batches of image pairs."""
-    out = []
-    for i in range(0, len(x_a), batch_size):
-        (za, lva), (zb, lvb) = model.encode(x_a[i:i + batch_size]), model.encode(x_b[i:i + batch_size])
-        z = (1 - t) * za + t * zb
-        if model.discrete:
-            lv = None if lva is None else (1 - t) * lva + t * lvb
-            out.append(model.decode(model.quantize(z, lv, mode="argmax").z_q))
-        else:
-            out.append(model.decode(z))
-    return torch.cat(out)
+    return torch.cat([decode_latent_mix(model, model.encode(x_a[i:i + batch_size]),
+                                        model.encode(x_b[i:i + batch_size]), t)[0]
+                      for i in range(0, len(x_a), batch_size)])
 
 
 @torch.no_grad()

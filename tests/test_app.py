@@ -280,6 +280,51 @@ def test_demo_mode_query_param(env):
     assert any("#ffd400" in h.proto.body for h in at.get("html"))   # the high-contrast CSS
 
 
+def _zip_dir(src: Path, folder: str = "mybundle/", extra: dict | None = None) -> bytes:
+    import io
+    import zipfile
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for f in sorted(src.iterdir()):
+            if f.is_file():
+                z.write(f, folder + f.name)
+        for name, data in (extra or {}).items():
+            z.writestr(name, data)
+    return buf.getvalue()
+
+
+def test_sidebar_upload_of_a_bundle_zip(env):
+    """The sidebar uploader unpacks a valid .zip into RUNS/uploads/ (only the bundle's files, no
+    path escapes) and the new bundle shows in the list; garbage gets "Upload refused" and the page
+    stays up."""
+    uploads = env["runs"] / "uploads"
+    before = set(uploads.iterdir()) if uploads.is_dir() else set()
+    at = app("explore")
+    ok(at)
+    data = _zip_dir(env["ck"] / "tiny", extra={"../../escape.py": "print('pwned')"})
+    at.sidebar.file_uploader[0].set_value(("my bundle.zip", data, "application/zip")).run()
+    ok(at)
+    assert any("Uploaded as `runs/uploads/my_bundle-" in s.value for s in at.success), [s.value for s in at.success]
+    new = set(uploads.iterdir()) - before
+    assert len(new) == 1
+    dest = new.pop()
+    assert (dest / "model.safetensors").is_file() and not (env["base"] / "escape.py").exists()
+    assert not list(env["base"].rglob("escape.py"))
+    at.run()
+    assert f"runs/uploads/{dest.name}" in at.selectbox(key="bundle").options
+    at.selectbox(key="bundle").set_value(f"runs/uploads/{dest.name}").run()
+    ok(at)
+    assert card_of(at)["Kind"] == "gaussian_1"
+
+    at2 = app("explore")
+    at2.sidebar.file_uploader[0].set_value(("junk.zip", b"PK\x03\x04 not really a zip", "application/zip")).run()
+    ok(at2)
+    assert any("Upload refused" in e.value and "not a valid .zip" in e.value for e in at2.error), \
+        [e.value for e in at2.error]
+    assert set(uploads.iterdir()) - before == {dest}        # nothing left behind by the refused one
+    assert plotly_count(at2) >= 1                            # the page is still there
+
+
 def test_hostile_run_labels_are_refused(env):
     from app import common
     for bad in ("runs/../etc", "runs/a/../../b", "elsewhere/x", "runs/.hidden", "checkpoints/a b"):

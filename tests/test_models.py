@@ -46,6 +46,22 @@ def test_large_variance_gives_uniform_assignment():
     assert abs(float(out.stats["entropy"]) - math.log(32)) < 1e-4
 
 
+@pytest.mark.parametrize("variant", [1, 4])
+def test_probs_are_eq7_softmax_of_exact_distances(variant):
+    """The quantizers drop the per-row ‖z‖² from the logits (softmax ignores it): P̂ must still
+    equal softmax_k(−Σ_j (z_j − b_kj)² / (2σ²_φ,j)) computed the long way, far from the origin too."""
+    torch.manual_seed(0)
+    q = GaussianSQ(16, 6, variant=variant, var_init=0.7)
+    z = torch.randn(2, 6, 3, 3) * 3 + 5
+    log_var = torch.randn_like(z) * 0.3
+    out = q(z, log_var, mode="argmax")
+    var = q.effective_variance(z, log_var)                       # (1, 1) or (N, d)
+    diff2 = (to_rows(z)[:, None, :] - q.codebook[None]) ** 2      # (N, K, d)
+    exact = torch.softmax(-0.5 * (diff2 / var[:, None, :]).sum(-1), -1)
+    assert torch.allclose(out.probs.reshape(-1, 16), exact, atol=1e-5)
+    assert torch.equal(out.indices.reshape(-1), exact.argmax(-1))
+
+
 def test_vmf_large_kappa_gives_max_cosine_and_small_kappa_uniform():
     torch.manual_seed(0)
     q = VmfSQ(32, 8, kappa_init=1e6)
