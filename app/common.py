@@ -4,6 +4,7 @@ Settings come from the environment:
     SQVAE_CHECKPOINTS   shipped bundles      (default <repo>/checkpoints)
     SQVAE_RUNS          training runs        (default <repo>/runs)
     SQVAE_MAX_JOBS      concurrent trainings (default 1 on CPU)
+    SQVAE_JOB_NICE      niceness of training processes (default 10; 0 = none)
     SQVAE_APP_UMAP      0 = never compute UMAP maps (PCA only), default 1
     SQVAE_APP_EVAL_IMAGES  test images of the quick evaluation (default 1000)
     SQVAE_APP_REFRESH   seconds between live refreshes of running trainings (default 2)

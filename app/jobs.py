@@ -13,7 +13,8 @@ on CPU, one per GPU with CUDA); the rest wait in a queue that lives in RUNS/.sqv
 browser refresh, a second tab or a restarted server sees the same queue. A daemon thread reaps
 finished children (Popen.poll, so no zombies) and starts queued jobs as slots free up; at
 interpreter exit (atexit) every child still running gets SIGTERM (then SIGKILL after a grace
-period), so the runs end as "stopped" and can be resumed.
+period), so the runs end as "stopped" and can be resumed. Trainings run under `nice -n 10`
+(env SQVAE_JOB_NICE) so the app's pages stay responsive while they use the CPU.
 
 This module has no Streamlit import: the pages, the tests and the benchmarks use it alike.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import atexit
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -67,6 +69,15 @@ def check_run_name(name) -> str:
     for p in parts:
         check_name(p)
     return name
+
+
+def job_nice() -> int:
+    """Niceness of training processes (env SQVAE_JOB_NICE, default 10, 0 = none): on a small CPU
+    the browser sessions then get the cores first and a training uses what is left."""
+    try:
+        return min(19, max(0, int(os.environ.get("SQVAE_JOB_NICE", "10"))))
+    except ValueError:
+        return 10
 
 
 def default_max_jobs() -> int:
@@ -258,11 +269,16 @@ class JobManager:
         run_dir = self.root / name
         run_dir.mkdir(parents=True, exist_ok=True)
         argv = train_argv(run_dir, entry["options"], entry["resume"], self.python)
+        shown = " ".join(argv[1:])
+        nice, nice_bin = job_nice(), shutil.which("nice")
+        if nice and nice_bin:      # `nice` execs the trainer: same pid, and every thread it starts is niced
+            argv = [nice_bin, "-n", str(nice)] + argv
+            shown = f"(nice {nice}) {shown}"
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
         env.setdefault("PYTHONUNBUFFERED", "1")
         with open(run_dir / LOG_FILE, "ab") as log:
-            log.write(f"\n$ {' '.join(argv[1:])}\n".encode())
+            log.write(f"\n$ {shown}\n".encode())
             log.flush()
             proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     cwd=str(REPO), env=env, start_new_session=True, close_fds=True)

@@ -473,7 +473,8 @@ def test_explore_other_model_families(env, label):
 
 
 def test_jobs_are_stopped_when_the_app_exits(tmp_path):
-    """A JobManager's atexit handler SIGTERMs its running trainings: they end "stopped", no orphans."""
+    """A JobManager's atexit handler SIGTERMs its running trainings: they end "stopped", no orphans.
+    The trainings run under nice 10 (SQVAE_JOB_NICE)."""
     runs = tmp_path / "runs"
     code = f"""
 import json, sys, time
@@ -490,12 +491,16 @@ while time.time() - t0 < 60:
     except (OSError, ValueError):
         pass
     time.sleep(0.3)
-print(jm.job_state("orphan")["pid"])
+pid = jm.job_state("orphan")["pid"]
+stat = open(f"/proc/{{pid}}/stat").read()
+print("nice", stat[stat.rindex(")") + 2:].split()[16], "threads", stat[stat.rindex(")") + 2:].split()[17])
+print(pid)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          env=dict(os.environ, SQVAE_OFFLINE="1"))
     assert out.returncode == 0, out.stderr
     pid = int(out.stdout.split()[-1])
+    assert "nice 10 " in out.stdout, out.stdout      # trainings run niced: the pages keep the CPU first
     st = json.loads((runs / "orphan" / "status.json").read_text())
     assert st["state"] == "stopped", st
     with pytest.raises(ProcessLookupError):
