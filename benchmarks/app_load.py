@@ -3,17 +3,20 @@
     python benchmarks/app_load.py [--sessions 5] [--seconds 60] [--bound-mb 2500]
 
 Starts `streamlit run app/main.py` on localhost with the shipped checkpoints and a fresh runs
-directory, starts one demo training there, then has N headless Chromium pages (Debian's
-/usr/bin/chromium via Playwright) each open Explore on a different bundle and cycle through
-its tabs for the given time. Prints the server's peak RSS (sampled from /proc every 0.2 s),
-the number of page loads and any exception shown in a page or logged by the server; exits 1
+directory, starts one demo training there (niced like the app's own jobs), then has N headless
+Chromium pages (Debian's /usr/bin/chromium via Playwright) each open Explore on a different
+bundle and cycle through its tabs for the given time. Prints the server's peak RSS (sampled from /proc every 0.2 s),
+the number of page loads, the time from a tab click until its content is visible (median, p95,
+max, and actions over 30 s) and any exception shown in a page or logged by the server; exits 1
 if there was an exception or the peak RSS exceeded --bound-mb. Traffic stays on 127.0.0.1.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import signal
+import statistics
 import socket
 import subprocess
 import sys
@@ -24,8 +27,14 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from app.jobs import job_nice  # noqa: E402
+
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
+# what a tab shows once its rerun is done (tabs are lazy: a panel is empty until then)
+CONTENT = ("[role='tabpanel']:not([hidden]) :is([data-testid='stImage'], [data-testid='stPlotlyChart'], "
+           "[data-testid='stAlert'], [data-testid='stJson'])")
 TABS = ["Reconstructions", "Codebook usage", "Neighbor-k", "Interpolate", "Edit codes", "Code gallery",
         "Prior samples"]
 
@@ -65,11 +74,12 @@ def main() -> int:
                                "--server.port", str(port), "--server.address", "127.0.0.1",
                                "--server.fileWatcherType", "none"], cwd=ROOT, env=env,
                               stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
-    trainer = subprocess.Popen([sys.executable, "-m", "sqvae_core", "train", "--model", "gaussian_1", "--preset", "demo",
-                                "--out", str(tmp / "runs" / "load-train"), "--quiet"], cwd=ROOT, env=env,
+    nice = ["nice", "-n", str(job_nice())] if job_nice() and shutil.which("nice") else []   # as the app's jobs
+    trainer = subprocess.Popen(nice + [sys.executable, "-m", "sqvae_core", "train", "--model", "gaussian_1", "--preset",
+                                       "demo", "--out", str(tmp / "runs" / "load-train"), "--quiet"], cwd=ROOT, env=env,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    peak, stop, loads, errors = [0.0], threading.Event(), [0], []
+    peak, stop, loads, errors, waits, timeouts = [0.0], threading.Event(), [0], [], [], [0]
 
     def sample():
         while not stop.is_set():
@@ -104,10 +114,14 @@ def main() -> int:
                     try:
                         if step % len(TABS) == 0:    # a new page load on another bundle now and then
                             open_bundle(i, page, step)
-                        page.get_by_role("tab", name=TABS[step % len(TABS)]).click(timeout=15_000)
+                        t0 = time.perf_counter()       # click -> the tab's content is on screen
+                        page.get_by_role("tab", name=TABS[step % len(TABS)]).click(timeout=30_000)
+                        page.locator(CONTENT).first.wait_for(state="visible", timeout=30_000)
+                        waits.append(time.perf_counter() - t0)
                         if page.locator("[data-testid='stException']").count():
                             errors.append(f"session {i}: {page.locator('[data-testid=stException]').first.inner_text()[:200]}")
                     except Exception as e:   # a slow page is not an app error; record and go on
+                        timeouts[0] += 1
                         print(f"session {i} step {step}: {e.__class__.__name__}: {str(e).splitlines()[0][:120]}",
                               file=sys.stderr)
                 step += 1
@@ -122,9 +136,13 @@ def main() -> int:
     text = log.read_text(errors="replace")
     if "Traceback" in text:
         errors.append("server log: " + text[text.index("Traceback"):][:400])
-    print(f"{args.sessions} sessions x {args.seconds:.0f} s while one training ran: {step} rounds, "
+    print(f"{args.sessions} sessions x {args.seconds:.0f} s while one training ran (nice {job_nice()}): {step} rounds, "
           f"{loads[0]} bundle switches, server peak RSS {peak[0]:.0f} MB (bound {args.bound_mb:.0f} MB), "
           f"{len(errors)} exceptions")
+    if waits:
+        q = statistics.quantiles(waits, n=20) if len(waits) > 1 else waits * 19
+        print(f"tab click -> content visible: {len(waits)} clicks, median {statistics.median(waits):.2f} s, "
+              f"p95 {q[18]:.2f} s, max {max(waits):.2f} s; {timeouts[0]} actions over 30 s")
     for e in errors:
         print("  ", e)
     return 0 if not errors and peak[0] <= args.bound_mb else 1
