@@ -595,15 +595,36 @@ def _sync_demo_param():
     st.query_params["demo"] = "1" if st.session_state.get("demo_mode") else "0"
 
 
-def sidebar():
-    """Sidebar of every page: demo toggle (also ?demo=1) and where the app reads runs from."""
+def page_style():
+    """Demo-mode state (also ?demo=1) and the app's CSS: before any page content."""
     if "demo_mode" not in st.session_state:
         st.session_state["demo_mode"] = st.query_params.get("demo", "0").lower() in ("1", "true", "yes", "on")
+    st.html(BASE_CSS + (DEMO_CSS if demo_mode() else ""))      # style-only: no layout element
+
+
+def sidebar_widgets():
+    """Sidebar of every page: demo toggle and where the app reads runs from, bundle upload.
+    main.py draws it after the page (it starts collapsed): the page's first chart comes sooner."""
+    if "demo_mode" not in st.session_state:
+        page_style()
     with st.sidebar:
         st.toggle("Demo mode (large type, high contrast)", key="demo_mode", on_change=_sync_demo_param)
         st.caption(f"Bundles: `{checkpoints_dir()}`  \nRuns: `{runs_dir()}`")
         upload_bundle()
-    st.html(BASE_CSS + (DEMO_CSS if demo_mode() else ""))      # style-only: no layout element
+
+
+def stop_page():
+    """st.stop() for a page: under main.py, which draws the sidebar after a page that runs to its
+    end, the sidebar is drawn here first (nothing is drawn after st.stop())."""
+    if RUN.in_entrypoint:
+        sidebar_widgets()
+    st.stop()
+
+
+def sidebar():
+    """Style and sidebar, for a page script run on its own (tests: AppTest.from_file)."""
+    page_style()
+    sidebar_widgets()
 
 
 def upload_bundle():
@@ -632,8 +653,9 @@ def torch_threads() -> int:
         return 1
 
 
-def page_setup(title: str):
-    """Called at the top of every page: torch threads, sidebar (unless main.py drew it), the title.
+def page_setup(title: str | None):
+    """Called at the top of every page: torch threads, sidebar (unless main.py draws it), the title
+    (None: the page places its title itself).
 
     The app's model calls are small (one code grid, a few hundred images) and usually share the
     CPU with a training process: one intra-op thread (env SQVAE_APP_THREADS) avoids OpenMP
@@ -644,7 +666,8 @@ def page_setup(title: str):
         torch.set_num_threads(torch_threads())
     if not RUN.in_entrypoint:
         sidebar()
-    st.title(title)
+    if title:
+        st.title(title)
 
 
 # ------------------------------------------------------------------------- figures

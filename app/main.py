@@ -19,8 +19,8 @@ from app import common  # noqa: E402
 
 PAGES = Path(__file__).resolve().parent / "pages_"
 
-# Navigation across the top and the sidebar (demo toggle, directories) collapsed at start: an
-# expanded sidebar delays the first Plotly paint by ~0.5 s on a slow machine (layout shift).
+# Navigation across the top and the sidebar (demo toggle, directories, upload) collapsed at start:
+# an expanded sidebar delays the first Plotly paint by ~0.5 s on a slow machine (layout shift).
 st.set_page_config(page_title="SQ-VAE Explorer", page_icon=":material/grain:", layout="wide",
                    initial_sidebar_state="collapsed")
 pages = [
@@ -29,9 +29,12 @@ pages = [
     st.Page(PAGES / "compare.py", title="Compare", url_path="compare"),
 ]
 page = st.navigation(pages, position="top")
-common.sidebar()
+common.page_style()
 common.RUN.in_entrypoint = True
 try:
     page.run()
 finally:
     common.RUN.in_entrypoint = False
+# The (collapsed) sidebar after the page: its widgets would otherwise delay Explore's first chart
+# (benchmarks/first_paint.py). Pages that end early call common.stop_page(), which draws it.
+common.sidebar_widgets()

@@ -17,7 +17,8 @@ from app import common as C            # noqa: E402
 
 if not C.RUN.in_entrypoint:
     st.set_page_config(page_title="Explore · SQ-VAE Explorer", layout="wide")
-C.page_setup("Explore")
+title_slot = st.container()      # filled after the codebook map: the map is sent first (first paint)
+C.page_setup(None)
 
 import torch                            # noqa: E402
 from sqvae_core import explore          # noqa: E402
@@ -547,8 +548,9 @@ def continue_page():
 # ------------------------------------------------------------------------------- page
 refs = C.list_bundles()
 if not refs:
+    title_slot.title("Explore")
     no_bundles()
-    st.stop()
+    C.stop_page()
 
 labels = [r.label for r in refs]
 wanted = st.query_params.get("run")
@@ -563,7 +565,8 @@ def bundle_selector() -> str:
 
 
 # The codebook map is computed and sent first (it is the page's first useful paint), into a
-# container placed below the bundle selector and model card, which are filled in afterwards.
+# container placed below the title, bundle selector and model card, which are filled in
+# afterwards (and main.py draws the sidebar after the page): ~0.1 s sooner on screen.
 ref = C.resolve_label(st.session_state["bundle"])
 head, maps = st.container(), st.container()
 status = C.read_status(ref.path)
@@ -571,6 +574,7 @@ rows = C.read_metrics(ref.path)
 try:
     bundle = C.get_bundle(ref.path)
 except BundleError as e:
+    title_slot.title("Explore")
     with head:
         bundle_selector()
         st.error(f"Cannot load `{ref.label}`: {e}")
@@ -580,7 +584,7 @@ except BundleError as e:
             fig = C.line_figure(rows, ["loss", "val_loss"], "Loss (from metrics.jsonl)")
             if fig:
                 C.plot(fig, key="broken_loss")
-    st.stop()
+    C.stop_page()
 
 ev = None
 with head:
@@ -591,6 +595,7 @@ with maps:
     # the PCA map for the UMAP map once it is there, without disturbing the rest of the page
     umap_state = C.umap_map(bundle)[1] if bundle.model.discrete else "off"
     st.fragment(run_every=1.5 if umap_state == "computing" else None)(codebook_map_section)(bundle)
+title_slot.title("Explore")
 with head:
     bundle_selector()
     with C.guard("Model card"):
@@ -604,7 +609,7 @@ if C.progressive() and not st.session_state.get("_explore_full"):
     st.session_state["_explore_full"] = True
     st.session_state["_explore_continue"] = False
     st.fragment(run_every=0.25)(continue_page)()
-    st.stop()
+    C.stop_page()
 
 tabs = st.tabs(TABS, key="explore_tab", on_change="rerun")
 sections = {

@@ -275,7 +275,7 @@ start_form(jm)
 names = run_names(jm)
 if not names:
     st.info(f"No runs yet in `{C.runs_dir()}`. Start one above.")
-    st.stop()
+    C.stop_page()
 
 states = {n: jm.job_state(n) for n in names}
 request = st.session_state.pop("watch_run", None)       # one-shot: a run just started
