@@ -38,37 +38,48 @@ COLUMNS = [("test_mse", "MSE", 2), ("rfd", "rFD", 3), ("fd_generation", "Gen. FD
 
 def budget(quick: bool) -> dict:
     if quick:
-        return dict(model=dict(codebook_size=128, code_dim=32, num_rb=1), steps=700, batch_size=32, lr=2e-3,
-                    prior_steps=300, n_fd=500, max_images=10000, val_every=350)
+        return dict(model=dict(codebook_size=128, code_dim=32, num_rb=1), steps=1000, batch_size=32, lr=2e-3,
+                    prior_steps=300, n_fd=500, max_images=5000, val_every=500,
+                    vmf_steps=2000)   # vmf/nc train longer: they need no prior or FDs, and κ_φ moves slowly
     return dict(model=dict(codebook_size=256, code_dim=64, num_rb=2), steps=20000, batch_size=32, lr=1e-3,
-                prior_steps=3000, n_fd=5000, max_images=None, val_every=2000)
+                prior_steps=3000, n_fd=5000, max_images=None, val_every=2000,
+                vmf_steps=20000)
 
 
 def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     dataset = "fashion-mnist-cat8" if kind in ("vmf", "nc") else "fashion-mnist"
     out = root / f"{kind}_s{seed}"
-    cfg = TrainConfig(model=ModelConfig(kind=kind, **b["model"]), dataset=dataset, out=str(out), steps=b["steps"],
+    steps = b["vmf_steps"] if kind in ("vmf", "nc") else b["steps"]
+    cfg = TrainConfig(model=ModelConfig(kind=kind, **b["model"]), dataset=dataset, out=str(out), steps=steps,
                       batch_size=b["batch_size"], lr=b["lr"], seed=seed, device=device, val_every=b["val_every"],
-                      snapshot_every=b["steps"], checkpoint_every=b["steps"], val_max_images=1000)
+                      snapshot_every=steps, checkpoint_every=steps, val_max_images=1000)
     t0 = time.time()
     status = train(cfg, progress=False)
     res = {"kind": kind, "seed": seed, "state": status["state"], "train_s": time.time() - t0}
+    if status["state"] == "stopped":     # SIGINT/SIGTERM reached the training: end the whole table
+        sys.exit(f"interrupted while training {kind} (seed {seed}); no table printed")
     if status["state"] != "finished":
         return res
+    t0 = time.time()
     bundle = rd.load_bundle(out, device)
     test_x, _, _ = bundle_split(bundle, "test")
     ev = evaluate_model(bundle.model, test_x, device=torch.device(device) if device != "auto" else None)
+    res["eval_s"] = time.time() - t0
     res.update(test_mse=ev["mse"], perplexity=ev["perplexity"], dead_codes=ev["dead_codes"], entropy=ev["entropy"])
     rows = [r for r in rd.read_metrics(out) if "loss" in r]
-    for key in ("kappa_q", "sigma2_q"):
+    for key in ("kappa_q", "sigma2_q", "kappa_x"):
         if rows and key in rows[0]:
-            res[f"{key}_first"], res[f"{key}_last"] = rows[0][key], rows[-1][key]
+            mid = min(rows, key=lambda r: abs(r["step"] - rows[-1]["step"] / 2))
+            res[f"{key}_first"], res[f"{key}_mid"], res[f"{key}_last"] = rows[0][key], mid[key], rows[-1][key]
     if kind in ("vmf", "nc"):
         res["kappa_q_init"] = bundle.model_cfg.kappa_q_init
         return res
+    t0 = time.time()
     if bundle.model.discrete:
         train_run_prior(out, steps=b["prior_steps"], max_images=b["max_images"], device=device)
+    res["prior_s"], t0 = time.time() - t0, time.time()
     res.update({k: v for k, v in score_run(rd.load_bundle(out, device), n=b["n_fd"]).items() if k != "mse"})
+    res["score_s"] = time.time() - t0
     return res
 
 
@@ -95,17 +106,23 @@ def table(results: list[dict], kinds: list[str]) -> str:
 
 
 def vmf_table(results: list[dict]) -> str:
-    lines = ["| model | κ_φ init | κ_φ first log | κ_φ last log | growth (last / init) | final entropy (nats) | test MSE | perplexity |",
-             "|---|---|---|---|---|---|---|---|"]
+    """κ_φ growth (last / init), its growth over the second half of training (last / mid: still
+    rising, or saturated?), the decoder's κ where there is one, final entropy, MSE, perplexity."""
+    def cell(values, nd):
+        ms = mean_std(values)
+        return "–" if ms == "–" else f"{ms[0]:.{nd}f} ± {ms[1]:.{nd}f}"
+    lines = ["| model | κ_φ init | κ_φ last log | growth (last / init) | 2nd-half growth (last / mid) | decoder κ last | "
+             "final entropy (nats) | test MSE | perplexity |", "|---|---|---|---|---|---|---|---|---|"]
     for kind in ("vmf", "nc"):
         rs = [r for r in results if r["kind"] == kind and r["state"] == "finished"]
         if not rs:
             continue
-        g = mean_std([r["kappa_q_last"] / r["kappa_q_init"] for r in rs])
-        e, m, p = mean_std([r["entropy"] for r in rs]), mean_std([r["test_mse"] for r in rs]), mean_std([r["perplexity"] for r in rs])
-        f, l_ = mean_std([r["kappa_q_first"] for r in rs]), mean_std([r["kappa_q_last"] for r in rs])
-        lines.append(f"| `{kind}` | {rs[0]['kappa_q_init']:g} | {f[0]:.3f} ± {f[1]:.3f} | {l_[0]:.3f} ± {l_[1]:.3f} | "
-                     f"{g[0]:.2f} ± {g[1]:.2f} | {e[0]:.3f} ± {e[1]:.3f} | {m[0]:.2f} ± {m[1]:.2f} | {p[0]:.1f} ± {p[1]:.1f} |")
+        lines.append(
+            f"| `{kind}` | {rs[0]['kappa_q_init']:g} | {cell([r['kappa_q_last'] for r in rs], 3)} | "
+            f"{cell([r['kappa_q_last'] / r['kappa_q_init'] for r in rs], 2)} | "
+            f"{cell([r['kappa_q_last'] / r['kappa_q_mid'] for r in rs if r.get('kappa_q_mid')], 2)} | "
+            f"{cell([r.get('kappa_x_last') for r in rs], 2)} | {cell([r['entropy'] for r in rs], 3)} | "
+            f"{cell([r['test_mse'] for r in rs], 2)} | {cell([r['perplexity'] for r in rs], 1)} |")
     return "\n".join(lines)
 
 

@@ -70,15 +70,11 @@ def train_run_prior(run_dir: str | Path, *, steps: int = 2000, batch_size: int =
             log(f"prior step {row['step']}: train {row['train_nll_bits']:.3f} bits/code"
                 + (f", val {row['val_nll_bits']:.3f}" if row.get("val_nll_bits") is not None else ""))
 
-    threads = torch.get_num_threads()
-    if torch.device(device).type == "cpu":
-        torch.set_num_threads(1)   # the prior's ops are small: extra threads only add sync overhead
-    try:
-        prior, history = fit_prior(tr_c, va_c, cfg, steps=steps, batch_size=batch_size, seed=seed, device=device,
-                                   train_labels=tr_y if use_labels else None,
-                                   val_labels=va_y if use_labels else None, callback=progress)
-    finally:
-        torch.set_num_threads(threads)
+    # the prior is compute-bound (batch 64 x 49 positions x 8 gated layers): it uses every intra-op
+    # thread it is given (2 threads: 0.077 s/step vs 0.145 s on 1, hidden 64, K=128)
+    prior, history = fit_prior(tr_c, va_c, cfg, steps=steps, batch_size=batch_size, seed=seed, device=device,
+                               train_labels=tr_y if use_labels else None,
+                               val_labels=va_y if use_labels else None, callback=progress)
     summary = {
         "nll_bits_per_code": nll_bits_per_code(prior, te_c, te_y if use_labels else None),
         "unigram_bits": unigram_entropy_bits(te_c, k),
