@@ -101,12 +101,12 @@ def main() -> int:
                      for _ in range(args.sessions)]
             def open_bundle(i, page, step):
                 name = bundles[(i + step // len(TABS)) % len(bundles)]
-                page.goto(f"{url}/explore?run=checkpoints/{name}", wait_until="domcontentloaded")
+                page.goto(f"{url}/?run=checkpoints/{name}", wait_until="domcontentloaded")   # Explore is the app root
                 page.get_by_role("tab", name="Edit codes").wait_for(state="visible", timeout=90_000)
                 loads[0] += 1
 
             for i, page in enumerate(pages):
-                page.goto(f"{url}/explore", wait_until="domcontentloaded")
+                page.goto(f"{url}/", wait_until="domcontentloaded")
             t_end = time.time() + args.seconds
             step = 0
             while time.time() < t_end:
