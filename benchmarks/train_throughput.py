@@ -1,6 +1,6 @@
 """Training throughput (images/s) and peak memory at the paper's Fashion-MNIST preset.
 
-    python benchmarks/train_throughput.py [--steps 60] [--threads N] [--compile]
+    python benchmarks/train_throughput.py [--steps 30] [--rounds 7] [--threads N] [--compile]
 
 Compares, on the same machine and batch (32 images of 28x28, K=256, d=64, 2 res blocks):
   plain  - a plain eager implementation of the same net and loss, written the way the
@@ -8,7 +8,8 @@ Compares, on the same machine and batch (32 images of 28x28, K=256, d=64, 2 res 
            ‖z‖² + ‖b‖² − 2zbᵀ, Gumbel softmax from torch.nn.functional)
   ours   - sqvae_core's model, optimizer (fused Adam) and train step (stats stay on device
            between log points; logits without the per-row ‖z‖² term, one fused addmm)
-  ours+channels_last, ours+compile (torch.compile, as `train --compile`; with --compile)
+  ours+channels_last   - what `sqvae train` runs on a CPU (NHWC convolutions)
+  ours+compile, ours+compile+channels_last - torch.compile, as `train --compile` (with --compile)
 and prints images/s, the ratio to `plain`, and the process's peak RSS.
 """
 from __future__ import annotations
@@ -82,16 +83,27 @@ class PlainVQVAE(torch.nn.Module):
         return mse + loss_q, mse
 
 
-def bench(step_fn, x, steps, warmup=10):
-    for _ in range(warmup):
+def seconds(step_fn, x, steps):
+    t0 = time.perf_counter()
+    for _ in range(steps):
         step_fn(x)
-    times = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            step_fn(x)
-        times.append(time.perf_counter() - t0)
-    return B * steps / statistics.median(times)
+    return time.perf_counter() - t0
+
+
+def bench_interleaved(variants: dict, steps: int, rounds: int, warmup: int = 10) -> dict:
+    """images/s of each variant, median over rounds; in each round every variant runs `steps`
+    steps in turn, so machine drift (clock, other load) hits all of them alike. Also the median
+    over rounds of each variant's ratio to the first one (the plain baseline)."""
+    for fn, x in variants.values():
+        for _ in range(warmup):
+            fn(x)
+    ips = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, (fn, x) in variants.items():
+            ips[name].append(B * steps / seconds(fn, x, steps))
+    base = next(iter(variants))
+    return {name: (statistics.median(v), statistics.median(a / b for a, b in zip(v, ips[base])))
+            for name, v in ips.items()}
 
 
 def plain_step(model, opt):
@@ -120,7 +132,8 @@ def ours_step(model, opt, log_every=10):
 
 def main():
     p = argparse.ArgumentParser()
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--steps", type=int, default=30, help="steps per variant per round")
+    p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true")
     args = p.parse_args()
@@ -129,15 +142,15 @@ def main():
     torch.manual_seed(0)
     x = torch.rand(B, 1, 28, 28)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, K={K}, d={D}, "
-          f"{args.steps} steps x 3 (median)")
+          f"{args.rounds} interleaved rounds of {args.steps} steps per variant (medians; ratio = median of "
+          f"per-round ratios to plain)")
     for kind, plain_cls in (("gaussian_1", PlainGaussianSQVAE), ("vq", PlainVQVAE)):
         plain = plain_cls().train()
-        base = bench(plain_step(plain, torch.optim.Adam(plain.parameters(), 1e-3)), x, args.steps)
-        print(f"{kind:<11} plain eager            {base:8.0f} img/s   1.00x")
-        variants = [("ours", False, False), ("ours+channels_last", True, False)]
+        variants = {"plain eager": (plain_step(plain, torch.optim.Adam(plain.parameters(), 1e-3)), x)}
+        options = [("ours", False, False), ("ours+channels_last", True, False)]
         if args.compile:
-            variants.append(("ours+compile", False, True))
-        for name, cl, comp in variants:
+            options += [("ours+compile", False, True), ("ours+compile+channels_last", True, True)]
+        for name, cl, comp in options:
             model = build_model(ModelConfig(kind=kind, codebook_size=K, code_dim=D, num_rb=2)).train()
             xx = x
             if cl:
@@ -145,8 +158,9 @@ def main():
                 xx = x.contiguous(memory_format=torch.channels_last)
             opt = make_optimizer(model, 1e-3, torch.device("cpu"))   # what train.py uses
             fwd = torch.compile(model) if comp else model
-            ips = bench(ours_step(fwd, opt), xx, args.steps)
-            print(f"{kind:<11} {name:<22} {ips:8.0f} img/s   {ips / base:.2f}x")
+            variants[name] = (ours_step(fwd, opt), xx)
+        for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds).items():
+            print(f"{kind:<11} {name:<27} {ips:8.0f} img/s   {ratio:.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
 
