@@ -271,6 +271,21 @@ def test_explore_no_bundles(env, tmp_path, monkeypatch):
     assert at.button(key="train_demo").label == "Train a demo model"
 
 
+def test_run_query_param_opens_that_bundle_and_ignores_unknown_ones(env):
+    """/?run=LABEL (a shared link, benchmarks/app_load.py) opens Explore on that bundle; a label
+    that is not listed (or hostile) falls back to the first shipped bundle."""
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=TIMEOUT)
+    at.query_params["run"] = "checkpoints/tiny_vq"
+    at.run()
+    ok(at)
+    assert card_of(at)["Kind"] == "vq"
+    at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=TIMEOUT)
+    at.query_params["run"] = "../../etc"
+    at.run()
+    ok(at)
+    assert card_of(at)["Kind"] == "gaussian_1" and at.selectbox(key="bundle").value == "checkpoints/tiny"
+
+
 def test_demo_mode_query_param(env):
     at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=TIMEOUT)
     at.query_params["demo"] = "1"
