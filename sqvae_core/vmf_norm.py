@@ -23,7 +23,6 @@ from fractions import Fraction
 
 import numpy as np
 import torch
-from scipy.special import gammaln, ive
 
 __all__ = ["log_bessel_iv", "bessel_ratio", "log_cf"]
 
@@ -57,6 +56,7 @@ _U = _debye_polys(_DEBYE_ORDER)
 
 def _log_ive_np(nu: float, k: np.ndarray) -> np.ndarray:
     """log I_nu(k) - k for float nu >= 0 and a float64 array k > 0."""
+    from scipy.special import gammaln, ive   # here, not at import: scipy.special costs ~0.5 s to load
     k = np.asarray(k, dtype=np.float64)
     out = np.empty_like(k)
     x = 0.25 * k * k
