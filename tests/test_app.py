@@ -520,3 +520,26 @@ print(pid)
     assert st["state"] == "stopped", st
     with pytest.raises(ProcessLookupError):
         os.kill(pid, 0)
+
+
+def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
+    """Issue 7: each bundle in checkpoints/ opens from /?run=checkpoints/NAME with its model card,
+    its codebook map (none for the continuous VAE) and its reconstructions, and no error."""
+    import re
+    shipped = ROOT / "checkpoints"
+    names = sorted(p.name for p in shipped.iterdir() if (p / "config.json").is_file())
+    assert len(names) == 9, names
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(shipped))
+    monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "runs"))
+    for name in names:
+        at = AppTest.from_file(str(ROOT / "app" / "main.py"), default_timeout=TIMEOUT)
+        at.query_params["run"] = f"checkpoints/{name}"
+        at.run()
+        at.run()                 # the progressive first paint, then the full page
+        ok(at)
+        assert not at.error, (name, [e.value for e in at.error])
+        kind = json.loads((shipped / name / "config.json").read_text())["model"]["kind"]
+        card = "".join(h.proto.body for h in at.get("html"))
+        assert re.search(rf'sq-label">Kind</div><div class="sq-value">{kind}<', card), name
+        assert plotly_count(at) == (0 if kind == "vae" else 1), name
+        assert len(at.get("image")) >= 1, name
