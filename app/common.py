@@ -604,9 +604,8 @@ def page_style():
 
 def sidebar_widgets():
     """Sidebar of every page: demo toggle and where the app reads runs from, bundle upload.
-    main.py draws it after the page (it starts collapsed): the page's first chart comes sooner."""
-    if "demo_mode" not in st.session_state:
-        page_style()
+    main.py draws it after the page (it starts collapsed): the page's first chart comes sooner.
+    page_style() has run before it (it sets the toggle's state)."""
     with st.sidebar:
         st.toggle("Demo mode (large type, high contrast)", key="demo_mode", on_change=_sync_demo_param)
         st.caption(f"Bundles: `{checkpoints_dir()}`  \nRuns: `{runs_dir()}`")
