@@ -78,7 +78,7 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if bundle.model.discrete:
         train_run_prior(out, steps=b["prior_steps"], max_images=b["max_images"], device=device)
     res["prior_s"], t0 = time.time() - t0, time.time()
-    res.update({k: v for k, v in score_run(rd.load_bundle(out, device), n=b["n_fd"]).items() if k != "mse"})
+    res.update({k: v for k, v in score_run(bundle, n=b["n_fd"]).items() if k != "mse"})
     res["score_s"] = time.time() - t0
     return res
 
