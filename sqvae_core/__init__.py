@@ -1,7 +1,17 @@
-"""SQ-VAE Explorer core: models, training, evaluation and exploration (no UI code)."""
-from .config import MODEL_KINDS, ModelConfig
-from .models import MODELS, build_model
-from .rundir import Bundle, BundleError, load_bundle
+"""SQ-VAE Explorer core: models, training, evaluation and exploration (no UI code).
+
+The names below load their module when first used (PEP 562): `import sqvae_core.rundir` or
+`sqvae_core.config` costs no torch import, so listing runs and reading their JSON files stays fast.
+"""
+from importlib import import_module
 
 __version__ = "0.1.0"
-__all__ = ["MODEL_KINDS", "MODELS", "ModelConfig", "build_model", "Bundle", "BundleError", "load_bundle"]
+_HOMES = {"MODEL_KINDS": "config", "ModelConfig": "config", "MODELS": "models", "build_model": "models",
+          "Bundle": "rundir", "BundleError": "rundir", "load_bundle": "rundir"}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name):
+    if name in _HOMES:
+        return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

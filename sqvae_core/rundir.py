@@ -14,16 +14,18 @@ Every file that is replaced is written to a temp file in the same directory and 
 over the old one (os.replace), so a kill at any moment leaves the previous version readable.
 Every file read here may be corrupt or hostile: loads validate and raise `BundleError`
 (a ValueError) with a one-line message; nothing is ever unpickled.
+
+torch is imported by the functions that need it, not here: listing runs and reading their JSON
+files (what the app's first paint and `sqvae list` do) costs no torch import.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 from .config import ModelConfig
 
@@ -59,6 +61,7 @@ def atomic_write_json(path: Path, obj) -> None:
 
 
 def atomic_torch_save(path: Path, obj) -> None:
+    import torch
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -136,6 +139,7 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Every expected tensor present with the right shape and dtype kind; nothing extra."""
+    import torch
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
@@ -236,14 +240,45 @@ def pid_alive(pid, host: str | None = None) -> bool:
         return True
 
 
+RUN_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
+
+
+def valid_run_name(name) -> bool:
+    """A directory name a listed run may have: [A-Za-z0-9_.-], at most 100 characters, no
+    leading dot, no '..' (no hidden directories, no path tricks)."""
+    return isinstance(name, str) and bool(RUN_NAME_RE.fullmatch(name)) and not name.startswith(".") \
+        and ".." not in name
+
+
 def list_runs(root: str | Path) -> list[Path]:
-    """Run directories (holding config.json) directly under root, or root itself."""
+    """Run directories (holding config.json): root itself if it is one, else those directly under
+    root and, one group level down, under its sub-directories (runs/ship/gaussian_1), in name order.
+    Hidden or oddly named directories and symlinks that lead out of root are skipped. The one lister
+    of the project: `sqvae list` and the app show the same runs."""
     root = Path(root)
     if (root / CONFIG).is_file():
         return [root]
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and (p / CONFIG).is_file())
+
+    def children(folder: Path) -> list[Path]:
+        try:
+            return sorted(p for p in folder.iterdir() if valid_run_name(p.name) and p.is_dir() and _inside(p, root))
+        except OSError:
+            return []
+
+    out = []
+    for child in children(root):
+        if (child / CONFIG).is_file():
+            out.append(child)
+        else:
+            out.extend(g for g in children(child) if (g / CONFIG).is_file())
+    return out
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        return path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        return False
 
 
 def read_snapshots(run_dir: Path) -> list[dict]:
