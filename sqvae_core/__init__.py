@@ -7,7 +7,8 @@ from importlib import import_module
 
 __version__ = "0.1.0"
 _HOMES = {"MODEL_KINDS": "config", "ModelConfig": "config", "MODELS": "models", "build_model": "models",
-          "Bundle": "rundir", "BundleError": "rundir", "load_bundle": "rundir"}
+          "Bundle": "rundir", "BundleError": "rundir", "load_bundle": "rundir",
+          "RunLogger": "runlogger"}
 __all__ = list(_HOMES)
 
 

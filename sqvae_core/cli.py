@@ -203,8 +203,14 @@ def cmd_list(args) -> int:
     for d in dirs:
         for run in rd.list_runs(d):
             try:
-                cfg, mcfg = rd.read_config(run)
-                desc = f"{mcfg.kind:<10} {cfg.get('dataset', '?'):<20} K={mcfg.codebook_size:<5} d={mcfg.code_dim:<4}"
+                cfg = rd.read_json(run / rd.CONFIG, "config.json")
+                if cfg.get("source") == rd.LOGGED_SOURCE:      # RunLogger: no model, sizes under "logged"
+                    lg = cfg.get("logged") or {}
+                    desc = (f"{'logged':<10} {str(cfg.get('dataset', '?')):<20} K={str(lg.get('codebook_size', '?')):<5} "
+                            f"d={str(lg.get('code_dim') or '?'):<4}")
+                else:
+                    cfg, mcfg = rd.read_config(run)
+                    desc = f"{mcfg.kind:<10} {cfg.get('dataset', '?'):<20} K={mcfg.codebook_size:<5} d={mcfg.code_dim:<4}"
             except rd.BundleError as e:
                 desc = f"(unreadable: {e})"
             st = rd.read_status(run)

@@ -35,6 +35,7 @@ MAX_JSON_BYTES = 1 << 20            # config/status files are tiny; refuse huge 
 MAX_WEIGHTS_BYTES = 1 << 30
 CODE_VERSION = "0.1.0"
 STATES = ("running", "finished", "failed", "stopped")
+LOGGED_SOURCE = "runlogger"     # config.json "source" of runs written by RunLogger: no model to rebuild
 
 
 class BundleError(ValueError):
@@ -179,6 +180,9 @@ class Bundle:
 
 def read_config(run_dir: Path) -> tuple[dict, ModelConfig]:
     cfg = read_json(Path(run_dir) / CONFIG, "config.json")
+    if cfg.get("source") == LOGGED_SOURCE:
+        raise BundleError(f"{run_dir} is a logged run (RunLogger): it has metrics and codebook snapshots but "
+                          f"no model to rebuild or evaluate; watch it in the app's Train live and Compare pages")
     if "model" not in cfg:
         raise BundleError(f"config.json has no 'model' section: {run_dir}")
     try:
