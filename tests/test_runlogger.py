@@ -1,0 +1,237 @@
+"""RunLogger: the run directory it writes is the one the app and the CLI read; its metrics are
+right by hand; its status is honest; its writes are atomic; it reads device values only at log points."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sqvae_core import RunLogger
+from sqvae_core import rundir as rd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "sqvae_core", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=timeout)
+
+
+def logged_run(path: Path, steps: int = 8, k: int = 4, **kw) -> Path:
+    """A finished logged run: each step uses codes step % k (8 positions), codebook (k, 3)."""
+    with RunLogger(path, codebook_size=k, config={"dataset": "fashion-mnist", "lr": 1e-3}, **kw) as log:
+        for step in range(1, steps + 1):
+            log.log(step, indices=torch.full((2, 2, 2), step % k), codebook=torch.randn(k, 3) * step,
+                    loss=torch.tensor(1.0 / step))
+    return path
+
+
+# ------------------------------------------------------------------------- metrics by hand
+def test_window_perplexity_dead_codes_and_means_recomputed_by_hand(tmp_path):
+    k = 4
+    with RunLogger(tmp_path / "r", codebook_size=k, log_every=2, snapshot_every=4) as log:
+        cb = torch.randn(k, 3)
+        log.log(1, indices=torch.tensor([0, 0, 1, 1]), codebook=cb, loss=torch.tensor(1.0), lr=0.5)
+        log.log(2, indices=torch.tensor([[2, 2], [2, 2]]), loss=torch.tensor(3.0))          # no lr this call
+        log.log(3, indices=torch.tensor([3, 3, 3, 3]), loss=2.0, lr=0.25)                  # float and tensor mixed
+        log.log(4, indices=torch.tensor([3, 3, 3, 3]), loss=torch.tensor(4.0), lr=0.25)
+        log.log(5, indices=torch.tensor([1]), loss=10.0)                                   # partial last window
+    rows = rd.read_metrics(tmp_path / "r")
+    assert [r["step"] for r in rows] == [2, 4, 5]
+    # window 1: counts [2, 2, 4, 0] -> p = [1/4, 1/4, 1/2]; H = 1.5 ln 2; perplexity 2^1.5; code 3 dead
+    assert rows[0]["perplexity"] == pytest.approx(2 ** 1.5)
+    assert rows[0]["dead_codes"] == 1
+    assert rows[0]["loss"] == pytest.approx(2.0) and rows[0]["lr"] == pytest.approx(0.5)   # lr: mean of the 1 call
+    # window 2: only code 3 -> perplexity 1, three dead codes
+    assert rows[1]["perplexity"] == pytest.approx(1.0) and rows[1]["dead_codes"] == 3
+    assert rows[1]["loss"] == pytest.approx(3.0) and rows[1]["lr"] == pytest.approx(0.25)
+    assert rows[2]["perplexity"] == pytest.approx(1.0) and rows[2]["dead_codes"] == 3 and rows[2]["loss"] == 10.0
+    assert "lr" not in rows[2]                                                  # not logged in that window
+    snaps = rd.read_snapshots(tmp_path / "r")
+    assert [s["step"] for s in snaps] == [4, 5]
+    assert snaps[0]["usage"].tolist() == [2, 2, 4, 8] and snaps[1]["usage"].tolist() == [0, 1, 0, 0]
+    assert torch.allclose(snaps[0]["codebook"], cb.half().float())
+
+
+def test_non_finite_scalar_mean_is_written_as_null_and_the_file_stays_json(tmp_path):
+    with RunLogger(tmp_path / "r", codebook_size=2, log_every=2) as log:
+        log.log(1, loss=torch.tensor(float("nan")), ok=1.0)
+        log.log(2, loss=torch.tensor(1.0), ok=3.0)
+    line = (tmp_path / "r" / rd.METRICS).read_text().splitlines()[0]
+    row = json.loads(line, parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert row["loss"] is None and row["ok"] == 2.0
+
+
+# ------------------------------------------------------------------- what the app/CLI read
+def test_format_read_by_the_readers_the_app_uses(tmp_path):
+    from sqvae_core.explore import aligned_maps
+    run = logged_run(tmp_path / "runs" / "mine", steps=20, log_every=5, snapshot_every=10)
+    assert rd.list_runs(tmp_path / "runs") == [run]
+    cfg = rd.read_json(run / rd.CONFIG, "config.json")
+    assert cfg["source"] == rd.LOGGED_SOURCE and "model" not in cfg
+    assert cfg["logged"] == {"codebook_size": 4, "code_dim": 3, "log_every": 5, "snapshot_every": 10}
+    assert cfg["dataset"] == "fashion-mnist" and cfg["config"]["lr"] == 1e-3
+    st = rd.read_status(run)
+    assert st["state"] == "finished" and st["step"] == 20 and st["error"] is None
+    rows = rd.read_metrics(run)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all({"wall_time", "loss", "perplexity", "dead_codes"} <= set(r) for r in rows)
+    snaps = rd.read_snapshots(run)
+    assert [s["step"] for s in snaps] == [10, 20] and all(s["codebook"].shape == (4, 3) for s in snaps)
+    assert sum(int(s["usage"].sum()) for s in snaps) == 20 * 8                   # every position counted once
+    frames = aligned_maps([s["codebook"].numpy() for s in snaps], [s["usage"].numpy() for s in snaps], method="pca")
+    assert len(frames) == 2 and len(frames[0]) == 4                           # the Train live codebook animation
+
+
+def test_sqvae_list_shows_the_run_and_eval_refuses_it_in_one_line(tmp_path):
+    run = logged_run(tmp_path / "runs" / "mine")
+    out = cli("list", tmp_path / "runs")
+    assert out.returncode == 0, out.stderr
+    line, = out.stdout.splitlines()
+    assert line.split()[:3] == [str(run), "logged", "fashion-mnist"] and "K=4" in line and "finished" in line
+    for cmd in (["eval", run], ["eval", run, "--json"], ["explore", run, "--umap"]):
+        res = cli(*cmd)
+        assert res.returncode != 0 and res.stdout == ""
+        assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
+        assert "logged run (RunLogger)" in res.stderr and "no model" in res.stderr
+
+
+def test_status_running_while_open_with_rows_already_on_disk(tmp_path):
+    """The app tails the run while the loop still runs: rows flushed, status 'running' with a live pid."""
+    log = RunLogger(tmp_path / "r", codebook_size=3, log_every=2)
+    for step in range(1, 5):
+        log.log(step, indices=torch.tensor([step % 3]), loss=float(step))
+    st = rd.read_status(tmp_path / "r")
+    assert st["state"] == "running" and st["pid"] == os.getpid()              # not "interrupted"
+    assert [r["step"] for r in rd.read_metrics(tmp_path / "r")] == [2, 4]
+    log.close()
+    assert rd.read_status(tmp_path / "r")["state"] == "finished"
+    with pytest.raises(RuntimeError, match="closed"):
+        log.log(5, loss=1.0)
+
+
+# ------------------------------------------------------------------------------ status
+def test_failed_status_names_the_error_and_the_exception_propagates(tmp_path):
+    with pytest.raises(ZeroDivisionError):
+        with RunLogger(tmp_path / "r", codebook_size=2, log_every=10) as log:
+            for step in range(1, 4):
+                log.log(step, indices=torch.tensor([0, 1]), loss=float(step))
+            1 / 0
+    st = rd.read_status(tmp_path / "r")
+    assert st["state"] == "failed" and st["step"] == 3
+    assert st["error"] == "ZeroDivisionError: division by zero"
+    row, = rd.read_metrics(tmp_path / "r")                                   # the partial window is kept
+    assert row["step"] == 3 and row["loss"] == 2.0 and row["dead_codes"] == 0
+
+
+def test_keyboard_interrupt_is_stopped_not_failed(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with RunLogger(tmp_path / "r", codebook_size=2) as log:
+            log.log(7, loss=1.0)
+            raise KeyboardInterrupt
+    st = rd.read_status(tmp_path / "r")
+    assert st["state"] == "stopped" and "step 7" in st["error"]
+
+
+# ----------------------------------------------------------------------- atomic writes
+def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
+    """Snapshots and status go through temp file + rename: if the rename fails (as a kill
+    would leave it), the readers still see the previous complete files and nothing torn."""
+    run = tmp_path / "r"
+    log = RunLogger(run, codebook_size=4, log_every=2, snapshot_every=2)
+    log.log(1, indices=torch.tensor([0]), codebook=torch.ones(4, 3), loss=1.0)
+    log.log(2, indices=torch.tensor([1]), loss=1.0)                          # snapshot 2 + status
+    before = {p.name: p.read_bytes() for p in [run / rd.STATUS, run / rd.CONFIG, *(run / rd.SNAPSHOTS).iterdir()]}
+
+    def no_rename(src, dst):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", no_rename)
+    log.log(3, indices=torch.tensor([2]), loss=1.0)
+    with pytest.raises(OSError, match="No space"):
+        log.log(4, indices=torch.tensor([3]), loss=1.0)                      # snapshot 4 cannot be renamed
+    monkeypatch.undo()
+    after = {p.name: p.read_bytes() for p in [run / rd.STATUS, run / rd.CONFIG, *(run / rd.SNAPSHOTS).iterdir()]}
+    assert after == before                                                   # no new, partial or temp file
+    assert [s["step"] for s in rd.read_snapshots(run)] == [2]
+    assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ------------------------------------------------------------------------ no host sync
+def test_steps_between_log_points_never_read_a_tensor(tmp_path):
+    """Meta tensors have no data: any .item(), float(), .cpu(), .tolist() or torch.bincount
+    (which reads max() back from a GPU) raises on them. Steps that are not log points must
+    run on them; the log point must be where the values are read."""
+    meta = torch.device("meta")
+    idx, cb = torch.zeros(4, 7, 7, dtype=torch.long, device=meta), torch.zeros(16, 8, device=meta)
+    loss = torch.zeros((), device=meta)
+    with pytest.raises(RuntimeError):
+        float(loss)                                                          # the probe can fail
+    with pytest.raises(NotImplementedError):
+        torch.bincount(idx.reshape(-1), minlength=16)
+    log = RunLogger(tmp_path / "r", codebook_size=16, log_every=5, snapshot_every=5)
+    for step in range(1, 5):
+        log.log(step, indices=idx, codebook=cb, loss=loss, commit=loss * 2)   # no read: no error
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        log.log(5, indices=idx, codebook=cb, loss=loss)                      # log point: reads
+    log.closed = True
+
+
+# --------------------------------------------------------------------------- bad input
+def test_bad_arguments_fail_with_a_clear_message(tmp_path):
+    with pytest.raises(ValueError, match="multiple of log_every"):
+        RunLogger(tmp_path / "a", codebook_size=8, log_every=10, snapshot_every=25)
+    with pytest.raises(ValueError, match="codebook_size must be a positive integer"):
+        RunLogger(tmp_path / "b", codebook_size=0)
+    with RunLogger(tmp_path / "c", codebook_size=8) as log:
+        with pytest.raises(ValueError, match=r"indices must be codes in \[0, 8\)"):
+            log.log(1, indices=torch.tensor([3, 8]))
+        with pytest.raises(TypeError, match="integer tensor"):
+            log.log(1, indices=torch.tensor([0.5]))
+        with pytest.raises(ValueError, match=r"codebook must be a \(8, d\) tensor, got \(7, 4\)"):
+            log.log(1, codebook=torch.zeros(7, 4))
+        with pytest.raises(ValueError, match="'perplexity' is written by RunLogger"):
+            log.log(1, perplexity=3.0)
+        with pytest.raises(ValueError, match="one element"):
+            log.log(1, loss=torch.zeros(3))
+        with pytest.raises(TypeError, match="step must be a Python int"):
+            log.log(torch.tensor(1), loss=1.0)
+
+
+def test_never_overwrites_a_trained_run_and_replaces_a_logged_one_only_when_asked(tmp_path):
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / rd.CONFIG).write_text(json.dumps({"model": {"kind": "vq"}}))
+    with pytest.raises(ValueError, match="RunLogger did not write"):
+        RunLogger(trained, codebook_size=4, overwrite=True)
+    assert json.loads((trained / rd.CONFIG).read_text()) == {"model": {"kind": "vq"}}
+    run = logged_run(tmp_path / "logged", steps=20, log_every=5, snapshot_every=10)
+    with pytest.raises(ValueError, match="pass overwrite=True"):
+        RunLogger(run, codebook_size=4)
+    logged_run(run, steps=5, log_every=5, snapshot_every=5, overwrite=True)
+    assert [r["step"] for r in rd.read_metrics(run)] == [5]
+    assert [s["step"] for s in rd.read_snapshots(run)] == [5]
+
+
+# ------------------------------------------------------------------------------ example
+@pytest.mark.skipif(importlib.util.find_spec("vector_quantize_pytorch") is None,
+                    reason="vector-quantize-pytorch is not installed (optional: requirements-dev.txt)")
+def test_example_vector_quantize_loop_writes_a_listed_logged_run(tmp_path):
+    out = tmp_path / "runs" / "own_vq"
+    res = subprocess.run([sys.executable, "examples/own_loop_vector_quantize.py", "--out", str(out), "--steps", "20",
+                          "--log-every", "5", "--snapshot-every", "10", "--device", "cpu"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = rd.read_metrics(out)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all(1.0 <= r["perplexity"] <= 64 and 0 <= r["dead_codes"] < 64 and math.isfinite(r["mse"]) for r in rows)
+    assert [s["step"] for s in rd.read_snapshots(out)] == [10, 20]
+    assert rd.read_status(out)["state"] == "finished"
+    listed = cli("list", tmp_path / "runs")
+    assert "logged" in listed.stdout and "K=64" in listed.stdout and "d=32" in listed.stdout
