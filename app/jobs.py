@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import atexit
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -31,16 +30,13 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+from sqvae_core import rundir as rd
+from sqvae_core.cli import TRAIN_FLAGS
 
-from sqvae_core import rundir as rd            # noqa: E402
-from sqvae_core.cli import TRAIN_FLAGS         # noqa: E402
-
+REPO = Path(__file__).resolve().parents[1]     # trainers run from here, with it on PYTHONPATH
 REGISTRY = ".sqvae_jobs.json"
 LOG_FILE = "train.log"
-NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
+ACTIVE = ("queued", "starting", "running")       # states of a job that is not over yet
 FINAL_STATES = ("finished", "failed", "stopped")
 # option name (as in the form / queue file) -> CLI flag; only flags the CLI knows are accepted
 OPTION_FLAGS = {flag[2:].replace("-", "_"): flag for flag in TRAIN_FLAGS}
@@ -48,14 +44,9 @@ OPTION_FLAGS["model"] = "--model"
 STOP_GRACE = 10.0        # seconds between SIGTERM and SIGKILL at app exit
 
 
-def valid_name(name) -> bool:
-    """A run name the app accepts: [A-Za-z0-9_.-], no leading dot, no '..' (no path tricks)."""
-    return (isinstance(name, str) and bool(NAME_RE.match(name)) and not name.startswith(".")
-            and ".." not in name)
-
-
 def check_name(name) -> str:
-    if not valid_name(name):
+    """A run name (sqvae_core.rundir.valid_run_name: [A-Za-z0-9_.-], no leading dot, no '..'), or ValueError."""
+    if not rd.valid_run_name(name):
         raise ValueError(f"invalid run name {name!r}: use letters, digits, '_', '-', '.' "
                          f"(at most 100, not starting with '.', no '..')")
     return name
@@ -228,6 +219,21 @@ class JobManager:
             self._save()
             self.pump()
             return "running" if name in self._procs else "queued"
+
+    def new_name(self, prefix: str) -> str:
+        """PREFIX-YYYYmmdd-HHMMSS[-i], a name no run in the root has yet."""
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        base = "".join(c if c.isalnum() or c in "_.-" else "-" for c in prefix)[:60].lstrip(".") or "run"
+        name, i = f"{base}-{stamp}", 1
+        while (self.root / name).exists():
+            i += 1
+            name = f"{base}-{stamp}-{i}"
+        return name
+
+    def start_demo(self, kind: str = "gaussian_1", steps: int | None = None) -> tuple[str, str]:
+        """One click: `train --model KIND --preset demo` into a new run. Returns (name, state)."""
+        name = self.new_name(f"demo-{kind}")
+        return name, self.submit(name, {"model": kind, "preset": "demo", "steps": steps})
 
     def resume(self, name: str, steps: int | None = None) -> str:
         """Continue a stopped/interrupted run from its checkpoint (optionally to a new total of steps)."""

@@ -1,21 +1,16 @@
 """SQ-VAE Explorer: `streamlit run app/main.py`.
 
-Pages (st.navigation): Explore (app/pages_/explore.py), Train live (app/pages_/train.py),
-Compare (app/pages_/compare.py). Shared helpers live in app/common.py, training job control in
-app/jobs.py. Each page script also runs on its own (tests run them with AppTest.from_file).
+Pages (st.navigation): Explore (app/pages_/explore.py, the root page), Train live
+(app/pages_/train.py), Compare (app/pages_/compare.py). Each page script also runs on its own
+(tests run them with AppTest.from_file). Where everything else lives: README.md, "Architecture".
 """
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+import streamlit as st
 
-import streamlit as st  # noqa: E402
-
-from app import common  # noqa: E402
+from app import theme, ui
 
 PAGES = Path(__file__).resolve().parent / "pages_"
 
@@ -29,12 +24,12 @@ pages = [
     st.Page(PAGES / "compare.py", title="Compare", url_path="compare"),
 ]
 page = st.navigation(pages, position="top")
-common.page_style()
-common.RUN.in_entrypoint = True
+theme.page_style()
+ui.RUN.in_entrypoint = True
 try:
     page.run()
 finally:
-    common.RUN.in_entrypoint = False
+    ui.RUN.in_entrypoint = False
 # The (collapsed) sidebar after the page: its widgets would otherwise delay Explore's first chart
-# (benchmarks/first_paint.py). Pages that end early call common.stop_page(), which draws it.
-common.sidebar_widgets()
+# (benchmarks/first_paint.py). Pages that end early call ui.stop_page(), which draws it.
+ui.sidebar_widgets()

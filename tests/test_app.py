@@ -86,9 +86,9 @@ def env(tmp_path_factory):
 
 
 def _jm(runs: Path):
-    from app import common
+    from app import cache
     try:
-        return common._job_manager(str(runs.resolve()), 1)
+        return cache._job_manager(str(runs.resolve()), 1)
     except Exception:
         return None
 
@@ -341,11 +341,11 @@ def test_sidebar_upload_of_a_bundle_zip(env):
 
 
 def test_hostile_run_labels_are_refused(env):
-    from app import common
+    from app import runs
     for bad in ("runs/../etc", "runs/a/../../b", "elsewhere/x", "runs/.hidden", "checkpoints/a b"):
         with pytest.raises(ValueError):
-            common.resolve_label(bad)
-    assert common.resolve_label("checkpoints/tiny").path == env["ck"] / "tiny"
+            runs.resolve_label(bad)
+    assert runs.resolve_label("checkpoints/tiny").path == env["ck"] / "tiny"
 
 
 # ------------------------------------------------------------------------------ Train

@@ -48,7 +48,7 @@ def test_cli_list_and_the_app_show_the_same_runs(tmp_path, monkeypatch):
     cli = [Path(line.split()[0]).relative_to(runs).as_posix() for line in out.stdout.splitlines()]
     monkeypatch.setenv("SQVAE_RUNS", str(runs))
     monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "no_checkpoints"))
-    from app import common as app_runs
+    from app import runs as app_runs
     assert [r.name for r in app_runs.list_bundles()] == cli == ["a", "ship/gaussian_1", "ship/vq"]
 
 

@@ -3,26 +3,17 @@ codebook-collapse race (Gaussian SQ-VAE vs VQ-VAE vs VQ-VAE EMA, demo preset).""
 from __future__ import annotations
 
 import re
-import sys
 import time
-from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+import streamlit as st
 
-import plotly.graph_objects as go      # noqa: E402
-import streamlit as st                 # noqa: E402
+from app import cache, charts, runs, settings, theme, ui
+from app.jobs import ACTIVE
 
-from app import common as C            # noqa: E402
-
-if not C.RUN.in_entrypoint:
-    st.set_page_config(page_title="Compare · SQ-VAE Explorer", layout="wide")
-C.page_setup("Compare")
+ui.page_setup("Compare", "Compare")
 
 RACE_KINDS = ("gaussian_1", "vq", "vq_ema")
 RACE_RE = re.compile(r"^race-(\d{8}-\d{6}(?:-\d+)?)-(gaussian_1|vq|vq_ema)$")
-ACTIVE = ("queued", "starting", "running")
 SKIP_KEYS = {"step", "wall_time", "elapsed"}
 SWEEP_PARAMS = {   # option -> (label, parser)
     "model": ("model kind", str),
@@ -37,11 +28,11 @@ SWEEP_PARAMS = {   # option -> (label, parser)
 
 
 def run_summary(ref) -> dict:
-    rows = C.read_metrics(ref.path)
-    val = C.last_val_row(rows) or {}
-    st_ = C.read_status(ref.path)
+    rows = runs.read_metrics(ref.path)
+    val = runs.last_val_row(rows) or {}
+    st_ = runs.read_status(ref.path)
     try:
-        cfg = C.read_config(ref.path)
+        cfg = runs.read_config(ref.path)
         model = cfg.get("model", {})
     except Exception:      # noqa: BLE001
         cfg, model = {}, {}
@@ -64,7 +55,7 @@ def curves(refs):
     if not chosen:
         st.info("Pick one or more runs.")
         return
-    all_rows = {lab: C.read_metrics(by_label[lab].path) for lab in chosen}
+    all_rows = {lab: runs.read_metrics(by_label[lab].path) for lab in chosen}
     keys = sorted({k for rows in all_rows.values() for r in rows for k, v in r.items()
                    if k not in SKIP_KEYS and isinstance(v, (int, float)) and not isinstance(v, bool)})
     if not keys:
@@ -76,21 +67,11 @@ def curves(refs):
         c1, c2 = st.columns([3, 1])
         metric = c1.selectbox("Metric", keys, key="cmp_metric")
         log_y = c2.toggle("log y", key="cmp_log")
-        fig = go.Figure()
-        for lab, rows in all_rows.items():
-            xs, ys = C.series(rows, metric)
-            if xs:
-                fig.add_trace(go.Scatter(x=xs, y=ys, name=lab,
-                                         mode="lines+markers" if metric.startswith("val_") else "lines"))
-        fig.update_xaxes(title="step")
-        fig.update_yaxes(title=metric, type="log" if log_y else "linear")
-        C.style(fig, 420, f"{metric} over training")
-        fig.update_layout(legend=dict(orientation="h", y=-0.2))
-        C.plot(fig, key="cmp_chart")
+        theme.plot(charts.runs_figure(all_rows, metric, log_y=log_y), key="cmp_chart")
     table = [run_summary(by_label[lab]) for lab in chosen]
     st.markdown("**Final metrics** (last validation row of each run)")
     st.dataframe(table, hide_index=True, width="stretch")
-    st.download_button("Download table CSV", C.metrics_csv(table), file_name="compare_final_metrics.csv",
+    st.download_button("Download table CSV", ui.metrics_csv(table), file_name="compare_final_metrics.csv",
                        mime="text/csv", key="dl_cmp", on_click="ignore")
 
 
@@ -100,8 +81,8 @@ def sweep(jm):
                 f"(at most {jm.max_jobs} run at once, the rest wait in the queue).")
     with st.form("sweep_form"):
         c = st.columns(4)
-        kind = c[0].selectbox("Base model kind", C.MODEL_KINDS, key="sw_kind")
-        preset = c[1].selectbox("Preset", ["demo", "none", "paper"], key="sw_preset")
+        kind = c[0].selectbox("Base model kind", settings.MODEL_KINDS, key="sw_kind")
+        preset = c[1].selectbox("Preset", settings.PRESET_CHOICES, key="sw_preset")
         steps = c[2].number_input("Steps", 1, 10_000_000, value=None, placeholder="preset", key="sw_steps")
         param = c[3].selectbox("Vary", list(SWEEP_PARAMS), format_func=lambda p: SWEEP_PARAMS[p][0], key="sw_param")
         values = st.text_input("Values (comma-separated; model kinds by name)", key="sw_values",
@@ -109,7 +90,7 @@ def sweep(jm):
         go_ = st.form_submit_button("Enqueue sweep", type="primary", icon=":material/playlist_add:")
     if not go_:
         return
-    with C.guard("Sweep"):
+    with ui.guard("Sweep"):
         label, parse = SWEEP_PARAMS[param]
         raw = [v.strip() for v in (values or "").split(",") if v.strip()]
         if not raw:
@@ -122,8 +103,8 @@ def sweep(jm):
                 x = parse(v)
             except ValueError:
                 raise ValueError(f"{v!r} is not a valid {label}") from None
-            if param == "model" and x not in C.MODEL_KINDS:
-                raise ValueError(f"unknown model kind {x!r}; choose from {', '.join(C.MODEL_KINDS)}")
+            if param == "model" and x not in settings.MODEL_KINDS:
+                raise ValueError(f"unknown model kind {x!r}; choose from {', '.join(settings.MODEL_KINDS)}")
             parsed.append(x)
         stamp = time.strftime("%Y%m%d-%H%M%S")
         started = []
@@ -139,7 +120,7 @@ def sweep(jm):
 # ----------------------------------------------------------------------------- race
 def races() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for ref in C.list_bundles(("runs",)):
+    for ref in runs.list_bundles(("runs",)):
         m = RACE_RE.match(ref.name)
         if m:
             out.setdefault(m.group(1), []).append(ref.name)
@@ -151,35 +132,22 @@ def race_names(stamp: str) -> list[str]:
 
 
 def race_panel(stamp: str):
-    jm = C.job_manager()
+    jm = cache.job_manager()
     names = race_names(stamp)
     states = {n: jm.job_state(n) for n in names}
     cols = st.columns(3)
     for col, n, kind in zip(cols, names, RACE_KINDS):
         s = states[n]
-        col.metric(C.KIND_LABELS[kind], s["state"], help=n)
-        col.caption(f"step {C.latest_step(jm.run_dir(n), s)}" + (f" · queue #{s['position']}" if s.get("position") else ""))
-    rows = {n: C.read_metrics(jm.run_dir(n)) for n in names}
+        col.metric(settings.KIND_LABELS[kind], s["state"], help=n)
+        col.caption(f"step {runs.latest_step(jm.run_dir(n), s)}" + (f" · queue #{s['position']}" if s.get("position") else ""))
+    rows = {n: runs.read_metrics(jm.run_dir(n)) for n in names}
+    race_rows = [(settings.KIND_LABELS[kind], rows[n]) for n, kind in zip(names, RACE_KINDS)]
     left, right = st.columns(2)
-    for col, key, title, val in ((left, "perplexity", "Perplexity (codes in use, higher is better)", "val_perplexity"),
-                                 (right, "val_dead_codes", "Dead codes (validation)", None)):
-        fig = go.Figure()
-        for i, (n, kind) in enumerate(zip(names, RACE_KINDS)):
-            xs, ys = C.series(rows[n], key)
-            color = (C.DEMO_COLORS if C.demo_mode() else C.COLORS)[i]
-            if xs:
-                fig.add_trace(go.Scatter(x=xs, y=ys, name=C.KIND_LABELS[kind], line=dict(color=color),
-                                         mode="lines+markers" if key.startswith("val_") else "lines"))
-            if val:
-                vx, vy = C.series(rows[n], val)
-                if vx:
-                    fig.add_trace(go.Scatter(x=vx, y=vy, name=f"{C.KIND_LABELS[kind]} (val)", mode="markers",
-                                             marker=dict(color=color, size=9, symbol="diamond"), showlegend=False))
-        fig.update_xaxes(title="step")
-        C.style(fig, 380, title)
-        fig.update_layout(legend=dict(orientation="h", y=-0.25))
-        with col:
-            C.plot(fig, key=f"race_{key}")
+    with left:
+        theme.plot(charts.race_figure(race_rows, "perplexity", "Perplexity (codes in use; higher is better)",
+                                      val_key="val_perplexity"), key="race_perplexity")
+    with right:
+        theme.plot(charts.race_figure(race_rows, "val_dead_codes", "Dead codes (validation)"), key="race_val_dead_codes")
     if any(s["state"] in ("stopped", "interrupted", "failed") for s in states.values()):
         st.caption("Some race runs are not running: see **Train live** to resume or read their errors.")
     active = any(s["state"] in ACTIVE for s in states.values())
@@ -190,7 +158,7 @@ def race_panel(stamp: str):
 
 
 def race_fragment(stamp: str):
-    with C.guard("Race panel"):
+    with ui.guard("Race panel"):
         race_panel(stamp)
 
 
@@ -203,10 +171,10 @@ def race(jm):
     steps = c1.number_input("Steps (empty = demo preset, 1200)", 1, 1_000_000, value=None, key="race_steps",
                             placeholder="1200")
     if c2.button("Start the race", type="primary", key="race_start", icon=":material/sports_score:"):
-        with C.guard("Race"):
+        with ui.guard("Race"):
             stamp = time.strftime("%Y%m%d-%H%M%S")
             i = 1
-            while any((C.runs_dir() / n).exists() for n in race_names(stamp)):
+            while any((settings.runs_dir() / n).exists() for n in race_names(stamp)):
                 i += 1
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{i}"
             for n, kind in zip(race_names(stamp), RACE_KINDS):
@@ -230,19 +198,19 @@ def race(jm):
     states = [jm.job_state(n)["state"] for n in race_names(stamp)]
     active = any(s in ACTIVE for s in states)
     st.session_state["_race_active"] = active
-    st.fragment(run_every=C.refresh_seconds() if active else None)(race_fragment)(stamp)
+    st.fragment(run_every=settings.refresh_seconds() if active else None)(race_fragment)(stamp)
 
 
 # ----------------------------------------------------------------------------- page
-jm = C.job_manager()
+jm = cache.job_manager()
 tabs = st.tabs(["Curves & final metrics", "Sweep", "Collapse race"], key="compare_tab", on_change="rerun")
 with tabs[0]:
     if tabs[0].open:
-        refs = C.list_bundles()
+        refs = runs.list_bundles()
         if not refs:
-            st.info(f"No runs or bundles found in `{C.runs_dir()}` or `{C.checkpoints_dir()}`.")
+            st.info(f"No runs or bundles found in `{settings.runs_dir()}` or `{settings.checkpoints_dir()}`.")
         else:
-            with C.guard("Curves"):
+            with ui.guard("Curves"):
                 curves(refs)
 with tabs[1]:
     if tabs[1].open:

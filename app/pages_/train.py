@@ -2,150 +2,96 @@
 stop / resume them. Job control (cap, queue, cleanup) is in app/jobs.py."""
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[2]
-if str(_REPO) not in sys.path:
-    sys.path.insert(0, str(_REPO))
+import streamlit as st
 
-import numpy as np                     # noqa: E402
-import plotly.graph_objects as go      # noqa: E402
-import streamlit as st                 # noqa: E402
+from app import cache, charts, runs, settings, theme, ui
+from app.jobs import ACTIVE, log_tail
+from sqvae_core.rundir import CONFIG
 
-from app import common as C            # noqa: E402
+ui.page_setup("Train live", "Train live")
 
-if not C.RUN.in_entrypoint:
-    st.set_page_config(page_title="Train live · SQ-VAE Explorer", layout="wide")
-C.page_setup("Train live")
-
-from app.jobs import log_tail          # noqa: E402
-
-REFRESH = C.refresh_seconds()     # seconds between live refreshes (env SQVAE_APP_REFRESH, default 2)
-ACTIVE = ("queued", "starting", "running")
+REFRESH = settings.refresh_seconds()     # seconds between live refreshes (env SQVAE_APP_REFRESH, default 2)
 STATE_ICON = {"queued": ":material/hourglass_top:", "starting": ":material/rocket_launch:",
               "running": ":material/play_circle:", "finished": ":material/check_circle:",
               "failed": ":material/error:", "stopped": ":material/stop_circle:",
               "interrupted": ":material/warning:", "unknown": ":material/help:"}
-PRESETS = ["demo", "none", "paper"]
+NAMES = {"sigma2_q": "σ²_φ (quantizer)", "sigma2_x": "σ² (decoder)", "kappa_q": "κ_φ (quantizer)",
+         "kappa_x": "κ (decoder)", "val_dead_codes": "dead codes (val)"}
 
 
 # ------------------------------------------------------------------------- charts
-def usage_raster(snaps: list[dict]) -> go.Figure | None:
-    if not snaps:
-        return None
-    z = np.stack([s["usage"] for s in snaps], 1).astype(float)          # (K, snapshots)
-    steps = [s["step"] for s in snaps]
-    fig = go.Figure(go.Heatmap(z=np.log10(1 + z), x=steps, y=list(range(z.shape[0])), colorscale="Viridis",
-                               customdata=z, colorbar=dict(title="log10(1+uses)", thickness=12),
-                               hovertemplate="step %{x}<br>code %{y}<br>uses %{customdata}<extra></extra>"))
-    fig.update_xaxes(title="step (snapshot)", type="category" if len(steps) < 3 else "linear")
-    fig.update_yaxes(title="code")
-    return C.style(fig, 320, "Code usage per snapshot window (dark = dead)")
-
-
-def map_animation(frames_pts: list[list[dict]], steps: list[int]) -> go.Figure | None:
-    if not frames_pts:
-        return None
-
-    def trace(pts):
-        u = np.array([p.get("usage") or 0 for p in pts], float)
-        return go.Scatter(x=[p["x"] for p in pts], y=[p["y"] for p in pts], mode="markers",
-                          customdata=[[p["code"], p.get("usage")] for p in pts],
-                          marker=dict(size=8, color=np.log10(1 + u), colorscale="Viridis", cmin=0,
-                                      cmax=max(1.0, float(np.log10(1 + max(u.max(), 1)))),
-                                      symbol=["x" if p.get("dead") else "circle" for p in pts]),
-                          hovertemplate="code %{customdata[0]}<br>uses %{customdata[1]}<extra></extra>")
-    xs = [p["x"] for f in frames_pts for p in f]
-    ys = [p["y"] for f in frames_pts for p in f]
-    pad_x, pad_y = 0.05 * (max(xs) - min(xs) + 1e-9), 0.05 * (max(ys) - min(ys) + 1e-9)
-    fig = go.Figure(data=[trace(frames_pts[-1])],
-                    frames=[go.Frame(data=[trace(f)], name=str(s)) for f, s in zip(frames_pts, steps)])
-    fig.update_xaxes(range=[min(xs) - pad_x, max(xs) + pad_x], showticklabels=False)
-    fig.update_yaxes(range=[min(ys) - pad_y, max(ys) + pad_y], showticklabels=False)
-    fig.update_layout(
-        updatemenus=[dict(type="buttons", showactive=False, x=0, y=-0.08, xanchor="left", yanchor="top",
-                          buttons=[dict(label="▶ play", method="animate",
-                                        args=[None, dict(frame=dict(duration=300, redraw=True), fromcurrent=False)])])],
-        sliders=[dict(active=len(steps) - 1, x=0.15, len=0.85, y=-0.02, currentvalue=dict(prefix="step "),
-                      steps=[dict(label=str(s), method="animate",
-                                  args=[[str(s)], dict(mode="immediate", frame=dict(duration=0, redraw=True))])
-                             for s in steps])])
-    return C.style(fig, 380, "Codebook map over training (PCA on shared axes; ✕ = dead in window)")
+def live_figures(run_dir: Path, rows: list[dict], kind: str | None) -> list[tuple[object, str | None]]:
+    """(figure, caption) of each live panel of a run that has data yet."""
+    anneal = ["kappa_q", "kappa_x"] if kind in settings.CATEGORICAL_KINDS else ["sigma2_q", "sigma2_x"]
+    anneal_title = "Self-annealing: κ_φ and κ (log)" if kind in settings.CATEGORICAL_KINDS else \
+        "Self-annealing: σ²_φ and σ² (log)"
+    figs = [charts.line_figure(rows, ["loss", "val_loss"], "Loss", names=NAMES),
+            charts.line_figure(rows, ["mse", "val_mse"], "MSE (per image)", names=NAMES),
+            charts.panels_figure(rows, [["perplexity", "val_perplexity"], ["val_dead_codes"]],
+                                 "Perplexity and dead codes", names=NAMES),
+            charts.line_figure(rows, ["entropy", "val_entropy"], "Quantization entropy H(P̂(z_q|z)), nats", names=NAMES),
+            charts.line_figure(rows, anneal, anneal_title, log_y=True, names=NAMES),
+            charts.line_figure(rows, ["temperature"], "Gumbel-softmax temperature τ", names=NAMES)]
+    out = [(f, None) for f in figs if f is not None]
+    snaps = cache.snapshots(run_dir)
+    if snaps:
+        out.append((charts.usage_raster(snaps), "Uses of each code in each snapshot window."))
+        try:
+            anim = charts.map_animation(cache.snapshot_maps(run_dir, kind or "gaussian_1"), [s["step"] for s in snaps])
+            if anim is not None:
+                out.append((anim, "PCA of each snapshot's codebook on shared axes; ✕ = dead in that window."))
+        except ValueError as e:
+            st.caption(f"Codebook map unavailable: {e}")
+    return out
 
 
 def live_charts(run_dir: Path, rows: list[dict], kind: str | None, key: str):
-    """The live panels of one run (charts that have no data yet are skipped)."""
-    from sqvae_core.explore import code_metric
-    cat = kind in ("vmf", "nc")
-    anneal_keys = ["kappa_q", "kappa_x"] if cat else ["sigma2_q", "sigma2_x"]
-    anneal_title = ("Self-annealing: κ_φ (quantizer) and κ (decoder), log scale" if cat else
-                    "Self-annealing: σ²_φ (quantizer) and σ² (decoder), log scale")
-    names = {"sigma2_q": "σ²_φ", "sigma2_x": "σ² (decoder)", "kappa_q": "κ_φ", "kappa_x": "κ (decoder)",
-             "val_dead_codes": "dead codes (val)"}
-    specs = [
-        (["loss", "val_loss"], "Loss", {}),
-        (["mse", "val_mse"], "MSE (per image)", {}),
-        (["perplexity", "val_perplexity"], "Perplexity & dead codes", {"secondary": ["val_dead_codes"]}),
-        (["entropy", "val_entropy"], "Quantization entropy H(P̂(z_q|z)) [nats]", {}),
-        (anneal_keys, anneal_title, {"log_y": True}),
-        (["temperature"], "Gumbel-softmax temperature τ", {}),
-    ]
-    figs = []
-    for keys, title, kw in specs:
-        fig = C.line_figure(rows, keys, title, names=names, **kw)
-        if fig is not None:
-            figs.append(fig)
-    snaps = C.snapshots(run_dir)
-    if snaps:
-        figs.append(usage_raster(snaps))
-        try:
-            maps = C.snapshot_maps(run_dir, code_metric(kind or "gaussian_1"))
-            anim = map_animation(maps, [s["step"] for s in snaps])
-            if anim is not None:
-                figs.append(anim)
-        except ValueError as e:
-            st.caption(f"Codebook map unavailable: {e}")
+    """The live panels of one run, two per row (charts that have no data yet are skipped)."""
+    figs = live_figures(run_dir, rows, kind)
     if not figs:
         st.info("No metrics yet: the first rows appear after `log_every` steps.")
         return
     for i in range(0, len(figs), 2):
         cols = st.columns(2)
-        for j, fig in enumerate(figs[i:i + 2]):
+        for j, (fig, caption) in enumerate(figs[i:i + 2]):
             with cols[j]:
-                C.plot(fig, key=f"{key}_{i + j}")
+                theme.plot(fig, key=f"{key}_{i + j}")
+                if caption:
+                    st.caption(caption)
 
 
 # -------------------------------------------------------------------------- panel
 def run_kind(run_dir: Path) -> tuple[str | None, int | None]:
     try:
-        cfg = C.read_config(run_dir)
+        cfg = runs.read_config(run_dir)
         return cfg.get("model", {}).get("kind"), cfg.get("train", {}).get("steps")
     except Exception:       # noqa: BLE001 - no config yet (queued / starting)
         return None, None
 
 
 def watch_panel(name: str) -> str:
-    jm = C.job_manager()
+    jm = cache.job_manager()
     run_dir = jm.run_dir(name)
     info = jm.job_state(name)
     state = info["state"]
     kind, total = run_kind(run_dir)
-    rows = C.read_metrics(run_dir)
+    rows = runs.read_metrics(run_dir)
     step = max([r.get("step", 0) for r in rows] + [info.get("step") or 0])
 
     head = st.columns([4, 1, 1])
     head[0].markdown(f"### {STATE_ICON.get(state, '')} `{name}` — {state}"
-                     + (f" · {C.KIND_LABELS.get(kind, kind)}" if kind else ""))
+                     + (f" · {settings.KIND_LABELS.get(kind, kind)}" if kind else ""))
     if state in ACTIVE:
         if head[1].button("Stop", key=f"stop_{name}", type="primary", icon=":material/stop:"):
             res = jm.stop(name)
             st.toast(f"{name}: {res}")
             info = jm.job_state(name)
             state = info["state"]
-    if state in ("stopped", "interrupted") and (run_dir / "config.json").is_file():
+    if state in ("stopped", "interrupted") and (run_dir / CONFIG).is_file():
         if head[1].button("Resume", key=f"resume_{name}", type="primary", icon=":material/play_arrow:"):
-            with C.guard("Resume"):
+            with ui.guard("Resume"):
                 res = jm.resume(name)
                 st.toast(f"{name}: resumed ({res})")
                 st.rerun()
@@ -167,10 +113,10 @@ def watch_panel(name: str) -> str:
                    f"(killed, or the machine restarted). Resume continues from the last checkpoint.")
     elif state == "failed":
         st.error(f"Training failed: {info.get('error') or 'see the log below'}")
-    if (run_dir / "config.json").is_file() or rows:
+    if (run_dir / CONFIG).is_file() or rows:
         live_charts(run_dir, rows, kind, key=f"live_{name}")
     if rows:
-        st.download_button("Download metrics CSV", C.metrics_csv(rows), file_name=f"{name.replace('/', '_')}_metrics.csv",
+        st.download_button("Download metrics CSV", ui.metrics_csv(rows), file_name=f"{runs.safe_filename(name)}_metrics.csv",
                            mime="text/csv", key=f"dl_{name}", on_click="ignore")
     tail = log_tail(run_dir, 12)
     if tail:
@@ -181,15 +127,15 @@ def watch_panel(name: str) -> str:
 
 def live_area(watched: str, names: list[str]):
     """Jobs table + the watched run's panel: re-run every REFRESH s while any job is active."""
-    jm = C.job_manager()
-    with C.guard("Jobs"):
+    jm = cache.job_manager()
+    with ui.guard("Jobs"):
         states = {n: jm.job_state(n) for n in names}
         with st.expander(f"All runs and jobs ({len(names)}; at most {jm.max_jobs} trainings at once)",
                          expanded=any(s["state"] in ACTIVE for s in states.values())):
-            st.dataframe([{"run": n, "state": s["state"], "step": C.latest_step(jm.run_dir(n), s), "pid": s.get("pid"),
+            st.dataframe([{"run": n, "state": s["state"], "step": runs.latest_step(jm.run_dir(n), s), "pid": s.get("pid"),
                            "queue position": s.get("position"), "error": (s.get("error") or "")[:160]}
                           for n, s in states.items()], hide_index=True, width="stretch")
-    with C.guard(f"Run {watched}"):
+    with ui.guard(f"Run {watched}"):
         watch_panel(watched)
     active = any(jm.job_state(n)["state"] in ACTIVE for n in names)
     was = st.session_state.get("_any_active")
@@ -204,11 +150,11 @@ def start_form(jm):
         st.markdown("**New training run** — empty number fields take the preset's value "
                     "(or the trainer's default with preset *none*).")
         c = st.columns(4)
-        kind = c[0].selectbox("Model kind", C.MODEL_KINDS, key="f_kind",
-                              format_func=lambda k: f"{k} — {C.KIND_LABELS.get(k, '')}")
-        dataset = c[1].selectbox("Dataset", ["auto"] + list(C.DATASETS), key="f_dataset",
+        kind = c[0].selectbox("Model kind", settings.MODEL_KINDS, key="f_kind",
+                              format_func=lambda k: f"{k} — {settings.KIND_LABELS.get(k, '')}")
+        dataset = c[1].selectbox("Dataset", ["auto"] + list(settings.DATASETS), key="f_dataset",
                                  help="auto: fashion-mnist, or fashion-mnist-cat8 for vmf/nc")
-        preset = c[2].selectbox("Preset", PRESETS, key="f_preset",
+        preset = c[2].selectbox("Preset", settings.PRESET_CHOICES, key="f_preset",
                                 help="demo: K=128, d=32, 1200 steps (~2 min on a 2-core CPU); paper: the paper's settings")
         name = c[3].text_input("Run name", key="f_name", placeholder="auto",
                                help="letters, digits, _ - . ; created under the runs directory")
@@ -240,8 +186,8 @@ def start_form(jm):
             "val_max_images": val_max}
     opts = {key: (int(v) if isinstance(v, float) and key != "lr" and float(v).is_integer() else v)
             for key, v in opts.items() if v is not None}
-    with C.guard("Start"):
-        run = (name or "").strip() or C.new_run_name(kind)
+    with ui.guard("Start"):
+        run = (name or "").strip() or jm.new_name(kind)
         state = jm.submit(run, opts)
         st.session_state["watch_run"] = run
         st.success(f"`{run}` {state}" + (" (waiting for a free slot)" if state == "queued" else ""))
@@ -253,29 +199,29 @@ def quick_buttons(jm):
     for col, (kind, label) in zip(cols, [("gaussian_1", "SQ-VAE (Gaussian I)"), ("vq", "VQ-VAE"),
                                          ("vq_ema", "VQ-VAE (EMA)"), ("vmf", "vMF SQ-VAE")]):
         if col.button(label, key=f"quick_{kind}", width="stretch", icon=":material/bolt:"):
-            with C.guard("Start"):
-                name, state = C.start_demo_training(kind)
+            with ui.guard("Start"):
+                name, state = jm.start_demo(kind)
                 st.session_state["watch_run"] = name
                 st.toast(f"{name}: {state}")
 
 
 def run_names(jm) -> list[str]:
     names = [j["name"] for j in jm.jobs()]
-    for ref in C.list_bundles(("runs",)):
+    for ref in runs.list_bundles(("runs",)):
         if ref.name not in names:
             names.append(ref.name)
     return names
 
 
 # ---------------------------------------------------------------------------- page
-jm = C.job_manager()
+jm = cache.job_manager()
 quick_buttons(jm)
 start_form(jm)
 
 names = run_names(jm)
 if not names:
-    st.info(f"No runs yet in `{C.runs_dir()}`. Start one above.")
-    C.stop_page()
+    st.info(f"No runs yet in `{settings.runs_dir()}`. Start one above.")
+    ui.stop_page()
 
 states = {n: jm.job_state(n) for n in names}
 request = st.session_state.pop("watch_run", None)       # one-shot: a run just started

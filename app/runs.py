@@ -1,0 +1,265 @@
+"""What the app reads from run directories without a model: the list of runs, their labels,
+config / status / metrics, and what a bundle already stores (eval.json, umap.json, samples/).
+
+No torch here: Explore paints its first view (card and codebook map) from these files before
+torch is imported (app/cache.py loads the model). The run-directory layout is in docs/interface.md;
+the lister is sqvae_core.rundir.list_runs, the same as `sqvae list`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import streamlit as st
+
+from app import settings
+from sqvae_core import rundir as rd
+
+EVAL_FILE = "eval.json"        # full test-split evaluation shipped with a bundle (scripts/finish_bundles.py)
+MAP_FILE = "umap.json"         # codebook maps cached by sqvae_core.explore.cached_codebook_map
+PRIOR_FILE = "prior.safetensors"
+SAMPLES_DIR = "samples"
+CLOCK_SKEW_NS = 2_000_000_000  # a clone or copy writes a bundle's files within a moment, in any order
+
+
+@dataclass(frozen=True)
+class RunRef:
+    """A run directory under one of the two roots: label "runs/ship/gaussian_1"."""
+    source: str
+    name: str          # one or two components joined by "/"
+    path: Path
+
+    @property
+    def label(self) -> str:
+        return f"{self.source}/{self.name}"
+
+
+def safe_filename(name: str) -> str:
+    """A run name as part of a download's file name ("ship/gaussian_1" -> "ship_gaussian_1")."""
+    return name.replace("/", "_")
+
+
+def list_bundles(sources=settings.SOURCES) -> list[RunRef]:
+    """Runs under each root (sqvae_core.rundir.list_runs: NAME and GROUP/NAME), as RunRefs."""
+    out = []
+    for source in sources:
+        root = settings.roots()[source]
+        for path in rd.list_runs(root):
+            if path != root:
+                out.append(RunRef(source, path.relative_to(root).as_posix(), path))
+    return out
+
+
+def resolve_label(label: str) -> RunRef:
+    """RunRef of "checkpoints/NAME", "runs/NAME" or "runs/GROUP/NAME"; ValueError for anything else."""
+    if not isinstance(label, str):
+        raise ValueError("run label must be a string")
+    parts = label.split("/")
+    if len(parts) not in (2, 3) or parts[0] not in settings.SOURCES:
+        raise ValueError(f"unknown run {label!r}: expected checkpoints/NAME or runs/NAME")
+    for p in parts[1:]:
+        if not rd.valid_run_name(p):
+            raise ValueError(f"invalid run name {p!r} in {label!r}")
+    root = settings.roots()[parts[0]]
+    path = root.joinpath(*parts[1:])
+    try:
+        inside = path.resolve().is_relative_to(root.resolve())
+    except OSError:
+        inside = False
+    if not inside:
+        raise ValueError(f"run {label!r} points outside {root}")
+    return RunRef(parts[0], "/".join(parts[1:]), path)
+
+
+def default_label(refs: list[RunRef]) -> str:
+    """The bundle Explore opens on: the shipped Gaussian SQ-VAE (I-IV) with the lowest test MSE in
+    its eval.json (one without eval.json ranks last), else the first shipped bundle, else the first run."""
+    shipped = [r for r in refs if r.source == "checkpoints"]
+
+    def rank(ref):
+        try:
+            kind = read_config(ref.path).get("model", {}).get("kind")
+        except rd.BundleError:
+            return None
+        if kind not in settings.SQ_VAE_KINDS:
+            return None
+        mse = (read_eval(ref.path) or {}).get("test_mse")
+        return (0, mse) if isinstance(mse, (int, float)) else (1, 0.0)
+
+    ranked = [(rank(r), i) for i, r in enumerate(shipped)]
+    ranked = [(k, i) for k, i in ranked if k is not None]
+    if ranked:
+        return shipped[min(ranked)[1]].label
+    return (shipped or refs)[0].label
+
+
+# ------------------------------------------------------------------------ file state
+def mtime(path: Path) -> int:
+    try:
+        return Path(path).stat().st_mtime_ns
+    except OSError:
+        return 0
+
+
+def file_sig(path: Path) -> tuple[int, int]:
+    try:
+        s = Path(path).stat()
+        return s.st_mtime_ns, s.st_size
+    except OSError:
+        return 0, 0
+
+
+def bundle_key(path: Path) -> tuple[str, int, int]:
+    """Cache key of a bundle: path + weights mtime + config mtime (new weights -> new entry)."""
+    path = Path(path)
+    return str(path), mtime(path / rd.WEIGHTS), mtime(path / rd.CONFIG)
+
+
+def _current(path: Path, run_dir: Path) -> bool:
+    """A stored result is current unless the weights were written after it (beyond a clone's skew)."""
+    return path.is_file() and mtime(path) >= mtime(Path(run_dir) / rd.WEIGHTS) - CLOCK_SKEW_NS
+
+
+# ------------------------------------------------------------------------ run files
+def read_status(path: Path) -> dict:
+    return rd.read_status(Path(path))      # cheap and must see a dead pid at once: not cached
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _read_metrics(path: str, sig) -> list[dict]:
+    return rd.read_metrics(Path(path))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """metrics.jsonl rows, re-read only when the file changed (size or mtime)."""
+    p = Path(path) / rd.METRICS
+    return _read_metrics(str(p), file_sig(p))
+
+
+def read_config(path: Path) -> dict:
+    return rd.read_json(Path(path) / rd.CONFIG, rd.CONFIG)
+
+
+def latest_step(path: Path, status: dict | None = None) -> int:
+    """The newest step of a run: its last metrics row, or status.json's step (checkpoints)."""
+    rows = read_metrics(path)
+    steps = [r["step"] for r in rows[-50:] if isinstance(r.get("step"), int)]
+    st_step = (status or {}).get("step")
+    return max(steps + ([st_step] if isinstance(st_step, int) else []) + [0])
+
+
+def last_val_row(rows: list[dict]) -> dict | None:
+    vals = [r for r in rows if any(k.startswith("val_") for k in r)]
+    return vals[-1] if vals else None
+
+
+# --------------------------------------------------------- what a bundle already stores
+def read_eval(path: Path) -> dict | None:
+    """A bundle's eval.json (whole test split, deterministic quantization), if current; else None."""
+    p = Path(path) / EVAL_FILE
+    if not _current(p, path):
+        return None
+    try:
+        return rd.read_json(p, EVAL_FILE)
+    except rd.BundleError:
+        return None
+
+
+def stored_evaluation(path: Path, codebook_size: int) -> dict | None:
+    """eval.json in the keys of sqvae_core.evaluate.evaluate_model (mse, perplexity, entropy,
+    dead_codes, codebook_size, n_images, usage: K counts or None) plus "source"; None without one."""
+    ev = read_eval(path)
+    if ev is None or not isinstance(ev.get("test_mse"), (int, float)):
+        return None
+    usage = ev.get("usage")
+    if not (isinstance(usage, list) and len(usage) == codebook_size and all(type(u) is int for u in usage)):
+        usage = None
+    n = ev.get("n_test", "?")
+    return {"mse": ev["test_mse"], "perplexity": ev.get("test_perplexity"), "entropy": ev.get("test_entropy"),
+            "dead_codes": ev.get("dead_codes"), "codebook_size": ev.get("codebook_size", codebook_size),
+            "n_images": n, "usage": usage,
+            "source": f"the bundle's eval.json ({n} test images, deterministic quantization)"}
+
+
+def stored_map(path: Path, codebook_size: int, usage: list[int] | None, method: str = "umap") -> list[dict] | None:
+    """The codebook map cached in umap.json (newest entry of that method, seed 0, K points) as
+    sqvae_core.explore's points, or None if there is none or the weights are newer. The model's own
+    map (keyed by a hash of its codebook) replaces it once the model is loaded."""
+    p = Path(path) / MAP_FILE
+    if not _current(p, path):
+        return None
+    try:
+        entries = rd.read_json(p, MAP_FILE).get("entries")
+    except rd.BundleError:
+        return None
+    for entry in reversed(list(entries.values()) if isinstance(entries, dict) else []):
+        if not (isinstance(entry, dict) and entry.get("method") == method and entry.get("seed") == 0):
+            continue
+        xs, ys = entry.get("x"), entry.get("y")
+        if isinstance(xs, list) and isinstance(ys, list) and len(xs) == len(ys) == codebook_size:
+            return [{"code": i, "x": float(x), "y": float(y),
+                     "usage": None if usage is None else int(usage[i]),
+                     "dead": None if usage is None else usage[i] == 0} for i, (x, y) in enumerate(zip(xs, ys))]
+    return None
+
+
+def first_view(path: Path) -> dict | None:
+    """What Explore's first paint shows, from stored files only: {"config", "evaluation", "points"
+    (the UMAP codebook map coloured by the eval.json usage; None for the continuous VAE)}, or None
+    when the bundle does not store all of it (then the page loads the model first)."""
+    try:
+        config = read_config(path)
+        model = config["model"]
+        k = int(model["codebook_size"])
+    except (rd.BundleError, KeyError, TypeError, ValueError):
+        return None
+    ev = stored_evaluation(path, k)
+    if ev is None:
+        return None
+    if model.get("kind") == "vae":
+        return {"config": config, "evaluation": ev, "points": None}
+    if ev["usage"] is None or not settings.umap_enabled():
+        return None
+    points = stored_map(path, k, ev["usage"])
+    return None if points is None else {"config": config, "evaluation": ev, "points": points}
+
+
+def samples_sig(path: Path) -> tuple:
+    folder = Path(path) / SAMPLES_DIR
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
+
+
+def read_samples(path: Path, channels: int, size: int, n: int) -> np.ndarray | None:
+    """Test images a bundle ships in samples/ (PNG/JPG, sorted by name) as (N, C, S, S) float32, or None.
+
+    Files of the model's size are used as they are; files saved as a one-image grid with a uniform
+    frame (sqvae_core.imageio pads 2 px: 32x32 for 28x28 images) have the frame cropped."""
+    from PIL import Image
+    folder = Path(path) / SAMPLES_DIR
+    if not folder.is_dir():
+        return None
+    out = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix.lower() not in (".png", ".jpg", ".jpeg") or p.stat().st_size > 4 << 20:
+            continue
+        try:
+            with Image.open(p) as im:
+                a = np.asarray(im.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255.0
+        except Exception:       # noqa: BLE001 - a broken sample is skipped
+            continue
+        extra = a.shape[0] - size
+        if a.shape[0] != a.shape[1] or extra < 0 or extra % 2 or extra > 8:
+            continue
+        if extra:
+            pad = extra // 2
+            frame = np.concatenate([a[:pad].ravel(), a[-pad:].ravel(), a[:, :pad].ravel(), a[:, -pad:].ravel()])
+            if np.ptp(frame) > 1e-6:
+                continue                    # not a plain frame: some other picture, not ours
+            a = a[pad:-pad, pad:-pad]
+        out.append(a[None] if channels == 1 else a.transpose(2, 0, 1))
+        if len(out) >= n:
+            break
+    return np.stack(out) if out else None

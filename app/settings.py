@@ -1,0 +1,76 @@
+"""The app's settings (environment variables) and the constants its pages share.
+
+    SQVAE_CHECKPOINTS   shipped bundles      (default <repo>/checkpoints)
+    SQVAE_RUNS          training runs        (default <repo>/runs)
+    SQVAE_MAX_JOBS      concurrent trainings (default 1 on CPU; app/jobs.py)
+    SQVAE_JOB_NICE      niceness of training processes (default 10; 0 = none; app/jobs.py)
+    SQVAE_APP_UMAP      0 = never compute UMAP maps (PCA only), default 1
+    SQVAE_APP_EVAL_IMAGES  test images of the quick evaluation (default 1000)
+    SQVAE_APP_REFRESH   seconds between live refreshes of running trainings (default 2)
+    SQVAE_APP_THREADS   torch intra-op threads for the app's own model calls (default 1)
+    SQVAE_APP_PROGRESSIVE  0 = no progressive first paint on Explore (default 1)
+
+Read on every call (tests and benchmarks change them between runs). No Streamlit, no torch.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from sqvae_core.config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, MODEL_KINDS  # noqa: F401  (one list of kinds)
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("checkpoints", "runs")          # the two roots the app lists and serves runs from
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "fashion-mnist-cat8")
+PRESET_CHOICES = ("demo", "none", "paper")  # "none": the trainer's defaults; the others: sqvae_core.train.PRESETS
+SQ_VAE_KINDS = tuple(k for k in GAUSSIAN_KINDS if k != "fixed_var")   # Gaussian SQ-VAE I-IV, learned σ²_φ
+KIND_LABELS = {
+    "gaussian_1": "Gaussian SQ-VAE I", "gaussian_2": "Gaussian SQ-VAE II", "gaussian_3": "Gaussian SQ-VAE III",
+    "gaussian_4": "Gaussian SQ-VAE IV", "vmf": "vMF SQ-VAE", "nc": "naive categorical SQ-VAE",
+    "vq": "VQ-VAE", "vq_ema": "VQ-VAE (EMA)", "vq_reset": "VQ-VAE (EMA + reset)",
+    "fixed_var": "fixed σ²_φ SQ", "vae": "Gaussian VAE",
+}
+
+
+def checkpoints_dir() -> Path:
+    return Path(os.environ.get("SQVAE_CHECKPOINTS") or REPO / "checkpoints")
+
+
+def runs_dir() -> Path:
+    return Path(os.environ.get("SQVAE_RUNS") or REPO / "runs")
+
+
+def roots() -> dict[str, Path]:
+    return {"checkpoints": checkpoints_dir(), "runs": runs_dir()}
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no")
+
+
+def _number(name: str, default, kind, lo, hi):
+    try:
+        return min(hi, max(lo, kind(os.environ.get(name, default))))
+    except ValueError:
+        return kind(default)
+
+
+def umap_enabled() -> bool:
+    return _flag("SQVAE_APP_UMAP")
+
+
+def progressive() -> bool:
+    """Explore's progressive first paint (header + map first, the rest a moment later)."""
+    return _flag("SQVAE_APP_PROGRESSIVE")
+
+
+def refresh_seconds() -> float:
+    return _number("SQVAE_APP_REFRESH", "2", float, 0.2, 60.0)
+
+
+def eval_images() -> int:
+    return _number("SQVAE_APP_EVAL_IMAGES", "1000", int, 16, 10000)
+
+
+def torch_threads() -> int:
+    return _number("SQVAE_APP_THREADS", "1", int, 1, 1024)
