@@ -6,13 +6,16 @@ subprocesses (20 steps, K=16, d=16) and stop a long one.
 """
 from __future__ import annotations
 
+import io
 import json
+import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -27,6 +30,7 @@ from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
 
 TIMEOUT = 60
+SHIPPED = ROOT / "sqvae_core" / "datasets_shipped"
 
 
 def make_bundle(path: Path, kind: str = "gaussian_1", seed: int = 0, state: str = "finished", **status):
@@ -70,7 +74,7 @@ def env(tmp_path_factory):
     os.environ.update(SQVAE_CHECKPOINTS=str(ck), SQVAE_RUNS=str(runs), SQVAE_APP_UMAP="0", SQVAE_OFFLINE="1",
                       SQVAE_APP_EVAL_IMAGES="200", SQVAE_MAX_JOBS="1",
                       # the small Fashion-MNIST subset shipped in the package: trainings start faster
-                      SQVAE_DATA=str(ROOT / "sqvae_core" / "datasets_shipped"))
+                      SQVAE_DATA=str(SHIPPED))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)          # tiny ops; a busy 2-core box hates OpenMP oversubscription
     yield {"ck": ck, "runs": runs, "base": base}
@@ -111,18 +115,85 @@ def md(at: AppTest) -> str:
     return "\n".join(m.value for m in at.markdown)
 
 
+MEDIA: dict[str, bytes] = {}        # every image / download a page sent, by media file id
+
+
+@pytest.fixture(scope="module", autouse=True)
+def capture_media():
+    """AppTest keeps media in a storage that is dropped after each run: keep a copy of each file."""
+    from streamlit.runtime.memory_media_file_storage import MemoryMediaFileStorage
+    original = MemoryMediaFileStorage.load_and_get_id
+
+    def load(self, path_or_data, mimetype, kind, filename=None):
+        file_id = original(self, path_or_data, mimetype, kind, filename)
+        MEDIA[file_id] = self._files_by_id[file_id].content
+        return file_id
+
+    MemoryMediaFileStorage.load_and_get_id = load
+    yield
+    MemoryMediaFileStorage.load_and_get_id = original
+
+
+def media(url: str) -> bytes:
+    return MEDIA[Path(url).stem]
+
+
+def images(at: AppTest) -> list[np.ndarray]:
+    """Every picture on the page, decoded: uint8 (H, W) or (H, W, 3)."""
+    from PIL import Image
+    return [np.asarray(Image.open(io.BytesIO(media(img.url)))) for el in at.get("image") for img in el.proto.imgs]
+
+
+def cells(grid: np.ndarray, rows: int, cols: int, size: int = 28, pad: int = 2) -> np.ndarray:
+    """The (rows, cols, size, size) images in [0, 1] of an app.images.image_grid (scale 1, grey)."""
+    assert grid.shape[:2] == (rows * (size + pad) + pad, cols * (size + pad) + pad), grid.shape
+    return np.stack([np.stack([grid[pad + r * (size + pad):pad + r * (size + pad) + size,
+                                    pad + c * (size + pad):pad + c * (size + pad) + size] for c in range(cols)])
+                     for r in range(rows)]) / 255.0
+
+
+def chart(at: AppTest, key: str | None = None, index: int = 0) -> dict:
+    """A Plotly chart's figure as sent (its JSON spec), by widget key or position."""
+    charts = at.get("plotly_chart")
+    if key is not None:
+        charts = [c for c in charts if key in c.proto.id]
+    return json.loads(charts[index].proto.spec)
+
+
 def card_of(at: AppTest) -> dict:
     """The model card (one HTML block of label/value tiles) as {label: value}."""
-    import re
+    from html.parser import HTMLParser
+
+    class Card(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.cls, self.texts = None, []
+
+        def handle_starttag(self, tag, attrs):
+            self.cls = dict(attrs).get("class")
+
+        def handle_data(self, data):
+            if self.cls in ("sq-label", "sq-value"):
+                self.texts.append(data)
+
     for m in at.get("html"):
-        body = m.proto.body
-        if 'class="sq-card"' in body:
-            return dict(re.findall(r'sq-label">([^<]*)</div><div class="sq-value">([^<]*)<', body))
+        if 'class="sq-card"' in m.proto.body:
+            parser = Card()
+            parser.feed(m.proto.body)
+            return dict(zip(parser.texts[::2], parser.texts[1::2]))
     return {}
 
 
 def plotly_count(at: AppTest) -> int:
     return len(at.get("plotly_chart"))
+
+
+def tiny(env, name: str = "tiny"):
+    """The bundle as the app loads it, and the first test images the app shows."""
+    from sqvae_core.data import load_dataset
+    b = rundir.load_bundle(env["ck"] / name)
+    data = load_dataset("fashion-mnist", "test", str(SHIPPED), download=False, image_size=28, channels=1)
+    return b.model, data.images[:200]
 
 
 def wait_state(run_dir: Path, states, timeout: float) -> dict:
@@ -149,26 +220,23 @@ def test_main_entrypoint_navigation(env):
 
 
 # ----------------------------------------------------------------------------- Explore
-def test_explore_overview(env):
+def test_explore_head_card_and_map_show_the_quick_evaluation(env):
+    from sqvae_core.evaluate import evaluate_model
+    model, x = tiny(env)
+    ev = evaluate_model(model, x)
     at = app("explore")
     ok(at)
-    assert at.selectbox(key="bundle").value == "checkpoints/tiny"
+    assert at.selectbox(key="bundle").value == "checkpoints/tiny"      # the only Gaussian SQ-VAE
     card = card_of(at)
-    for key in ("Kind", "Dataset", "K (codes)", "d (code dim)", "Steps", "Test MSE", "Perplexity", "Dead codes"):
-        assert key in card
     assert card["Kind"] == "gaussian_1" and card["K (codes)"] == "16" and card["Steps"] == "50"
-    assert plotly_count(at) == 1                        # the codebook map (PCA: UMAP is off in tests)
-    spec = json.loads(at.get("plotly_chart")[0].proto.spec)
-    assert "Codebook map (PCA)" in spec["layout"]["title"]["text"]
-    assert sum(len(t["x"]) for t in spec["data"]) == 16        # one point per code
-    assert len(at.get("image")) >= 1                    # originals vs reconstructions grid
-    assert any(b.label == "Download PNG" for b in at.get("download_button"))
-    assert not at.error
-    at.session_state["explore_tab"] = "Codebook usage"
-    at.run()
-    ok(at)
-    assert plotly_count(at) == 2                        # + the sorted usage bars
-    assert any("codes dead on 200 test images" in c.value for c in at.caption)
+    assert math.isclose(float(card["Test MSE"]), ev["mse"], rel_tol=1e-3)
+    assert int(card["Dead codes"]) == ev["dead_codes"]
+    spec = chart(at, "map_chart")
+    assert spec["layout"]["title"]["text"] == "Codebook map (PCA)"          # UMAP is off in the tests
+    live = [c[0] for t in spec["data"] if t["name"] == "codes" for c in t["customdata"]]
+    dead = [c[0] for t in spec["data"] if t["name"].startswith("dead") for c in t["customdata"]]
+    assert sorted(live + dead) == list(range(16))
+    assert dead == [c for c in range(16) if ev["usage"][c] == 0]
 
 
 def test_explore_progressive_first_paint(env):
@@ -180,8 +248,110 @@ def test_explore_progressive_first_paint(env):
     assert not at.tabs and not at.get("image")
     at.run()
     ok(at)
-    assert [t.label for t in at.tabs][:2] == ["Reconstructions", "Codebook usage"]
-    assert len(at.get("image")) >= 1
+    assert [t.label for t in at.tabs] == ["Reconstructions", "Codebook usage", "Neighbor-k", "Interpolate",
+                                          "Edit codes", "Code gallery", "Prior samples", "Metrics"]
+
+
+def test_tab_reconstructions_shows_test_images_over_the_models_reconstructions(env):
+    model, x = tiny(env)
+    at = app("explore")
+    ok(at)
+    top, bottom = cells(images(at)[0], 2, 16)
+    assert np.abs(top - x[:16, 0].numpy()).max() <= 0.5 / 255 + 1e-6
+    assert np.abs(bottom - model.reconstruct(x[:16])[:, 0].numpy()).max() <= 0.5 / 255 + 1e-6
+
+
+def test_tab_codebook_usage_counts_every_position_of_every_image(env):
+    from sqvae_core.evaluate import evaluate_model
+    model, x = tiny(env)
+    ev = evaluate_model(model, x)
+    at = app("explore", explore_tab="Codebook usage")
+    ok(at)
+    bars = {t["name"].split(" ")[0]: t for t in chart(at, "usage_chart")["data"]}
+    assert sum(bars["used"]["y"]) == 200 * 7 * 7
+    assert sorted(int(c) for c in bars["used"]["x"]) == [c for c in range(16) if ev["usage"][c] > 0]
+    assert len(bars.get("dead", {"x": []})["x"]) == ev["dead_codes"]
+    assert list(bars["used"]["y"]) == sorted(bars["used"]["y"], reverse=True)
+
+
+def test_tab_neighbor_k_third_row_is_the_reconstruction_for_k_1_only(env):
+    at = app("explore", explore_tab="Neighbor-k", nk_k=1)
+    ok(at)
+    _, rec, edited = cells(images(at)[0], 3, 8)
+    assert np.array_equal(rec, edited)                      # Neighbor-1 replaces each code by itself
+    at.slider(key="nk_k").set_value(5).run()
+    ok(at)
+    _, rec5, edited5 = cells(images(at)[0], 3, 8)
+    assert np.array_equal(rec, rec5) and not np.array_equal(rec5, edited5)
+
+
+def test_tab_interpolate_runs_from_image_a_to_image_b(env):
+    model, x = tiny(env)
+    rec = model.reconstruct(x[:2])[:, 0].numpy()
+    at = app("explore", explore_tab="Interpolate")
+    ok(at)
+    at.slider(key="interp_steps").set_value(5).run()
+    ok(at)
+    latent, pixel = cells(images(at)[0], 2, 5)
+    for path in (latent, pixel):
+        assert np.abs(path[0] - rec[0]).max() <= 1 / 255 and np.abs(path[-1] - rec[1]).max() <= 1 / 255
+    assert np.abs(pixel[2] - (rec[0] + rec[1]) / 2).max() <= 1 / 255       # the cross-fade's middle
+
+
+def test_tab_edit_codes_grid_is_the_images_codes_and_keeps_an_edit(env):
+    from sqvae_core import explore
+    model, x = tiny(env)
+    codes = explore.dataset_codes(model, x[:1])[0].numpy()
+    at = app("explore", explore_tab="Edit codes")
+    ok(at)
+    assert np.array_equal(np.array(chart(at, "grid_chart_0")["data"][0]["z"]), codes)
+    at.number_input(key="edit_row").set_value(1).run()
+    at.number_input(key="edit_col").set_value(5).run()
+    sel = at.selectbox(key="edit_code_0_1_5")
+    assert sel.options[0].startswith(f"code {codes[1, 5]} ")                 # the current code first
+    sel.select_index(len(sel.options) - 1).run()
+    ok(at)
+    chosen = int(at.selectbox(key="edit_code_0_1_5").value)
+    assert images(at)[0].shape == ((28 + 4) * 6, (3 * 30 + 2) * 6, 3)       # original, decoded, edited
+    at.button(key="edit_keep").click().run()
+    ok(at)
+    z = np.array(chart(at, "grid_chart_0")["data"][0]["z"])
+    assert z[1, 5] == chosen and (z != codes).sum() == (chosen != codes[1, 5])
+
+
+def test_tab_code_gallery_shows_the_codes_usage(env):
+    from sqvae_core.evaluate import evaluate_model
+    model, x = tiny(env)
+    usage = evaluate_model(model, x)["usage"]
+    at = app("explore", explore_tab="Code gallery")
+    ok(at)
+    assert at.number_input(key="gallery_code").value == int(np.argmax(usage))      # the most used code first
+    assert at.metric[0].value == str(max(usage))
+    code = int(np.argsort(usage)[-2])
+    at.number_input(key="gallery_code").set_value(code).run()
+    ok(at)
+    assert at.metric[0].value == str(usage[code])
+
+
+def test_tab_prior_samples_one_column_per_class_and_a_new_seed_changes_them(env):
+    at = app("explore", explore_tab="Prior samples")
+    ok(at)
+    first = cells(images(at)[0], 2, 10)                     # every class: 10 columns, 2 rows
+    at.button(key="prior_regen").click().run()
+    ok(at)
+    assert at.session_state["prior_seed"] == 1
+    assert not np.array_equal(first, cells(images(at)[0], 2, 10))
+
+
+def test_tab_metrics_plots_the_runs_metrics_jsonl(env):
+    at = app("explore", explore_tab="Metrics")
+    ok(at)
+    loss = chart(at, "m_loss")["data"][0]
+    assert loss["x"] == [10, 20, 30, 40, 50] and loss["y"] == [90.0, 80.0, 70.0, 60.0, 50.0]
+    panels = {t["name"]: t for t in chart(at, "m_ppl")["data"]}
+    assert panels["dead codes (val)"]["y"] == [3] and panels["dead codes (val)"]["yaxis"] == "y2"
+    csv = [b for b in at.get("download_button") if b.proto.label == "Download metrics CSV"][0]
+    assert len(media(csv.proto.url).decode().strip().splitlines()) == 1 + 6      # header + every row
 
 
 def test_explore_bundle_switch_reruns(env):
@@ -189,74 +359,13 @@ def test_explore_bundle_switch_reruns(env):
     at.selectbox(key="bundle").set_value("checkpoints/tiny_vq").run()
     ok(at)
     assert card_of(at)["Kind"] == "vq"
-    assert "checkpoints/tiny_vq" in "\n".join(c.value for c in at.caption)
-
-
-def test_explore_neighbor_k_slider_changes_output(env):
-    at = app("explore", explore_tab="Neighbor-k")
-    ok(at)
-    assert "**Neighbor-2**" in md(at)
-    at.slider(key="nk_k").set_value(5).run()
-    ok(at)
-    assert "**Neighbor-5**" in md(at) and "**Neighbor-2**" not in md(at)
-
-
-def test_explore_code_edit(env):
-    at = app("explore", explore_tab="Edit codes")
-    ok(at)
-    assert at.number_input(key="edit_row").value == 3
-    at.number_input(key="edit_row").set_value(1).run()
-    at.number_input(key="edit_col").set_value(5).run()
-    ok(at)
-    text = md(at)
-    assert "Edited cell (1, 5)" in text
-    sel = at.selectbox(key="edit_code_0_1_5")
-    assert len(sel.options) >= 2 and "distance" in sel.options[1]
-    before = [m.value for m in at.markdown if m.value.startswith("Edited cell")][0]
-    sel.select_index(len(sel.options) - 1).run()
-    ok(at)
-    after = [m.value for m in at.markdown if m.value.startswith("Edited cell")][0]
-    assert after != before and after.endswith(f"**{sel.options[-1].split()[1]}**")
-    assert plotly_count(at) >= 1                        # the clickable code grid
-
-
-def test_explore_other_tabs(env):
-    at = app("explore", explore_tab="Interpolate")
-    ok(at)
-    assert "Interpolation #0" in md(at)
-    at.slider(key="interp_steps").set_value(5).run()
-    ok(at)
-    assert "5 steps" in md(at)
-    at.session_state["explore_tab"] = "Code gallery"
-    at.run()
-    ok(at)
-    assert at.number_input(key="gallery_code") is not None
-    at.session_state["explore_tab"] = "Prior samples"
-    at.run()
-    ok(at)
-    assert at.slider(key="prior_temp").value == 1.0
-    assert at.selectbox(key="prior_class") is not None       # conditional prior -> class selector
-    before = at.session_state["prior_seed"]
-    at.button(key="prior_regen").click().run()
-    ok(at)
-    assert at.session_state["prior_seed"] == before + 1
-    at.session_state["explore_tab"] = "Metrics"
-    at.run()
-    ok(at)
-    assert any("metrics CSV" in b.label for b in at.get("download_button"))
-    # a bundle without a prior explains how to fit one
-    at.selectbox(key="bundle").set_value("checkpoints/tiny_vq").run()
-    at.session_state["explore_tab"] = "Prior samples"
-    at.run()
-    ok(at)
-    assert any("prior train" in i.value for i in at.info)
 
 
 def test_explore_corrupt_bundle_is_an_error_not_a_crash(env):
     at = app("explore")
     at.selectbox(key="bundle").set_value("checkpoints/zz_broken").run()
     ok(at)
-    assert at.error and "corrupt" in at.error[0].value
+    assert at.error and not card_of(at) and not at.tabs
     at.selectbox(key="bundle").set_value("checkpoints/tiny").run()      # and the app keeps working
     ok(at)
     assert not at.error and plotly_count(at) >= 1 and card_of(at)["Kind"] == "gaussian_1"
@@ -288,11 +397,13 @@ def test_run_query_param_opens_that_bundle_and_ignores_unknown_ones(env):
 
 def test_demo_mode_query_param(env):
     at = AppTest.from_file(str(PAGES / "compare.py"), default_timeout=TIMEOUT)
+    at.session_state["cmp_runs"] = ["checkpoints/tiny"]
     at.query_params["demo"] = "1"
     at.run()
     ok(at)
     assert at.toggle(key="demo_mode").value is True
-    assert any("#ffd400" in h.proto.body for h in at.get("html"))   # the high-contrast CSS
+    spec = chart(at, "cmp_chart")
+    assert spec["layout"]["paper_bgcolor"] == "#000" and spec["layout"]["colorway"][0] == "#00e5ff"
 
 
 def _zip_dir(src: Path, folder: str = "mybundle/", extra: dict | None = None) -> bytes:
@@ -525,7 +636,6 @@ print(pid)
 def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
     """Issue 7: each bundle in checkpoints/ opens from /?run=checkpoints/NAME with its model card,
     its codebook map (none for the continuous VAE) and its reconstructions, and no error."""
-    import re
     shipped = ROOT / "checkpoints"
     names = sorted(p.name for p in shipped.iterdir() if (p / "config.json").is_file())
     assert len(names) == 9, names
@@ -539,7 +649,6 @@ def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
         ok(at)
         assert not at.error, (name, [e.value for e in at.error])
         kind = json.loads((shipped / name / "config.json").read_text())["model"]["kind"]
-        card = "".join(h.proto.body for h in at.get("html"))
-        assert re.search(rf'sq-label">Kind</div><div class="sq-value">{kind}<', card), name
+        assert card_of(at)["Kind"] == kind, name
         assert plotly_count(at) == (0 if kind == "vae" else 1), name
         assert len(at.get("image")) >= 1, name

@@ -280,15 +280,12 @@ def _edit_tool(v: View):
         st.image(arr, caption=f"original · decoded grid · cell ({row}, {col}) set to code {choice} "
                               f"(red box: pixels this cell can reach)")
         st.markdown(f"Edited cell ({row}, {col}): code {cur} → **{choice}**")
-        b1, b2, b3 = st.columns(3)
-        if b1.button("Keep this edit", key="edit_keep"):
-            g = grid.copy()
-            g[row, col] = int(choice)
-            st.session_state[gkey] = g
-            st.rerun(scope="fragment")
-        if b2.button("Reset grid", key="edit_reset"):
-            st.session_state[gkey] = codes_all[idx].copy()
-            st.rerun(scope="fragment")
+        kept = grid.copy()
+        kept[row, col] = int(choice)
+        b1, b2, b3 = st.columns(3)      # callbacks: the state is set before the (fragment) rerun draws it
+        b1.button("Keep this edit", key="edit_keep", on_click=st.session_state.__setitem__, args=(gkey, kept))
+        b2.button("Reset grid", key="edit_reset", on_click=st.session_state.__setitem__,
+                  args=(gkey, codes_all[idx].copy()))
         b3.download_button("PNG", png_bytes(arr), file_name=f"edit_{idx}_{row}_{col}_{choice}.png",
                            mime="image/png", key="dl_edit", on_click="ignore")
         st.markdown("**Candidate previews** (the cell set to each of the nearest codes):")
