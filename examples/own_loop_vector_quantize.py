@@ -12,6 +12,12 @@ derives them from the indices it returns and writes a run directory the app read
 
 Start the app first to see the curves, the usage raster and the codebook map grow while it trains.
 The run has metrics and codebook snapshots but no model the app can rebuild: `sqvae eval` refuses it.
+At the end the decoder is exported with RunLogger.save_decoder, with the codes of 64 test images:
+
+    from sqvae_core.runlogger import load_decoder
+    dec = load_decoder("runs/own_vq")
+    codes = dec.indices.clone(); codes[0, 3, 3] = 5      # put code 5 at one position of image 0
+    images = dec.decode(codes)                           # (64, 1, 28, 28)
 """
 from __future__ import annotations
 
@@ -43,6 +49,18 @@ class Autoencoder(nn.Module):
         return self.decoder(z_q), indices, commit
 
 
+class DecodeCodes(nn.Module):
+    """Code grids (B, 7, 7) -> images: the codebook lookup and the decoder (for RunLogger.save_decoder)."""
+
+    def __init__(self, model: Autoencoder):
+        super().__init__()
+        self.decoder = model.decoder
+        self.register_buffer("codebook", model.vq.codebook.detach().clone())     # (K, dim), as trained
+
+    def forward(self, indices):
+        return self.decoder(F.embedding(indices, self.codebook).permute(0, 3, 1, 2))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/own_vq", help="run directory to write (the app lists runs/*)")
@@ -56,6 +74,7 @@ def main(argv=None):
     p.add_argument("--log-every", type=int, default=10)
     p.add_argument("--snapshot-every", type=int, default=50)
     p.add_argument("--overwrite", action="store_true", help="replace a logged run already in --out")
+    p.add_argument("--no-decoder", action="store_true", help="do not export the decoder (RunLogger.save_decoder)")
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -81,6 +100,13 @@ def main(argv=None):
             # tensors stay on the device: RunLogger reads them only when it writes a row
             log.log(step, indices=indices, codebook=model.vq.codebook, loss=loss, commit=commit,
                     mse=recon.detach() * x[0].numel())          # per-image sum of squared error, as the app plots
+        if not args.no_decoder:
+            # the codes of 64 test images and the decoder, so edited codes can be decoded later
+            test = load_dataset("fashion-mnist", "test", data_dir=str(SHIPPED_DIR), download=False).images[:64]
+            model.eval()
+            with torch.no_grad():
+                _, test_codes, _ = model(test.to(device))
+            log.save_decoder(DecodeCodes(model), test_codes, images=test)
     print(f"{args.steps} steps in {time.time() - t0:.1f} s -> {args.out} (open it in the app's Train live page)")
 
 

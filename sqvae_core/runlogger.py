@@ -23,6 +23,9 @@ What lands in out_dir (the run-directory format of rundir.py, read by the app an
                     of them used. Rows are appended and flushed, so the app tails them live.
     snapshots/step_XXXXXXXX.safetensors   every `snapshot_every` calls: the last codebook passed
                     (float16, (K, d)) and the code usage counted since the previous snapshot.
+    decoder.pt2, codes.safetensors   only if you call save_decoder(): your decoder (code indices ->
+                    images) exported with torch.export, and example code grids (+ their images and
+                    the codebook) to decode, edit and re-decode; load_decoder(run_dir) reads them back.
     status.json     "running" while the block runs; "finished" when it ends, "failed" with
                     "ExcType: message" when it raises (the exception still propagates),
                     "stopped" on KeyboardInterrupt. The partial last window is written first.
@@ -51,6 +54,7 @@ import torch
 from . import rundir as rd
 
 RESERVED = ("step", "wall_time", "elapsed", "perplexity", "dead_codes")
+DECODER, CODES = "decoder.pt2", "codes.safetensors"
 
 
 class RunLogger:
@@ -86,6 +90,7 @@ class RunLogger:
         self.codebook_size, self.log_every, self.snapshot_every = int(codebook_size), int(log_every), int(snapshot_every)
         self.user_config = json.loads(json.dumps(config or {}, default=str))
         self.code_dim: int | None = None
+        self.decoder_info: dict | None = None
         self._prepare_dir(overwrite)
 
         self.step: int | None = None          # the step of the last log() call
@@ -161,6 +166,62 @@ class RunLogger:
             self._status("failed", f"{e.__class__.__name__}: {msg}" if msg else e.__class__.__name__)
         if flush_error is not None and error is None:
             raise flush_error
+
+    def save_decoder(self, decode: torch.nn.Module, indices: torch.Tensor, images: torch.Tensor | None = None) -> None:
+        """Make the run's codes decodable: export `decode` and keep example code grids beside it.
+
+        decode   an nn.Module mapping an int64 tensor of code indices (B, *code_shape) to images
+                 (B, C, S, S) in [0, 1]: typically the codebook lookup followed by your decoder.
+                 A CPU copy of it, in eval mode, is exported with torch.export (batch dimension
+                 dynamic) to decoder.pt2: it must be traceable by torch.export (no Python branch
+                 on tensor values). Your module itself is not changed.
+        indices  example code grids (B >= 2, *code_shape), e.g. the codes of held-out images: the
+                 export's example input, and saved to codes.safetensors for editing.
+        images   optional (B, C, S, S): the images those codes came from, saved with them.
+
+        The exported program is run on `indices` and compared with your module's output; a
+        mismatch above 1e-4 or a failed export raises ValueError and writes nothing. Call it
+        whenever the decoder is worth keeping (typically after training); a later call replaces
+        the files. Load with load_decoder(run_dir).
+        """
+        import copy
+        import io
+        if not isinstance(decode, torch.nn.Module):
+            raise TypeError(f"decode must be an nn.Module (wrap a function in one), got {type(decode).__name__}")
+        if not isinstance(indices, torch.Tensor) or indices.is_floating_point() or indices.ndim < 2 or len(indices) < 2:
+            raise ValueError("indices must be an integer tensor of at least 2 code grids (B >= 2, *code_shape)")
+        codes = indices.detach().to("cpu", torch.long)
+        if int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size:
+            raise ValueError(f"indices must be codes in [0, {self.codebook_size})")
+        module = copy.deepcopy(decode).to("cpu").eval()
+        try:
+            with torch.no_grad():
+                expected = module(codes)
+                program = torch.export.export(module, (codes,),
+                                              dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+                got = program.module()(codes)
+            buf = io.BytesIO()
+            torch.export.save(program, buf)
+        except Exception as e:  # noqa: BLE001 - torch.export raises many kinds; one clear message
+            msg = " ".join(str(e).split())[:300]
+            raise ValueError(f"could not export the decoder with torch.export ({e.__class__.__name__}: {msg})") from None
+        if not (isinstance(expected, torch.Tensor) and expected.ndim == 4 and len(expected) == len(codes)):
+            raise ValueError(f"decode must return images (B, C, S, S), got "
+                             f"{tuple(expected.shape) if isinstance(expected, torch.Tensor) else type(expected).__name__}")
+        diff = float((got - expected).abs().max())
+        if not diff <= 1e-4:
+            raise ValueError(f"the exported decoder differs from the module by {diff:.3g} on the example codes")
+        tensors = {"indices": codes}
+        if images is not None:
+            tensors["images"] = images.detach().to("cpu", torch.float32)
+        if self._codebook is not None:
+            tensors["codebook"] = self._codebook.to("cpu", torch.float32)
+        rd.atomic_write_bytes(self.path / DECODER, buf.getvalue())
+        rd.save_weights(self.path / CODES, tensors, metadata={"step": str(self.step)})
+        self.decoder_info = {"file": DECODER, "format": "torch.export", "codes": CODES,
+                             "code_shape": list(codes.shape[1:]), "image_shape": list(expected.shape[1:]),
+                             "export_max_abs_diff": diff, "step": self.step}
+        self._write_config()
 
     def __enter__(self) -> "RunLogger":
         return self
@@ -255,7 +316,7 @@ class RunLogger:
             if not overwrite:
                 raise ValueError(f"{self.path} already holds a logged run; pass overwrite=True to replace it "
                                  f"or choose another out_dir")
-            for name in (rd.METRICS, rd.STATUS):
+            for name in (rd.METRICS, rd.STATUS, DECODER, CODES):
                 (self.path / name).unlink(missing_ok=True)
             shutil.rmtree(self.path / rd.SNAPSHOTS, ignore_errors=True)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -267,6 +328,8 @@ class RunLogger:
                "config": self.user_config, "code_version": rd.CODE_VERSION, "torch_version": torch.__version__}
         if isinstance(self.user_config.get("dataset"), str):
             doc["dataset"] = self.user_config["dataset"]
+        if self.decoder_info:
+            doc["decoder"] = self.decoder_info
         rd.atomic_write_json(self.path / rd.CONFIG, doc)
 
     def _status(self, state: str, error: str | None = None) -> None:
@@ -283,3 +346,44 @@ def window_usage_stats(counts: torch.Tensor) -> dict:
         return {"perplexity": None, "dead_codes": int(counts.numel())}
     p = counts[counts > 0] / total
     return {"perplexity": math.exp(float(-(p * p.log()).sum())), "dead_codes": int((counts == 0).sum())}
+
+
+# ----------------------------------------------------------------------------- decoders
+class LoggedDecoder:
+    """What save_decoder() kept: `decode(indices) -> images`, and the example `indices`
+    (B, *code_shape), `images` (or None) and `codebook` (K, d) (or None) saved with it."""
+
+    def __init__(self, program, tensors: dict, info: dict):
+        self._module = program.module()
+        self.indices, self.images, self.codebook = tensors["indices"], tensors.get("images"), tensors.get("codebook")
+        self.info = info
+
+    @torch.no_grad()
+    def decode(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, S, S) of code grids (B, *code_shape), on the CPU."""
+        return self._module(indices.to("cpu", torch.long))
+
+
+def load_decoder(run_dir: str | os.PathLike) -> LoggedDecoder:
+    """The decoder a logged run saved with RunLogger.save_decoder, ready to decode edited codes.
+
+    Only for run directories you trust (your own): torch.export.load may unpickle parts of
+    decoder.pt2, which a hostile file could abuse. The app's bundle upload never accepts the file.
+    Raises BundleError (one line) if the run has no decoder or its files do not load.
+    """
+    run_dir = Path(run_dir)
+    cfg = rd.read_json(run_dir / rd.CONFIG, "config.json")
+    info = cfg.get("decoder")
+    if cfg.get("source") != rd.LOGGED_SOURCE or not isinstance(info, dict):
+        raise rd.BundleError(f"{run_dir} has no decoder saved by RunLogger.save_decoder")
+    tensors, _ = rd.load_weights(run_dir / CODES)
+    if "indices" not in tensors:
+        raise rd.BundleError(f"{run_dir / CODES} holds no 'indices'")
+    path = run_dir / DECODER
+    if not path.is_file():
+        raise rd.BundleError(f"decoder not found: {path}")
+    try:
+        program = torch.export.load(path)
+    except Exception as e:  # noqa: BLE001 - a torn or foreign file
+        raise rd.BundleError(f"decoder file does not load ({e.__class__.__name__}): {path}") from None
+    return LoggedDecoder(program, tensors, info)

@@ -235,3 +235,61 @@ def test_example_vector_quantize_loop_writes_a_listed_logged_run(tmp_path):
     assert rd.read_status(out)["state"] == "finished"
     listed = cli("list", tmp_path / "runs")
     assert "logged" in listed.stdout and "K=64" in listed.stdout and "d=32" in listed.stdout
+    from sqvae_core.runlogger import load_decoder
+    dec = load_decoder(out)                                                 # the example saves its decoder
+    assert dec.indices.shape == (64, 7, 7) and dec.decode(dec.indices).shape == dec.images.shape == (64, 1, 28, 28)
+
+
+# ----------------------------------------------------------------------------- decoder
+class Decoder(torch.nn.Module):
+    """Code grids (B, 3, 3) -> (B, 1, 6, 6) images: codebook lookup, batch-norm, transposed conv."""
+
+    def __init__(self, k=5, d=4):
+        super().__init__()
+        self.codebook = torch.nn.Parameter(torch.randn(k, d))
+        self.net = torch.nn.Sequential(torch.nn.BatchNorm2d(d), torch.nn.ConvTranspose2d(d, 1, 4, 2, 1),
+                                       torch.nn.Sigmoid())
+
+    def forward(self, indices):
+        return self.net(torch.nn.functional.embedding(indices, self.codebook).permute(0, 3, 1, 2))
+
+
+def test_saved_decoder_decodes_edited_codes_like_the_module(tmp_path):
+    from sqvae_core.runlogger import load_decoder
+    torch.manual_seed(0)
+    dec = Decoder()
+    dec.net[0].running_mean.add_(0.5)                                       # eval-mode statistics matter
+    codes = torch.randint(5, (4, 3, 3))
+    with RunLogger(tmp_path / "r", codebook_size=5) as log:
+        log.log(1, indices=codes, codebook=dec.codebook, loss=1.0)
+        log.save_decoder(dec, codes, images=torch.rand(4, 1, 6, 6))
+    assert dec.training                                                     # the caller's module is untouched
+    info = rd.read_json(tmp_path / "r" / rd.CONFIG, "config.json")["decoder"]
+    assert info["code_shape"] == [3, 3] and info["image_shape"] == [1, 6, 6] and info["export_max_abs_diff"] <= 1e-4
+    loaded = load_decoder(tmp_path / "r")
+    assert torch.equal(loaded.indices, codes) and loaded.images.shape == (4, 1, 6, 6)
+    assert torch.allclose(loaded.codebook, dec.codebook.detach())
+    edited = codes[:1].clone()
+    edited[0, 1, 1] = (edited[0, 1, 1] + 1) % 5                              # one code changed, batch of 1
+    with torch.no_grad():
+        expected = dec.eval()(edited)
+    assert torch.allclose(loaded.decode(edited), expected, atol=1e-6)
+    assert not torch.allclose(loaded.decode(codes[:1]), expected, atol=1e-4)  # the edit shows
+    assert "logged run" in cli("eval", tmp_path / "r").stderr                 # still no model to evaluate
+
+
+def test_decoder_that_cannot_be_exported_fails_clearly_and_writes_nothing(tmp_path):
+    from sqvae_core.runlogger import load_decoder
+
+    class Branchy(Decoder):
+        def forward(self, indices):
+            out = super().forward(indices)
+            return out if out.sum() > 0 else -out                           # a branch on a tensor value
+    with RunLogger(tmp_path / "r", codebook_size=5) as log:
+        with pytest.raises(ValueError, match="could not export the decoder with torch.export"):
+            log.save_decoder(Branchy(), torch.randint(5, (2, 3, 3)))
+        with pytest.raises(ValueError, match=r"codes in \[0, 5\)"):
+            log.save_decoder(Decoder(), torch.full((2, 3, 3), 5))
+    assert not (tmp_path / "r" / "decoder.pt2").exists() and not (tmp_path / "r" / "codes.safetensors").exists()
+    with pytest.raises(rd.BundleError, match="no decoder saved"):
+        load_decoder(tmp_path / "r")
