@@ -62,6 +62,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
+           "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them
            **{k: v for k, v in scores.items() if k != "mse"},
            "command": (f"python -m sqvae_core train --model {kind} --dataset {b.dataset} --out runs/ship/{kind} "
                        f"--preset paper --steps {cfg['train']['steps']} --val-every 500 --snapshot-every 100 "
@@ -95,7 +96,7 @@ def fmt(v, nd=2):
 def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
     lines = ["# Shipped checkpoints", "",
              "Bundles trained on this project's 2-core CPU machine and loaded by the app by default. Each folder",
-             "is a run directory (../shared/INTERFACE.md): config, metrics history, status, weights, the PixelCNN",
+             "is a run directory (docs/interface.md): config, metrics history, status, weights, the PixelCNN",
              "prior, float16 codebook snapshots, the cached codebook map, 16 test images and `eval.json`.", "",
              "Test split of the dataset (10,000 images); deterministic quantization. MSE is the per-image sum of",
              "squared error (pixels in [0, 1]); for vmf/nc it is on grey levels c/7 of the most probable class.",

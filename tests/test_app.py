@@ -160,7 +160,7 @@ def chart(at: AppTest, key: str | None = None, index: int = 0) -> dict:
     return json.loads(charts[index].proto.spec)
 
 
-def card_of(at: AppTest) -> dict:
+def parse_card(body: str) -> dict:
     """The model card (one HTML block of label/value tiles) as {label: value}."""
     from html.parser import HTMLParser
 
@@ -176,12 +176,13 @@ def card_of(at: AppTest) -> dict:
             if self.cls in ("sq-label", "sq-value"):
                 self.texts.append(data)
 
-    for m in at.get("html"):
-        if 'class="sq-card"' in m.proto.body:
-            parser = Card()
-            parser.feed(m.proto.body)
-            return dict(zip(parser.texts[::2], parser.texts[1::2]))
-    return {}
+    parser = Card()
+    parser.feed(body)
+    return dict(zip(parser.texts[::2], parser.texts[1::2]))
+
+
+def card_of(at: AppTest) -> dict:
+    return next((parse_card(m.proto.body) for m in at.get("html") if 'class="sq-card"' in m.proto.body), {})
 
 
 def plotly_count(at: AppTest) -> int:
@@ -652,3 +653,69 @@ def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
         assert card_of(at)["Kind"] == kind, name
         assert plotly_count(at) == (0 if kind == "vae" else 1), name
         assert len(at.get("image")) >= 1, name
+
+
+FIRST_PAINT = """
+import json, sys
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file(sys.argv[1], default_timeout=60)
+at.query_params["run"] = sys.argv[2]
+at.run()
+assert not at.exception, [e.value for e in at.exception]
+spec = json.loads(at.get("plotly_chart")[0].proto.spec)
+print(json.dumps({"torch": "torch" in sys.modules, "tabs": len(at.tabs), "charts": len(at.get("plotly_chart")),
+                  "title": spec["layout"]["title"]["text"], "data": spec["data"],
+                  "card": [h.proto.body for h in at.get("html") if "sq-card" in h.proto.body]}))
+"""
+
+
+def test_first_paint_comes_from_the_bundles_files_before_torch_is_imported(tmp_path):
+    """Explore's first run on a shipped bundle draws its card (eval.json) and its UMAP map
+    (umap.json, coloured by eval.json's usage) without importing torch; the map is the one the
+    model itself gets from sqvae_core.explore.cached_codebook_map."""
+    import shutil
+    from sqvae_core import explore
+    ck = tmp_path / "checkpoints"
+    shutil.copytree(ROOT / "checkpoints" / "gaussian_4", ck / "gaussian_4")
+    env = dict(os.environ, SQVAE_CHECKPOINTS=str(ck), SQVAE_RUNS=str(tmp_path / "runs"), SQVAE_APP_UMAP="1")
+    out = subprocess.run([sys.executable, "-c", FIRST_PAINT, str(PAGES / "explore.py"), "checkpoints/gaussian_4"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False and got["tabs"] == 0 and got["charts"] == 1
+    assert got["title"] == "Codebook map (UMAP)"
+    stored = json.loads((ck / "gaussian_4" / "eval.json").read_text())
+    painted = {c[0]: (x, y) for t in got["data"] for c, x, y in zip(t["customdata"], t["x"], t["y"])}
+    dead = [c[0] for t in got["data"] if t["name"].startswith("dead") for c in t["customdata"]]
+    assert dead == [c for c, u in enumerate(stored["usage"]) if u == 0] and len(dead) == stored["dead_codes"]
+    model = rundir.load_bundle(ck / "gaussian_4").model
+    own = explore.cached_codebook_map(ck / "gaussian_4", model, torch.tensor(stored["usage"]), method="umap")
+    assert all(painted[p["code"]] == (p["x"], p["y"]) for p in own) and len(painted) == len(own) == 256
+    card = parse_card(got["card"][0])
+    assert math.isclose(float(card["Test MSE"]), stored["test_mse"], rel_tol=1e-3) and int(card["Dead codes"]) == stored["dead_codes"]
+
+
+def test_explore_opens_on_the_best_gaussian_sq_vae_bundle(tmp_path, monkeypatch):
+    """Rule: the shipped Gaussian SQ-VAE (I-IV) with the lowest test MSE in eval.json; without one,
+    the first shipped bundle. Shipped today: gaussian_4 (8.85 against gaussian_1's 8.97)."""
+    from app import runs
+    for name, kind, mse in (("a_fixed", "fixed_var", 5.0), ("b_vq", "vq", 1.0), ("g1", "gaussian_1", 9.0),
+                            ("g4", "gaussian_4", 8.0), ("g2", "gaussian_2", None)):
+        d = tmp_path / "ck" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model": {"kind": kind, "codebook_size": 4}}))
+        if mse is not None:
+            (d / "eval.json").write_text(json.dumps({"test_mse": mse}))
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "ck"))
+    monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "runs"))
+    assert runs.default_label(runs.list_bundles()) == "checkpoints/g4"
+    (tmp_path / "ck" / "g4" / "eval.json").unlink()
+    assert runs.default_label(runs.list_bundles()) == "checkpoints/g1"
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(ROOT / "checkpoints"))
+    assert runs.default_label(runs.list_bundles()) == "checkpoints/gaussian_4"
+
+
+def test_app_preset_choices_are_the_trainers_presets():
+    from app.settings import PRESET_CHOICES
+    from sqvae_core.train import PRESETS
+    assert set(PRESET_CHOICES) == set(PRESETS) | {"none"}
