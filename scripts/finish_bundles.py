@@ -96,7 +96,7 @@ def fmt(v, nd=2):
 def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
     lines = ["# Shipped checkpoints", "",
              "Bundles trained on this project's 2-core CPU machine and loaded by the app by default. Each folder",
-             "is a run directory (docs/interface.md): config, metrics history, status, weights, the PixelCNN",
+             "is a run directory (../docs/interface.md): config, metrics history, status, weights, the PixelCNN",
              "prior, float16 codebook snapshots, the cached codebook map, 16 test images and `eval.json`.", "",
              "Test split of the dataset (10,000 images); deterministic quantization. MSE is the per-image sum of",
              "squared error (pixels in [0, 1]); for vmf/nc it is on grey levels c/7 of the most probable class.",
