@@ -60,8 +60,8 @@ DECODER, CODES = "decoder.pt2", "codes.safetensors"
 class RunLogger:
     """Log a training loop's metrics, code usage and codebook into a run directory.
 
-    out_dir         the run directory to create (a new or empty directory; e.g. runs/NAME, which
-                    the app lists under $SQVAE_RUNS, default runs/).
+    out_dir         the run directory to write: new, or a directory without a run in it (e.g.
+                    runs/NAME: the app lists the runs under $SQVAE_RUNS, default runs/).
     codebook_size   K, the number of codes; logged indices must lie in [0, K).
     config          optional JSON-able dict of your settings, stored in config.json as-is
                     (values JSON cannot hold are stored as their str()); a "dataset" string in
@@ -70,7 +70,7 @@ class RunLogger:
     snapshot_every  calls of log() per codebook/usage snapshot (default 100); a multiple of
                     log_every, so every snapshot's usage is made of whole logged windows.
     overwrite       if out_dir already holds a run written by RunLogger, replace it (its metrics,
-                    snapshots and status are deleted). Never replaces a run of `sqvae train`.
+                    snapshots, status and decoder are deleted). Never replaces a run of `sqvae train`.
 
     Use it as a context manager (above), or call close() yourself when the loop ends
     (close(error=exc) marks the run failed).
@@ -100,7 +100,7 @@ class RunLogger:
         self._ones: torch.Tensor | None = None        # (1,) long ones on that device, expanded per call
         self._snap_usage = torch.zeros(self.codebook_size, dtype=torch.long)   # host, since last snapshot
         self._codebook: torch.Tensor | None = None
-        self._rows_written = self._snapshot_calls = self._row_calls = 0
+        self._snapshot_calls = self._row_calls = 0   # _calls at the last snapshot / row
         self._t0 = time.time()
         self.closed = False
 
