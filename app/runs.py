@@ -16,10 +16,6 @@ import streamlit as st
 from app import settings
 from sqvae_core import rundir as rd
 
-EVAL_FILE = "eval.json"        # full test-split evaluation shipped with a bundle (scripts/finish_bundles.py)
-MAP_FILE = "umap.json"         # codebook maps cached by sqvae_core.explore.cached_codebook_map
-PRIOR_FILE = "prior.safetensors"
-SAMPLES_DIR = "samples"
 CLOCK_SKEW_NS = 2_000_000_000  # a clone or copy writes a bundle's files within a moment, in any order
 
 
@@ -157,11 +153,11 @@ def last_val_row(rows: list[dict]) -> dict | None:
 # --------------------------------------------------------- what a bundle already stores
 def read_eval(path: Path) -> dict | None:
     """A bundle's eval.json (whole test split, deterministic quantization), if current; else None."""
-    p = Path(path) / EVAL_FILE
+    p = Path(path) / rd.EVAL
     if not _current(p, path):
         return None
     try:
-        return rd.read_json(p, EVAL_FILE)
+        return rd.read_json(p, rd.EVAL)
     except rd.BundleError:
         return None
 
@@ -186,11 +182,11 @@ def stored_map(path: Path, codebook_size: int, usage: list[int] | None, method: 
     """The codebook map cached in umap.json (newest entry of that method, seed 0, K points) as
     sqvae_core.explore's points, or None if there is none or the weights are newer. The model's own
     map (keyed by a hash of its codebook) replaces it once the model is loaded."""
-    p = Path(path) / MAP_FILE
+    p = Path(path) / rd.MAPS
     if not _current(p, path):
         return None
     try:
-        entries = rd.read_json(p, MAP_FILE).get("entries")
+        entries = rd.read_json(p, rd.MAPS).get("entries")
     except rd.BundleError:
         return None
     for entry in reversed(list(entries.values()) if isinstance(entries, dict) else []):
@@ -226,7 +222,7 @@ def first_view(path: Path) -> dict | None:
 
 
 def samples_sig(path: Path) -> tuple:
-    folder = Path(path) / SAMPLES_DIR
+    folder = Path(path) / rd.SAMPLES
     if not folder.is_dir():
         return ()
     return tuple(sorted((p.name, p.stat().st_size) for p in folder.iterdir() if p.is_file()))
@@ -238,7 +234,7 @@ def read_samples(path: Path, channels: int, size: int, n: int) -> np.ndarray | N
     Files of the model's size are used as they are; files saved as a one-image grid with a uniform
     frame (sqvae_core.imageio pads 2 px: 32x32 for 28x28 images) have the frame cropped."""
     from PIL import Image
-    folder = Path(path) / SAMPLES_DIR
+    folder = Path(path) / rd.SAMPLES
     if not folder.is_dir():
         return None
     out = []

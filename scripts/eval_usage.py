@@ -23,10 +23,10 @@ def main() -> int:
     ap.add_argument("root")
     args = ap.parse_args()
     for run in rd.list_runs(args.root):
-        path = run / "eval.json"
+        path = run / rd.EVAL
         if not path.is_file():
             continue
-        doc = rd.read_json(path, "eval.json")
+        doc = rd.read_json(path, rd.EVAL)
         b = rd.load_bundle(run)
         if not b.model.discrete:
             continue

@@ -77,14 +77,14 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
     if (run / rd.SNAPSHOTS).is_dir():
         shutil.copytree(run / rd.SNAPSHOTS, dest / rd.SNAPSHOTS)
     compact(dest)
-    (dest / "samples").mkdir()
+    (dest / rd.SAMPLES).mkdir()
     for i in range(16):
-        save_png(test_x[i:i + 1], dest / "samples" / f"test_{i:02d}.png")
+        save_png(test_x[i:i + 1], dest / rd.SAMPLES / f"test_{i:02d}.png")
     if b.model.discrete:
         usage = explore.code_usage(b.model, test_x[:2000])
         explore.cached_codebook_map(dest, b.model, usage, method="umap", seed=0)
         explore.cached_codebook_map(dest, b.model, usage, method="pca", seed=0)
-    rd.atomic_write_json(dest / "eval.json", doc)
+    rd.atomic_write_json(dest / rd.EVAL, doc)
     print(f"{kind}: done in {time.time() - t0:.0f}s: " + json.dumps({k: doc[k] for k in ("test_mse", "test_perplexity", "dead_codes")}), flush=True)
     return doc
 
@@ -143,7 +143,7 @@ def main():
             print(f"skip {run}: not finished", flush=True)
             continue
         finish(run, dest, args.prior_steps, args.n_fd)
-    docs = [json.loads((d / "eval.json").read_text()) for d in sorted(dest.iterdir()) if (d / "eval.json").is_file()]
+    docs = [json.loads((d / rd.EVAL).read_text()) for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "vae", "vmf", "nc"]
     docs.sort(key=lambda d: order.index(d["kind"]) if d["kind"] in order else 99)
     clf = dest / "fd_classifier" / "fashion-mnist.json"

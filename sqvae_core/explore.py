@@ -48,7 +48,7 @@ import torch
 
 from .config import CATEGORICAL_KINDS
 from .models import check_images
-from .rundir import MAX_JSON_BYTES, BundleError, atomic_write_json, read_json
+from .rundir import MAPS, MAX_JSON_BYTES, BundleError, atomic_write_json, read_json
 
 __all__ = [
     "code_metric", "dataset_codes", "code_usage",
@@ -60,7 +60,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-MAP_FILE = "umap.json"           # cache of codebook maps inside a run directory
+MAP_FILE = MAPS                  # cache of codebook maps inside a run directory
 MAP_CACHE_ENTRIES = 8            # most recent maps kept in MAP_FILE
 MAX_INTERPOLATION_STEPS = 256
 MAP_METHODS = ("umap", "pca")

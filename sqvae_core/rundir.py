@@ -31,6 +31,8 @@ from .config import ModelConfig
 
 CONFIG, METRICS, STATUS = "config.json", "metrics.jsonl", "status.json"
 WEIGHTS, BEST, CHECKPOINT, SNAPSHOTS = "model.safetensors", "best.safetensors", "checkpoint.pt", "snapshots"
+# written by other commands (docs/interface.md): the prior, codebook maps, a shipped bundle's evaluation, test images
+PRIOR, PRIOR_SUMMARY, MAPS, EVAL, SAMPLES = "prior.safetensors", "prior.json", "umap.json", "eval.json", "samples"
 MAX_JSON_BYTES = 1 << 20            # config/status files are tiny; refuse huge ones
 MAX_WEIGHTS_BYTES = 1 << 30
 CODE_VERSION = "0.1.0"
@@ -302,7 +304,7 @@ def read_snapshots(run_dir: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------- uploads
-UPLOAD_FILES = {CONFIG, METRICS, STATUS, WEIGHTS, BEST, "prior.safetensors", "prior.json", "umap.json", "eval.json"}
+UPLOAD_FILES = {CONFIG, METRICS, STATUS, WEIGHTS, BEST, PRIOR, PRIOR_SUMMARY, MAPS, EVAL}
 MAX_UPLOAD_BYTES = 64 << 20
 
 
@@ -344,7 +346,7 @@ def import_bundle_zip(data: bytes, dest_root: str | Path, name: str) -> Path:
                 continue
             rel = m.filename[len(strip):]
             parts = rel.split("/")
-            ok = (rel in UPLOAD_FILES or (len(parts) == 2 and parts[0] in (SNAPSHOTS, "samples")
+            ok = (rel in UPLOAD_FILES or (len(parts) == 2 and parts[0] in (SNAPSHOTS, SAMPLES)
                   and re.fullmatch(r"[A-Za-z0-9_.-]+\.(safetensors|png)", parts[1])))
             if not ok:
                 continue        # anything else (paths, pickles, scripts) is ignored

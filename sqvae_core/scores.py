@@ -25,7 +25,7 @@ from .explore import dataset_codes, decode_latent_mix, neighbour_edit
 from .fd import extract_features, frechet_distance, load_classifier
 from .prior import PriorConfig, fit_prior, load_prior, nll_bits_per_code, save_prior, unigram_entropy_bits
 
-PRIOR_WEIGHTS, PRIOR_SUMMARY = "prior.safetensors", "prior.json"
+PRIOR_WEIGHTS, PRIOR_SUMMARY = rd.PRIOR, rd.PRIOR_SUMMARY
 REPO_CHECKPOINTS = Path(__file__).resolve().parents[1] / "checkpoints"
 
 
@@ -108,7 +108,7 @@ def load_run_prior(bundle: rd.Bundle):
 
 def prior_summary(bundle: rd.Bundle) -> dict | None:
     path = bundle.path / PRIOR_SUMMARY
-    return rd.read_json(path, "prior.json") if path.is_file() else None
+    return rd.read_json(path, PRIOR_SUMMARY) if path.is_file() else None
 
 
 @torch.no_grad()

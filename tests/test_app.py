@@ -471,18 +471,20 @@ def test_train_page_lists_failed_and_interrupted_runs(env):
     assert at.button(key="resume_crashed").label == "Resume"
 
 
+def start_training(at: AppTest, name: str, steps: int):
+    """Fill the Train page's form for a tiny gaussian_1 (K=16, d=16, 1 block) and submit it."""
+    at.selectbox(key="f_kind").set_value("gaussian_1")
+    at.text_input(key="f_name").set_value(name)
+    for key, value in (("f_k", 16), ("f_d", 16), ("f_steps", steps), ("f_num_rb", 1), ("f_val_max_images", 200)):
+        at.number_input(key=key).set_value(value)
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    ok(at)
+
+
 def test_train_start_runs_a_real_subprocess_to_finished(env):
     at = app("train")
     ok(at)
-    at.selectbox(key="f_kind").set_value("gaussian_1")
-    at.text_input(key="f_name").set_value("tiny-live")
-    at.number_input(key="f_k").set_value(16)
-    at.number_input(key="f_d").set_value(16)
-    at.number_input(key="f_steps").set_value(20)
-    at.number_input(key="f_num_rb").set_value(1)
-    at.number_input(key="f_val_max_images").set_value(200)
-    [b for b in at.button if b.label == "Start training"][0].click().run()
-    ok(at)
+    start_training(at, "tiny-live", 20)
     assert any("tiny-live" in s.value for s in at.success)
     run = env["runs"] / "tiny-live"
     st = wait_state(run, ("finished", "failed"), 80)
@@ -497,13 +499,7 @@ def test_train_start_runs_a_real_subprocess_to_finished(env):
 
 def test_train_stop_long_run_and_queue(env):
     at = app("train")
-    at.text_input(key="f_name").set_value("long-run")
-    at.number_input(key="f_k").set_value(16)
-    at.number_input(key="f_d").set_value(16)
-    at.number_input(key="f_steps").set_value(1_000_000)
-    at.number_input(key="f_num_rb").set_value(1)
-    [b for b in at.button if b.label == "Start training"][0].click().run()
-    ok(at)
+    start_training(at, "long-run", 1_000_000)
     run = env["runs"] / "long-run"
     wait_state(run, ("running",), 60)
     # a second job waits in the persisted queue (cap 1) and can be removed from it

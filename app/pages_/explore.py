@@ -14,7 +14,7 @@ import streamlit as st
 
 from app import cache, charts, runs, settings, theme, ui
 from app.images import image_grid, mark_box, png_bytes
-from sqvae_core.rundir import WEIGHTS, BundleError
+from sqvae_core.rundir import PRIOR, WEIGHTS, BundleError
 
 ui.page_setup(None, "Explore")
 title_slot = st.container()      # filled after the codebook map: the map is sent first (first paint)
@@ -318,11 +318,11 @@ def gallery_tool(v: View):
 
 
 def prior_tool(v: View):
-    ppath = v.bundle.path / runs.PRIOR_FILE
+    ppath = v.bundle.path / PRIOR
     if not ppath.is_file():
         st.info("This bundle has no PixelCNN prior yet. Fit one over the run's code grids with\n\n"
                 f"```bash\npython -m sqvae_core prior train {v.bundle.path}\n```\n\n"
-                f"It is stored as `{runs.PRIOR_FILE}` in the run directory; reload this page afterwards.")
+                f"It is stored as `{PRIOR}` in the run directory; reload this page afterwards.")
         return
     try:
         prior = cache.prior(v.bundle, ppath)
