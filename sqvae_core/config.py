@@ -27,26 +27,31 @@ MAX_CODE_DIM = 2048
 MAX_IMAGE_SIZE = 256
 MAX_RES_BLOCKS = 16
 MAX_PARAMS = 200_000_000
+NETS = ("official", "legacy")   # nets.py
 
 
 @dataclass
 class ModelConfig:
     kind: str = "gaussian_1"
     image_channels: int = 1        # 1 (grey) or 3 (RGB); categorical models read grey levels
-    image_size: int = 28           # H = W; the latent grid is image_size / 4 (28 -> 7, 32 -> 8)
+    image_size: int = 28           # H = W; the latent grid is image_size / 4 (/8 for 64x64 label maps)
     codebook_size: int = 256       # K
     code_dim: int = 64             # d, also the width of the conv nets
     num_rb: int = 2                # residual blocks in encoder and decoder
     batch_norm: bool = True
-    # Gaussian SQ-VAE: sigma^2_phi = var_q_floor + exp(s) (+ encoder variance for II-IV).
-    # The official code's variant I uses a floor of 1; ours defaults to 0 and always logs
-    # the effective value.
-    var_q_init: float = 10.0       # initial effective sigma^2_phi (fixed forever for fixed_var)
+    net: str = "official"          # "official": the official SQ-VAE nets and init (nets.py);
+                                   # "legacy": bundles made before them (a config without `net`)
+    # Gaussian SQ-VAE: sigma^2_phi = var_q_floor + exp(s) (+ encoder variance exp(v) for II-IV).
+    # The official code has sigma^2_phi = exp(v) + exp(s) with v = 0 for variant I, i.e. a
+    # floor of 1 there (the paper preset sets it); ours defaults to no floor. The logged
+    # sigma2_q is always the effective value.
+    var_q_init: float = 10.0       # initial var_q_floor + exp(s) (fixed forever for fixed_var)
     var_q_floor: float = 0.0
-    # vMF / NC SQ-VAE: kappa_phi = exp(s)
-    kappa_q_init: float = 1.0
+    # vMF / NC SQ-VAE: kappa_phi = kappa_q_floor + exp(s) (official: 1 + exp(s))
+    kappa_q_init: float = 1.0      # initial kappa_q_floor + exp(s)
+    kappa_q_floor: float = 0.0
     num_levels: int = 8            # C, grey-level classes of categorical data (vmf, nc)
-    kappa_x_init: float = 1.0      # decoder concentration kappa (vmf)
+    kappa_x_init: float = 1.0      # decoder concentration kappa (vmf); official: 1/0.01 = 100
     # Gaussian decoder: sigma^2 learned from log_var_x_init, or ARELBO (sigma^2 = MSE / D)
     arelbo: bool = True
     log_var_x_init: float = 0.0
@@ -58,13 +63,25 @@ class ModelConfig:
     data_variance: float = 1.0     # VQ reconstruction loss is MSE / data_variance (as in VQ-VAE)
 
     @property
+    def categorical(self) -> bool:
+        return self.kind in CATEGORICAL_KINDS
+
+    @property
+    def num_classes(self) -> int:
+        """Classes the categorical nets see and emit: C, rounded up to even with the official nets
+        (the official vMF decoder lives on S^(F-1) with F = 2*ceil(C/2))."""
+        c = self.num_levels
+        return c + c % 2 if self.net == "official" else c
+
+    @property
     def latent_size(self) -> int:
-        return self.image_size // 4
+        from .nets import design_for, downsampling
+        return self.image_size // downsampling(design_for(self))
 
     @property
     def input_channels(self) -> int:
         """Channels the encoder sees: one-hot levels for categorical data, else the image."""
-        return self.num_levels if self.kind in CATEGORICAL_KINDS else self.image_channels
+        return self.num_classes if self.categorical else self.image_channels
 
     def validate(self) -> "ModelConfig":
         def need(ok: bool, msg: str):
@@ -81,14 +98,19 @@ class ModelConfig:
              f"image_size must be a multiple of 4 in [8, {MAX_IMAGE_SIZE}], got {self.image_size}")
         need(2 <= self.codebook_size <= MAX_CODEBOOK_SIZE,
              f"codebook size K must be in [2, {MAX_CODEBOOK_SIZE}], got {self.codebook_size}")
-        need(2 <= self.code_dim <= MAX_CODE_DIM and self.code_dim % 2 == 0,
-             f"code dim d must be an even integer in [2, {MAX_CODE_DIM}], got {self.code_dim}")
+        need(2 <= self.code_dim <= MAX_CODE_DIM,
+             f"code dim d must be an integer in [2, {MAX_CODE_DIM}], got {self.code_dim}")
+        need(self.net in NETS, f"net must be one of {', '.join(NETS)}, got {self.net!r}")
         need(1 <= self.num_rb <= MAX_RES_BLOCKS, f"num_rb must be in [1, {MAX_RES_BLOCKS}], got {self.num_rb}")
         need(2 <= self.num_levels <= 256, f"num_levels must be in [2, 256], got {self.num_levels}")
         for name in ("var_q_init", "kappa_q_init", "kappa_x_init", "beta", "data_variance"):
             v = getattr(self, name)
             need(isinstance(v, (int, float)) and math.isfinite(v) and v > 0, f"{name} must be a positive number, got {v!r}")
-        need(math.isfinite(self.var_q_floor) and self.var_q_floor >= 0, "var_q_floor must be >= 0")
+        for name in ("var_q_floor", "kappa_q_floor"):
+            v = getattr(self, name)
+            need(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0, f"{name} must be >= 0, got {v!r}")
+        need(self.var_q_init > self.var_q_floor, "var_q_init must exceed var_q_floor")
+        need(self.kappa_q_init > self.kappa_q_floor, "kappa_q_init must exceed kappa_q_floor")
         need(0.0 < self.ema_decay < 1.0, f"ema_decay must be in (0, 1), got {self.ema_decay}")
         need(self.kind not in CATEGORICAL_KINDS or self.image_channels == 1,
              "categorical models (vmf, nc) take single-channel grey-level images")
@@ -105,6 +127,8 @@ class ModelConfig:
     def from_dict(cls, d: dict) -> "ModelConfig":
         if not isinstance(d, dict):
             raise ValueError(f"invalid model config: expected a JSON object, got {type(d).__name__}")
+        if "net" not in d:   # written before the official nets existed
+            d = {**d, "net": "legacy"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .config import CATEGORICAL_KINDS, MODEL_KINDS, ModelConfig
-from .nets import Decoder, Encoder
+from .config import MODEL_KINDS, ModelConfig
+from .nets import Decoder, Encoder, design_for
 from .quantizers import GaussianSQ, QuantizerOutput, VectorQuantizer, VmfSQ
 from .vmf_norm import log_cf
 
@@ -56,7 +56,9 @@ class GaussianLikelihood(nn.Module):
     """Decoder N(f_θ(Z_q), σ² I) on D = C·S·S pixels, per image, up to (D/2)·log 2π:
 
         learned σ²:  ‖x − f(Z_q)‖² / (2σ²) + (D/2) log σ²
-        ARELBO:      σ² set to its optimum MSE/D, giving (D/2) log(MSE/D) + D/2
+        ARELBO:      σ² set to its optimum MSE/D, giving (D/2) log MSE + const; the constant
+                     (D/2)(1 − log D) is dropped, as the official code does, so that loss values
+                     (and the LR-plateau decisions taken on them) are the official ones.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -71,9 +73,8 @@ class GaussianLikelihood(nn.Module):
         x_rec = torch.sigmoid(logits)
         mse = per_image_sq_error(x_rec, x).mean()
         if self.arelbo:
-            var_x = mse / self.dim
-            loss = 0.5 * self.dim * torch.log(var_x) + 0.5 * self.dim
-            return loss, var_x.detach(), x_rec
+            loss = 0.5 * self.dim * torch.log(mse)
+            return loss, (mse / self.dim).detach(), x_rec
         var_x = self.log_var_x.exp()
         loss = mse / (2 * var_x) + 0.5 * self.dim * self.log_var_x
         return loss, var_x.detach(), x_rec
@@ -87,8 +88,9 @@ class _Autoencoder(nn.Module):
     def __init__(self, cfg: ModelConfig, with_log_var: bool = False, out_channels: int | None = None):
         super().__init__()
         self.cfg = cfg.validate()
-        self.encoder = Encoder(cfg.input_channels, cfg.code_dim, cfg.num_rb, cfg.batch_norm, with_log_var)
-        self.decoder = Decoder(out_channels or cfg.image_channels, cfg.code_dim, cfg.num_rb, cfg.batch_norm)
+        design = design_for(cfg)
+        self.encoder = Encoder(cfg.input_channels, cfg.code_dim, cfg.num_rb, cfg.batch_norm, with_log_var, design)
+        self.decoder = Decoder(out_channels or cfg.image_channels, cfg.code_dim, cfg.num_rb, cfg.batch_norm, design)
         self.quantizer: nn.Module | None = None
 
     # -- pieces the app and explore.py use -------------------------------------------
@@ -193,14 +195,14 @@ class _CategoricalSQVAE(_Autoencoder):
     """Grey-level classes c = round(x·(C−1)) in, C logits per pixel out; vMF quantization."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__(cfg, out_channels=cfg.num_levels)
-        self.quantizer = VmfSQ(cfg.codebook_size, cfg.code_dim, cfg.kappa_q_init)
+        super().__init__(cfg, out_channels=cfg.num_classes)
+        self.quantizer = VmfSQ(cfg.codebook_size, cfg.code_dim, cfg.kappa_q_init, cfg.kappa_q_floor)
 
     def classes(self, x: torch.Tensor) -> torch.Tensor:
         return torch.round(x[:, 0].clamp(0, 1) * (self.cfg.num_levels - 1)).long()
 
     def prepare_input(self, x):
-        return F.one_hot(self.classes(x), self.cfg.num_levels).permute(0, 3, 1, 2).to(x.dtype)
+        return F.one_hot(self.classes(x), self.cfg.num_classes).permute(0, 3, 1, 2).to(x.dtype)
 
     def to_image(self, logits):
         """The most probable grey level of each pixel, as an image in [0, 1]."""
@@ -208,24 +210,32 @@ class _CategoricalSQVAE(_Autoencoder):
 
 
 class VmfSQVAE(_CategoricalSQVAE):
-    """vMF SQ-VAE: categorical pixels through a vMF decoder on the unit sphere S^{C−1}.
+    """vMF SQ-VAE: categorical pixels through a vMF decoder on the unit sphere S^{F−1}.
 
-    With f̃ = f(Z_q)/‖f(Z_q)‖ and w_c the C unit basis vectors, each pixel's class vector
-    w_x has density vMF(w_x; f̃, κ) = C_C(κ) exp(κ w_xᵀ f̃); reading classes out gives
-    softmax_c(κ w_cᵀ f̃). Loss per image:  Σ_pixels [−log C_C(κ) − κ f̃_x]  + latent terms.
-    κ = exp(t) is learned, which lets the model self-anneal (κ_φ rises with κ).
+    F = C classes (rounded up to even with the official nets). With f̃ = f(Z_q)/‖f(Z_q)‖ and
+    w_c the F unit basis vectors, each pixel's class vector w_x has density
+    vMF(w_x; f̃, κ) = C_F(κ) exp(κ w_xᵀ f̃); reading classes out gives softmax_c(κ w_cᵀ f̃).
+    Loss per image:  Σ_pixels [−log C_F(κ) − κ f̃_x]  + latent terms, with the constant
+    (F/2)·log 2π of log C_F dropped as in the official code (same loss values as it).
+    κ = exp(t) is learned (official: κ = 1/exp(u), the same with u = −t), which lets the
+    model self-anneal (κ_φ rises with κ). With the official nets the decoder output goes
+    through a softplus before it is normalised, as there.
     """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         self.log_kappa_x = nn.Parameter(torch.tensor(math.log(cfg.kappa_x_init)))
+        self.softplus = cfg.net == "official"
 
     def reconstruction(self, logits, x):
+        if self.softplus:          # monotone: the argmax read-out (to_image) is unchanged
+            logits = F.softplus(logits)
         f = F.normalize(logits, dim=1)
         kappa = self.log_kappa_x.exp()
         cos = f.gather(1, self.classes(x)[:, None]).squeeze(1)       # f̃_xᵀ w_x per pixel
         n_pix = cos[0].numel()
-        log_c = log_cf(kappa, self.cfg.num_levels).to(logits.dtype)
+        n_cls = self.cfg.num_classes
+        log_c = log_cf(kappa, n_cls).to(logits.dtype) + 0.5 * n_cls * math.log(2 * math.pi)
         loss = -n_pix * log_c - kappa * cos.flatten(1).sum(1).mean()
         return loss, {"kappa_x": kappa.detach()}, self.to_image(logits)
 
@@ -297,6 +307,3 @@ def build_model(cfg: ModelConfig) -> _Autoencoder:
     cfg.validate()
     return MODELS[cfg.kind](cfg)
 
-
-def is_categorical(cfg: ModelConfig) -> bool:
-    return cfg.kind in CATEGORICAL_KINDS

@@ -1,22 +1,57 @@
 """Encoder and decoder of the SQ-VAE paper's vision experiments (ResNet-style, width d).
 
-Image (C, S, S) --conv4x4/2--> (d/2, S/2) --conv4x4/2--> (d, S/4) --conv3x3--> res blocks
---> z (d, S/4, S/4); 28x28 gives a 7x7 grid and 32x32 an 8x8 grid. The decoder mirrors it
-with transposed convolutions. As in the official code, the encoder's last residual block is
-split into a mean head and (for Gaussian SQ-VAE II-IV and the VAE) a log-variance head.
+`net="official"` builds the nets of the official SQ-VAE code (github sony/sqvae, vision/
+networks/), one design per input, chosen by `design_for(cfg)`:
+
+    design    input                         grid   encoder stem                      decoder (after its res blocks)
+    "28"      28x28 (MNIST, Fashion-MNIST)  S/4    c4/2 BN R, c4/2                   t4/2 BN R, t4/2
+    "32"      32x32 (CIFAR-10), other S     S/4    c4/2 BN R, c4/2 BN R, c3 BN R      t3 BN R, t4/2 BN R, t4/2
+    "64"      64x64 images (CelebA)         S/4    c4/2 BN R, c4/2 BN R, c3           t3 BN R, t4/2 BN R, t4/2
+    "64label" 64x64 label maps (vMF)        S/8    c4/2 BN R, c4/2 BN R, c4/2         t4/2 BN R, t4/2 BN R, t4/2
+
+(c = conv, t = transposed conv, k/s = kernel/stride, BN = batch-norm, R = ReLU; the first
+stem conv and the last decoder conv have width d/2.) The encoder then has num_rb - 1 residual
+blocks and a mean head (one more block), plus a log-variance head for Gaussian SQ-VAE II-IV
+and the VAE; the decoder has num_rb residual blocks ("28", "32") or num_rb - 1 ("64",
+"64label"). Weights start as in the official code: conv and transposed-conv weights
+~ N(0, 0.02), batch-norm scales ~ N(1, 0.02) and shifts 0 (conv biases keep PyTorch's default).
+
+`net="legacy"` is the design of bundles saved before the official nets: the "64" stem at
+every size, num_rb decoder blocks, PyTorch's default init. It exists so those bundles load.
 """
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+DESIGNS = ("28", "32", "64", "64label", "legacy")
+
+
+def design_for(cfg) -> str:
+    """Which net design a ModelConfig gets (see the table above)."""
+    if cfg.net == "legacy":
+        return "legacy"
+    if cfg.image_size == 64:
+        return "64label" if cfg.categorical else "64"
+    return "28" if cfg.image_size == 28 else "32"
+
+
+def downsampling(design: str) -> int:
+    """Image side / latent grid side."""
+    return 8 if design == "64label" else 4
+
 
 def _norm(ch: int, batch_norm: bool) -> nn.Module:
+    """Batch-norm, or an Identity in its place (so parameter names do not shift without it)."""
     return nn.BatchNorm2d(ch) if batch_norm else nn.Identity()
 
 
+def _bn_relu(ch: int, batch_norm: bool) -> list[nn.Module]:
+    return [_norm(ch, batch_norm), nn.ReLU()]
+
+
 class ResBlock(nn.Module):
-    """x + Conv1x1(ReLU(Conv3x3(ReLU(x)))), with optional batch-norm after each conv."""
+    """x + BN(Conv1x1(ReLU(BN(Conv3x3(ReLU(x)))))), batch-norm optional."""
 
     def __init__(self, dim: int, batch_norm: bool = True):
         super().__init__()
@@ -29,21 +64,51 @@ class ResBlock(nn.Module):
         return x + self.block(x)
 
 
+def encoder_stem(design: str, c_in: int, d: int, bn: bool) -> nn.Sequential:
+    h = d // 2
+    layers = [nn.Conv2d(c_in, h, 4, 2, 1), *_bn_relu(h, bn), nn.Conv2d(h, d, 4, 2, 1)]
+    if design == "32":
+        layers += [*_bn_relu(d, bn), nn.Conv2d(d, d, 3, 1, 1), *_bn_relu(d, bn)]
+    elif design in ("64", "legacy"):
+        layers += [*_bn_relu(d, bn), nn.Conv2d(d, d, 3, 1, 1)]
+    elif design == "64label":
+        layers += [*_bn_relu(d, bn), nn.Conv2d(d, d, 4, 2, 1)]
+    return nn.Sequential(*layers)
+
+
+def decoder_head(design: str, d: int, c_out: int, bn: bool) -> nn.Sequential:
+    h = d // 2
+    if design == "28":
+        layers = [nn.ConvTranspose2d(d, h, 4, 2, 1)]
+    else:
+        first = nn.ConvTranspose2d(d, d, 4, 2, 1) if design == "64label" else nn.ConvTranspose2d(d, d, 3, 1, 1)
+        layers = [first, *_bn_relu(d, bn), nn.ConvTranspose2d(d, h, 4, 2, 1)]
+    return nn.Sequential(*layers, *_bn_relu(h, bn), nn.ConvTranspose2d(h, c_out, 4, 2, 1))
+
+
+def official_init(module: nn.Module) -> None:
+    """The official code's init: conv weights ~ N(0, 0.02); BN scale ~ N(1, 0.02), shift 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 class Encoder(nn.Module):
     def __init__(self, in_channels: int, dim: int, num_rb: int, batch_norm: bool = True,
-                 with_log_var: bool = False):
+                 with_log_var: bool = False, design: str = "32"):
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, dim // 2, 4, 2, 1), _norm(dim // 2, batch_norm), nn.ReLU(),
-            nn.Conv2d(dim // 2, dim, 4, 2, 1), _norm(dim, batch_norm), nn.ReLU(),
-            nn.Conv2d(dim, dim, 3, 1, 1),
-        )
+        self.conv = encoder_stem(design, in_channels, dim, batch_norm)
         self.res = nn.Sequential(*[ResBlock(dim, batch_norm) for _ in range(num_rb - 1)])
         self.res_mean = ResBlock(dim, batch_norm)
         self.res_log_var = ResBlock(dim, batch_norm) if with_log_var else None
+        if design != "legacy":
+            official_init(self)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns (z, log_var) each (B, d, S/4, S/4); log_var is None without the head."""
+        """Returns (z, log_var) each (B, d, H, W); log_var is None without the head."""
         h = self.res(self.conv(x))
         log_var = self.res_log_var(h) if self.res_log_var is not None else None
         return self.res_mean(h), log_var
@@ -52,14 +117,13 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Returns pre-activation outputs (B, out_channels, S, S); the likelihood decides the link."""
 
-    def __init__(self, out_channels: int, dim: int, num_rb: int, batch_norm: bool = True):
+    def __init__(self, out_channels: int, dim: int, num_rb: int, batch_norm: bool = True, design: str = "32"):
         super().__init__()
-        self.res = nn.Sequential(*[ResBlock(dim, batch_norm) for _ in range(num_rb)])
-        self.convt = nn.Sequential(
-            nn.ConvTranspose2d(dim, dim, 3, 1, 1), _norm(dim, batch_norm), nn.ReLU(),
-            nn.ConvTranspose2d(dim, dim // 2, 4, 2, 1), _norm(dim // 2, batch_norm), nn.ReLU(),
-            nn.ConvTranspose2d(dim // 2, out_channels, 4, 2, 1),
-        )
+        n_res = num_rb - 1 if design in ("64", "64label") else num_rb
+        self.res = nn.Sequential(*[ResBlock(dim, batch_norm) for _ in range(n_res)])
+        self.convt = decoder_head(design, dim, out_channels, batch_norm)
+        if design != "legacy":
+            official_init(self)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         return self.convt(self.res(z))

@@ -182,15 +182,16 @@ class VmfSQ(nn.Module):
 
     Codes and encoder outputs live on the unit sphere. Dequantization
     p(z_i | Z_q) = vMF(z_q,i, κ_φ); quantization P̂(z_q,i = b_k | Z) = softmax_k(κ_φ b_kᵀ z_i);
-    latent loss per image: κ_φ Σ_i (1 − z_q,iᵀ z_i) − Σ_i H(P̂).  κ_φ = exp(s), learned.
+    latent loss per image: κ_φ Σ_i (1 − z_q,iᵀ z_i) − Σ_i H(P̂).  κ_φ = floor + exp(s), s
+    learned (the official code has a floor of 1).
     (The vMF normalisers of q(z|x) and p(z|z_q) share κ_φ and cancel.)
     """
 
-    def __init__(self, codebook_size: int, code_dim: int, kappa_init: float = 1.0):
+    def __init__(self, codebook_size: int, code_dim: int, kappa_init: float = 1.0, kappa_floor: float = 0.0):
         super().__init__()
-        self.k, self.d = codebook_size, code_dim
+        self.k, self.d, self.kappa_floor = codebook_size, code_dim, kappa_floor
         self.codebook = nn.Parameter(torch.randn(codebook_size, code_dim))
-        self.log_kappa_q = nn.Parameter(torch.tensor(math.log(kappa_init)))
+        self.log_kappa_q = nn.Parameter(torch.tensor(math.log(kappa_init - kappa_floor)))
 
     def codebook_vectors(self) -> torch.Tensor:
         return F.normalize(self.codebook, dim=1)
@@ -205,7 +206,7 @@ class VmfSQ(nn.Module):
         b, _, h, w = z.shape
         rows = F.normalize(to_rows(z), dim=1)
         codebook = self.codebook_vectors()
-        kappa = self.log_kappa_q.exp()
+        kappa = self.kappa_floor + self.log_kappa_q.exp()
         logits = kappa * rows @ codebook.t()        # κ_φ b_kᵀ z_i
         probs, entropy = _entropy_rows(logits)
         zq_rows = _assignments(logits, mode, temperature, generator) @ codebook

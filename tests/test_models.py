@@ -152,7 +152,8 @@ def test_gaussian_likelihood_matches_hand_computation():
     lik_ar = GaussianLikelihood(ModelConfig(image_size=8, arelbo=True))
     loss, var_x, _ = lik_ar(torch.zeros(2, 1, 8, 8), x)
     assert math.isclose(float(var_x), mse / d, rel_tol=1e-6)
-    assert math.isclose(float(loss), d / 2 * math.log(mse / d) + d / 2, rel_tol=1e-6)
+    # the official form: (D/2)·log MSE, the σ² = MSE/D optimum without its constant (D/2)(1 − log D)
+    assert math.isclose(float(loss), d / 2 * math.log(mse), rel_tol=1e-6)
 
 
 def test_full_gaussian_sq_vae_loss_is_the_sum_of_its_equations():
@@ -241,11 +242,13 @@ def test_each_kind_overfits_one_batch(kind):
     model.eval()
     with torch.no_grad():
         last = model(x, mode="argmax" if model.discrete else None)
-    drop = (first - float(last.loss)) / abs(first)
+    # the loss carries constants (dropped normalisers) that make a relative drop meaningless: it
+    # must fall, and the reconstruction error by half
+    drop = first - float(last.loss)
     mse_drop = 1 - float(last.stats["mse"]) / first_mse
     print(f"OVERFIT {kind}: loss {first:.2f} -> {float(last.loss):.2f}, mse {first_mse:.2f} -> "
           f"{float(last.stats['mse']):.2f}")
-    assert drop >= 0.5, f"{kind}: loss fell only {drop:.0%}"
+    assert drop > 0, f"{kind}: loss rose by {-drop:.3g}"
     assert mse_drop >= 0.5, f"{kind}: mse fell only {mse_drop:.0%}"
 
 
