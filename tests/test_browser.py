@@ -125,6 +125,41 @@ def make_tiny_bundle(path: Path) -> None:
     (path / "status.json").write_text(json.dumps({"state": "finished", "step": 50, "error": None}))
 
 
+def make_finished_run(path: Path) -> None:
+    """A finished gaussian_1 run with every live chart's data: metrics (σ², entropy, τ, val rows)
+    and three codebook snapshots (for the usage raster and the animated codebook map)."""
+    import torch
+    from sqvae_core import rundir
+    from sqvae_core.config import ModelConfig
+    make_tiny_bundle(path)
+    rows = [{"step": s, "loss": 100.0 - s, "mse": 50.0 - s / 2, "perplexity": 5 + s / 10, "entropy": 3 - s / 100,
+             "sigma2_q": 10 / (1 + s), "sigma2_x": 0.05, "temperature": 1.0} for s in range(10, 310, 10)]
+    rows += [{"step": s, "val_mse": 40.0 - s / 20, "val_perplexity": 7.5 + s / 50, "val_dead_codes": 30 - s // 20}
+             for s in (100, 200, 300)]
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (path / "config.json").write_text(json.dumps({"model": ModelConfig(kind="gaussian_1", codebook_size=32, code_dim=16,
+                                                                       num_rb=1).to_dict(),
+                                                  "train": {"steps": 300}, "dataset": "fashion-mnist"}))
+    (path / "snapshots").mkdir()
+    g = torch.Generator().manual_seed(0)
+    for step in (100, 200, 300):
+        rundir.save_weights(path / "snapshots" / f"step_{step:08d}.safetensors",
+                            {"codebook": torch.randn(32, 16, generator=g).half(),
+                             "usage": torch.randint(0, 50, (32,), generator=g)}, metadata={"step": str(step)})
+    (path / "status.json").write_text(json.dumps({"state": "finished", "step": 300, "error": None}))
+
+
+def overlaps(page) -> list[str]:
+    """Titles of the page's charts whose box meets the box of their Plotly mode bar."""
+    return page.evaluate("""() => [...document.querySelectorAll("[data-testid='stPlotlyChart'] .js-plotly-plot")]
+        .map(p => [p.querySelector(".gtitle"), p.querySelector(".modebar")])
+        .filter(([t, m]) => t && m)
+        .filter(([t, m]) => { const a = t.getBoundingClientRect(), b = m.getBoundingClientRect();
+                              return b.width > 0 && a.right > b.left && a.left < b.right
+                                     && a.bottom > b.top && a.top < b.bottom; })
+        .map(([t, m]) => t.textContent)""")
+
+
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     base = tmp_path_factory.mktemp("browser")
@@ -140,6 +175,7 @@ def servers(tmp_path_factory):
     app, app_url = start_server(ROOT / "app" / "main.py", env, base / "app.log")
     ref, ref_url = start_server(baseline, env, base / "baseline.log")
     make_tiny_bundle(ck / "tiny")
+    make_finished_run(runs / "shown")
     print(f"\nservers up in {time.perf_counter() - t0:.1f} s")
     SHOTS.mkdir(parents=True, exist_ok=True)
     yield {"app": app_url, "baseline": ref_url, "runs": runs, "app_proc": app, "base": base}
@@ -197,6 +233,8 @@ def test_app_in_browser(servers, browser):
     # progressive first paint: the tools below the map follow the map a moment later
     expect(page.get_by_text("Originals (top) vs reconstructions (bottom)")).to_be_visible(timeout=30_000)
     expect(page.locator('.sq-card .sq-value').first).to_be_visible()
+    assert page.locator("[data-testid='stAppDeployButton']").count() == 0        # .streamlit: toolbarMode
+    assert page.get_by_role("button", name="Deploy").count() == 0
     shot(page, "explore.png")
 
     phase("explore loaded")
@@ -235,6 +273,18 @@ def test_app_in_browser(servers, browser):
     print(f"\ncode grid click selected the cell: {clicked}")
 
     phase("code edited")
+    # ---- Train live on a finished run: every live chart, no title under the mode bar
+    page.goto(servers["app"] + "/train")
+    expect(page.get_by_text("shown", exact=False).first).to_be_visible()
+    charts = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .main-svg")
+    expect(page.locator("[data-testid='stPlotlyChart']")).to_have_count(8, timeout=30_000)   # 6 curves, raster, map
+    page.locator("[data-testid='stPlotlyChart']").last.scroll_into_view_if_needed()
+    charts.last.wait_for(state="visible")
+    titles = page.evaluate("() => [...document.querySelectorAll('.gtitle')].map(t => t.textContent)")
+    assert any(t.startswith("Self-annealing") for t in titles) and "Codebook map over training (PCA)" in titles, titles
+    assert overlaps(page) == [], overlaps(page)
+    shot(page, "train_finished_run.png")
+
     # ---- Train live: a 30-step run (batch 256: slow enough to watch), new points on the live
     # curves, then Stop -> "stopped". If it finished before Stop could be pressed (a fast, idle
     # machine), a long run is started and stopped instead.

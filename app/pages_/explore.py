@@ -105,7 +105,7 @@ def draw_map(points: list[dict], method: str, ev: dict, state: str = "ready"):
     """The codebook map; a click selects the code for the Code gallery tab."""
     event = theme.plot(charts.map_figure(points, f"Codebook map ({method})"), key="map_chart",
                        on_select="rerun", selection_mode="points")
-    note = f"Colour: usage of each code on {ev['n_images']} test images ({ev['source'].split(' (')[0]}); ✕: codes unused there."
+    note = f"Colour: each code's usage on {ev['n_images']} test images; ✕: codes unused there."
     code = selected_code(event)
     if code is not None and code != st.session_state.get("_map_code"):
         st.session_state["_map_code"] = code
