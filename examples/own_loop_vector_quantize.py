@@ -6,7 +6,7 @@ offline). vector-quantize-pytorch reports no perplexity or code usage of its own
 derives them from the indices it returns and writes a run directory the app reads live.
 
     pip install vector-quantize-pytorch        # optional dependency (requirements-dev.txt)
-    python examples/own_loop_vector_quantize.py --out runs/own_vq --steps 1000   # ~40 s on a 2-core CPU
+    python examples/own_loop_vector_quantize.py --out runs/own_vq --steps 600    # ~25 s on an idle 2-core CPU
     sqvae list runs                            # runs/own_vq   logged   fashion-mnist  K=64 ...
     streamlit run app/main.py                  # Train live / Compare: pick own_vq
 
@@ -64,7 +64,7 @@ class DecodeCodes(nn.Module):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", default="runs/own_vq", help="run directory to write (the app lists runs/*)")
-    p.add_argument("--steps", type=int, default=1000, help="training steps (~0.04 s each on a 2-core CPU)")
+    p.add_argument("--steps", type=int, default=600, help="training steps (~0.04 s each on an idle 2-core CPU)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--codes", type=int, default=64, help="codebook size K")
     p.add_argument("--dim", type=int, default=32, help="code dimension")
