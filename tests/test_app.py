@@ -715,3 +715,22 @@ def test_app_preset_choices_are_the_trainers_presets():
     from app.settings import PRESET_CHOICES
     from sqvae_core.train import PRESETS
     assert set(PRESET_CHOICES) == set(PRESETS) | {"none"}
+
+
+def test_stored_results_count_unless_the_weights_are_newer(tmp_path, monkeypatch):
+    """eval.json and umap.json are used unless the weights were written after them; a fresh clone
+    writes a bundle's files a moment apart in any order (eval.json before model.safetensors), which
+    must not hide them."""
+    import shutil
+    from app import runs
+    monkeypatch.setenv("SQVAE_APP_UMAP", "1")
+    b = tmp_path / "gaussian_4"
+    shutil.copytree(ROOT / "checkpoints" / "gaussian_4", b)
+    t = b.joinpath("eval.json").stat().st_mtime
+    for name in ("eval.json", "umap.json"):
+        os.utime(b / name, (t, t))
+    os.utime(b / "model.safetensors", (t + 0.01, t + 0.01))          # the clone case
+    view = runs.first_view(b)
+    assert view["evaluation"]["dead_codes"] == 13 and len(view["points"]) == 256
+    os.utime(b / "model.safetensors", (t + 60, t + 60))               # retrained after the evaluation
+    assert runs.read_eval(b) is None and runs.first_view(b) is None
