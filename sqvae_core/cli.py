@@ -25,10 +25,11 @@ TRAIN_FLAGS = {
     "--epochs": ("epochs", float, "training epochs (instead of --steps)"),
     "--batch-size": ("batch_size", int, "batch size per process"),
     "--lr": ("lr", float, "Adam learning rate"),
-    "--lr-schedule": ("lr_schedule", str, "constant | cosine"),
+    "--lr-schedule": ("lr_schedule", str, "constant | cosine | plateau (halve after 3 validations without gain)"),
     "--seed": ("seed", int, "random seed"),
     "--device": ("device", str, "auto | cpu | cuda | mps"),
-    "--preset": ("preset", str, "paper | demo"),
+    "--preset": ("preset", str, "paper (the official SQ-VAE setup for the dataset) | demo (~2 min on a CPU)"),
+    "--net": ("model.net", str, "official (the official SQ-VAE nets, default) | legacy (bundles made before)"),
     "--log-every": ("log_every", int, "steps between metrics rows (default 10)"),
     "--val-every": ("val_every", int, "steps between validation passes"),
     "--snapshot-every": ("snapshot_every", int, "steps between codebook/usage snapshots"),
@@ -42,6 +43,7 @@ TRAIN_FLAGS = {
     "--var-q-init": ("model.var_q_init", float, "initial σ²_φ (Gaussian SQ; fixed value for fixed_var)"),
     "--var-q-floor": ("model.var_q_floor", float, "σ²_φ floor (official variant I code: 1.0)"),
     "--kappa-q-init": ("model.kappa_q_init", float, "initial κ_φ (vmf, nc)"),
+    "--kappa-q-floor": ("model.kappa_q_floor", float, "κ_φ floor (official: 1.0)"),
     "--beta": ("model.beta", float, "VQ commitment weight"),
 }
 
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
     t.add_argument("--compile", action="store_true", default=None,
                    help="torch.compile the training step (compiles for ~30-60 s first; see benchmarks/)")
+    t.add_argument("--amp", action="store_true", default=None,
+                   help="bf16 autocast (faster on recent GPUs; changes the numerics, off in every preset)")
     t.add_argument("--no-arelbo", action="store_true", default=None, help="learn σ² instead of ARELBO")
     t.add_argument("--no-batch-norm", action="store_true", default=None, help="nets without batch-norm")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -140,6 +144,8 @@ def cmd_train(args) -> int:
         explicit["deterministic"] = True
     if args.compile:
         explicit["compile"] = True
+    if args.amp:
+        explicit["amp"] = True
     if args.no_arelbo:
         explicit["model.arelbo"] = False
     if args.no_batch_norm:
@@ -150,9 +156,12 @@ def cmd_train(args) -> int:
         cfg = TrainConfig.from_dict({**saved.get("train", {}), "model": saved["model"]})
     else:
         cfg = TrainConfig()
+        cfg.model.kind = explicit.get("model.kind", cfg.model.kind)
+        cfg.dataset = explicit.get("dataset", cfg.dataset)
+        if cfg.model.kind in ("vmf", "nc") and "dataset" not in explicit:
+            cfg.dataset = "fashion-mnist-cat8"   # categorical models need categorical data
         preset = explicit.get("preset")
         if preset:
-            cfg.dataset = explicit.get("dataset", cfg.dataset)
             apply_preset(cfg, preset, {t.split(".")[-1] for t in explicit})
     for target, v in explicit.items():
         if target.startswith("model."):
@@ -161,8 +170,6 @@ def cmd_train(args) -> int:
         else:
             setattr(cfg, target, v)
     cfg.out = str(out)
-    if cfg.model.kind in ("vmf", "nc") and not cfg.dataset.endswith("cat8") and "dataset" not in explicit:
-        cfg.dataset = "fashion-mnist-cat8"
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     if result["state"] == "failed":
         print(f"error: training failed: {result['error']}", file=sys.stderr)

@@ -1,17 +1,28 @@
 """Training: one function, `train(cfg)`, that writes a run directory as it goes.
 
-The loop is plain Adam on in-memory tensors. Everything the app shows is written to
-RUN_DIR while training runs (see rundir.py): metrics rows every `log_every` steps,
-validation rows (deterministic quantization, whole split) every `val_every` steps,
-codebook/usage snapshots every `snapshot_every` steps, and atomic checkpoints.
+    resolve(cfg)   a copy of the config with what the data decides filled in (the caller's is untouched)
+    restore        model, optimizer, LR schedule, RNG and step from the checkpoint (--resume)
+    the loop       plain Adam steps; metrics, validation, snapshots and checkpoints on schedule
+    finish         the final checkpoint and status.json (and, under DDP, agreement of the ranks)
+
+Everything the app shows is written to RUN_DIR while training runs (see rundir.py): metrics
+rows every `log_every` steps, validation rows (deterministic quantization, whole split)
+every `val_every` steps or every epoch, codebook/usage snapshots every `snapshot_every`
+steps, and atomic checkpoints.
 
 Stops: SIGINT/SIGTERM -> checkpoint + state "stopped"; NaN/inf loss -> state "failed" with
 the step and reason, the last good checkpoint untouched. `--resume` restores model,
 optimizer, scheduler, RNG and step, so an interrupted run ends with the same weights as one
 that never stopped. Under torchrun every rank trains on its own shard; rank 0 alone writes.
+On a GPU the loop does not wait for the device between log points (statistics accumulate on
+it), batches come from pinned host memory when the data set does not fit on the device, and
+`amp` (bf16 autocast) and `compile` are there to switch on.
 """
 from __future__ import annotations
 
+import contextlib
+import copy
+import functools
 import hashlib
 import json
 import math
@@ -33,6 +44,9 @@ from .device import resolve_device
 from .evaluate import evaluate_model
 from .models import build_model
 
+LR_SCHEDULES = ("constant", "cosine", "plateau")
+VAL_SPLITS = ("random", "last")
+
 
 @dataclass
 class TrainConfig:
@@ -40,39 +54,54 @@ class TrainConfig:
     dataset: str = "fashion-mnist"
     out: str = "runs/run"
     steps: int = 2000
-    epochs: float | None = None        # if set, steps = epochs x (training images // global batch)
+    epochs: float | None = None        # if set, steps = epochs x (steps per epoch)
     batch_size: int = 32
     lr: float = 1e-3
-    lr_schedule: str = "constant"      # "constant" | "cosine" (to lr_min over `steps`)
+    # "constant"; "cosine" (to lr_min over `steps`); "plateau" (x plateau_factor after
+    # plateau_patience validations without a relative improvement of 1e-4 of the validation
+    # loss: torch's ReduceLROnPlateau, as the official SQ-VAE trainer uses it)
+    lr_schedule: str = "constant"
     lr_min: float = 1e-5
+    plateau_factor: float = 0.5
+    plateau_patience: int = 3
     seed: int = 0
     device: str = "auto"
-    # Gumbel-softmax temperature τ = max(τ0·exp(−decay·step), τ_min)  (paper: 1.0, 1e-5, 0)
+    # Gumbel-softmax temperature τ = max(τ0·exp(−decay·t), τ_min) at the t-th update, t = 1, 2, …
+    # (paper: 1.0, 1e-5, 0)
     temperature_init: float = 1.0
     temperature_decay: float = 1e-5
     temperature_min: float = 0.0
     grad_clip: float | None = None
     deterministic: bool = False
     compile: bool = False              # torch.compile the training forward (pays off after a few hundred steps)
+    amp: bool = False                  # bf16 autocast (changes the numerics; no preset uses it)
     log_every: int = 10
     val_every: int = 500
+    val_per_epoch: bool = False        # validate at the end of each epoch instead of every val_every steps
     snapshot_every: int = 100
     checkpoint_every: int = 500
     data_dir: str | None = None
     val_size: int = 5000
+    val_split: str = "random"          # "random": a fixed-seed random subset; "last": the last val_size images
     val_max_images: int | None = None  # cap validation images (demo preset); None = whole split
+    drop_last: bool = True             # False: each epoch ends with a smaller batch (single process only)
     preset: str | None = None
 
     def validate(self) -> "TrainConfig":
         self.model.validate()
-        for name in ("steps", "batch_size", "log_every", "val_every", "snapshot_every", "checkpoint_every"):
+        for name in ("steps", "batch_size", "log_every", "val_every", "snapshot_every", "checkpoint_every",
+                     "plateau_patience"):
             v = getattr(self, name)
-            if not isinstance(v, int) or v < 1:
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{name.replace('_', '-')} must be a positive integer, got {v!r}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"learning rate must be a positive number, got {self.lr}")
-        if self.lr_schedule not in ("constant", "cosine"):
-            raise ValueError(f"lr schedule must be constant or cosine, got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        if not 0 < self.plateau_factor < 1:
+            raise ValueError(f"plateau factor must be in (0, 1), got {self.plateau_factor}")
+        if self.val_split not in VAL_SPLITS:
+            raise ValueError(f"val split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
         if not self.temperature_init > 0:
             raise ValueError("temperature-init must be > 0")
         return self
@@ -89,34 +118,73 @@ class TrainConfig:
 
 
 # --------------------------------------------------------------------------- presets
-# `paper`: the SQ-VAE paper's settings per dataset (Takida et al. 2022, Appendix).
-# `demo`: measured on a 2-core CPU so that within ~2 minutes the self-annealing curves and
-# the SQ-VAE vs VQ-VAE codebook difference are plain to see (benchmarks/README.md).
-PRESETS = {
-    "paper": {
-        "fashion-mnist": dict(model=dict(codebook_size=256, code_dim=64, num_rb=2, var_q_init=10.0),
-                              batch_size=32, lr=1e-3, steps=171_900),   # 100 epochs of 55k
-        "mnist": dict(model=dict(codebook_size=256, code_dim=64, num_rb=2, var_q_init=10.0),
-                      batch_size=32, lr=1e-3, steps=171_900),
-        "cifar10": dict(model=dict(codebook_size=512, code_dim=64, num_rb=2, var_q_init=10.0),
-                        batch_size=32, lr=1e-3, steps=140_700),          # 100 epochs of 45k
-        "fashion-mnist-cat8": dict(model=dict(codebook_size=256, code_dim=64, num_rb=2),
-                                   batch_size=32, lr=1e-3, steps=171_900),
-    },
-    "demo": {
-        "*": dict(model=dict(codebook_size=128, code_dim=32, num_rb=1, var_q_init=10.0),
-                  batch_size=32, lr=2e-3, steps=1200, log_every=10, val_every=200,
-                  snapshot_every=50, checkpoint_every=200, val_max_images=1000),
-    },
+# `paper`: the official SQ-VAE setup (github sony/sqvae, vision/: configs/*.yaml, model.py,
+# trainer*.py), per dataset:     K        d      blocks     exp(s) at init   epochs
+PAPER = {
+    "mnist":              dict(K=128, d=64, num_rb=2, s0=10.0, epochs=100),
+    "fashion-mnist":      dict(K=256, d=64, num_rb=2, s0=10.0, epochs=100),
+    "cifar10":            dict(K=512, d=64, num_rb=2, s0=20.0, epochs=100),
+    "folder":             dict(K=512, d=64, num_rb=6, s0=20.0, epochs=70),    # CelebA: 64x64 RGB
+    # categorical (vmf, nc). fashion-mnist-cat8 is ours (the paper has no such set): Fashion-MNIST's
+    # K and nets with the vMF parametrisation of the official CelebAMask-HQ setting
+    "fashion-mnist-cat8": dict(K=256, d=64, num_rb=2, s0=0.05, epochs=100),
 }
+# The official CelebAMask-HQ vMF setting (64x64 maps of 19 classes, grid 8x8), for folders of
+# such label maps: K=64, d=64 (+1), 2 blocks, exp(s) 0.05, 70 epochs.
+CELEBAMASK = dict(K=64, d=64, num_rb=2, s0=0.05, epochs=70)
+
+
+def paper_preset(dataset: str, kind: str) -> dict:
+    """TrainConfig values of the official setup for a dataset and model kind.
+
+    Common to all: batch 32, Adam 1e-3 halved after 3 epochs without improvement of the
+    (deterministic) validation loss, validation once per epoch on the last 10,000 training
+    images (MNIST-style 50k/10k, CIFAR-10 40k/10k), no dropped last batch, τ = exp(−1e−5·t).
+    Gaussian: σ²_φ = exp(v) + exp(s), v = 0 for variant I (so a floor of 1). vMF: κ_φ = 1 + exp(s),
+    code dimension d + 1 (the official code adds one for the sphere), decoder κ = 1/0.01.
+    A folder of images gets CelebA's setting (64x64 RGB); vmf/nc on a folder CelebAMask-HQ's.
+    """
+    base = dataset.split(":")[0]
+    categorical = kind in CATEGORICAL_KINDS
+    if base == "fashion-mnist-cat8" and not categorical:
+        base = "fashion-mnist"     # a Gaussian model on the 8-level images: Fashion-MNIST's setting
+    p = CELEBAMASK if base == "folder" and categorical else PAPER.get(base)
+    if p is None or (categorical and base not in ("folder", "fashion-mnist-cat8")):
+        raise ValueError(f"the paper preset has no setting for {kind} on {dataset!r}; it covers "
+                         f"mnist, fashion-mnist, cifar10 and folder:PATH (64x64 RGB), and for vmf/nc "
+                         f"fashion-mnist-cat8 and folder:PATH (64x64 label maps)")
+    model = dict(net="official", codebook_size=p["K"], code_dim=p["d"], num_rb=p["num_rb"], arelbo=True)
+    if categorical:
+        model.update(code_dim=p["d"] + 1, kappa_q_floor=1.0, kappa_q_init=1.0 + p["s0"], kappa_x_init=100.0)
+    elif kind in ("gaussian_1", "fixed_var"):
+        model.update(var_q_floor=1.0, var_q_init=1.0 + p["s0"])
+    else:
+        model.update(var_q_floor=0.0, var_q_init=p["s0"])
+    if base == "folder":
+        model.update(image_size=64, image_channels=1 if categorical else 3)
+    else:
+        c, size, _ = dataset_shape(dataset)
+        model.update(image_size=size, image_channels=c)
+    return dict(model=model, batch_size=32, lr=1e-3, lr_schedule="plateau", plateau_factor=0.5,
+                plateau_patience=3, epochs=float(p["epochs"]), val_per_epoch=True, val_size=10_000,
+                val_split="last", drop_last=False, temperature_init=1.0, temperature_decay=1e-5,
+                temperature_min=0.0, amp=False)
+
+
+# `demo`: measured on a 2-core CPU so that within ~2 minutes the self-annealing curves and
+# the SQ-VAE vs VQ-VAE codebook difference are plain to see (benchmarks/RESULTS.md).
+DEMO = dict(model=dict(codebook_size=128, code_dim=32, num_rb=1, var_q_init=10.0),
+            batch_size=32, lr=2e-3, steps=1200, log_every=10, val_every=200,
+            snapshot_every=50, checkpoint_every=200, val_max_images=1000)
+PRESETS = ("paper", "demo")
 
 
 def apply_preset(cfg: TrainConfig, preset: str, explicit: set[str] = frozenset()) -> TrainConfig:
-    """Fill cfg from a preset; fields in `explicit` (set by the user) are kept."""
-    table = PRESETS.get(preset)
-    if table is None:
+    """Fill cfg from a preset for its dataset and model kind; fields in `explicit` (set by the
+    user; plain field names such as "lr" or "codebook_size") are kept."""
+    if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    values = table.get(cfg.dataset.split(":")[0], table.get("*", table.get("fashion-mnist")))
+    values = paper_preset(cfg.dataset, cfg.model.kind) if preset == "paper" else DEMO
     for k, v in values.items():
         if k == "model":
             for mk, mv in v.items():
@@ -124,18 +192,25 @@ def apply_preset(cfg: TrainConfig, preset: str, explicit: set[str] = frozenset()
                     setattr(cfg.model, mk, mv)
         elif k not in explicit:
             setattr(cfg, k, v)
+    if "steps" in explicit and "epochs" not in explicit:
+        cfg.epochs = None          # --steps N beats a preset's epochs
     cfg.preset = preset
     return cfg
 
 
 def temperature_at(cfg: TrainConfig, step: int) -> float:
-    """τ(step) = max(τ0·exp(−decay·step), τ_min)."""
-    return max(cfg.temperature_init * math.exp(-cfg.temperature_decay * step), cfg.temperature_min, 1e-8)
+    """τ for the update after `step` completed ones (the official t = step + 1):
+    max(τ0·exp(−decay·t), τ_min)."""
+    return max(cfg.temperature_init * math.exp(-cfg.temperature_decay * (step + 1)), cfg.temperature_min, 1e-8)
 
 
-def make_scheduler(cfg: TrainConfig, optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+def make_scheduler(cfg: TrainConfig, optimizer):
     if cfg.lr_schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps, eta_min=cfg.lr_min)
+    if cfg.lr_schedule == "plateau":   # stepped with the validation loss (validate_and_log), not every step
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="min", factor=cfg.plateau_factor, patience=cfg.plateau_patience,
+            threshold=1e-4, threshold_mode="rel")
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
@@ -184,23 +259,28 @@ class StopFlag:
             signal.signal(s, h)
 
 
+@functools.lru_cache(maxsize=2)
 def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The shuffled order of epoch `epoch`: a pure function of (seed, epoch), so resume
-    and every DDP rank agree on it without saving data-loader state."""
+    and every DDP rank agree on it without saving data-loader state. Cached: one permutation
+    per epoch, not per step."""
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=g)
 
 
-def batch_indices(n: int, batch: int, seed: int, step: int, dist: Dist) -> torch.Tensor:
-    """Indices of this rank's batch at global step `step` (drop-last epochs)."""
-    global_batch = batch * dist.world
-    per_epoch = n // global_batch
-    if per_epoch < 1:
-        raise ValueError(f"batch size {batch} x {dist.world} process(es) exceeds the {n} training images")
-    epoch, offset = divmod(step, per_epoch)
-    order = _epoch_order(n, seed, epoch)
-    start = offset * global_batch + dist.rank * batch
-    return order[start:start + batch]
+def steps_per_epoch(n: int, batch: int, world: int = 1, drop_last: bool = True) -> int:
+    global_batch = batch * world
+    if n // global_batch < 1:
+        raise ValueError(f"batch size {batch} x {world} process(es) exceeds the {n} training images")
+    return n // global_batch if drop_last else -(-n // global_batch)
+
+
+def batch_indices(n: int, batch: int, seed: int, step: int, dist: Dist, drop_last: bool = True) -> torch.Tensor:
+    """Indices of this rank's batch at global step `step`; without drop_last an epoch's last
+    batch holds the remaining n mod batch images (single process)."""
+    epoch, offset = divmod(step, steps_per_epoch(n, batch, dist.world, drop_last))
+    start = offset * batch * dist.world + dist.rank * batch
+    return _epoch_order(n, seed, epoch)[start:start + batch]
 
 
 def rng_state(device: torch.device) -> dict:
@@ -267,23 +347,129 @@ class RunWriter:
             self._metrics.close()
 
 
-# ----------------------------------------------------------------------- the loop
-def _stat_keys(kind: str) -> tuple[str, ...]:
-    keys = ["loss", "mse"]
-    if kind != "vae":
-        keys.append("perplexity")
-    if kind in GAUSSIAN_KINDS or kind in CATEGORICAL_KINDS:
-        keys.append("entropy")
-    if kind in GAUSSIAN_KINDS:
-        keys += ["sigma2_q", "sigma2_x"]
-    if kind in CATEGORICAL_KINDS:
-        keys.append("kappa_q")
-    if kind == "vmf":
-        keys.append("kappa_x")
-    if kind == "vae":
-        keys += ["sigma2_x", "kl"]
-    return tuple(keys)
+# ------------------------------------------------------------------- resolving a config
+def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
+            val_data: ImageData | None = None) -> tuple[TrainConfig, ImageData, ImageData]:
+    """A validated copy of cfg with what the data decides filled in: image shape, grey levels,
+    the VQ data variance, steps from epochs, validation every epoch. The caller's cfg is untouched."""
+    cfg = copy.deepcopy(cfg).validate()
+    if dist.world > 1:
+        cfg.drop_last = True       # every rank must see a full batch: the smaller last one is dropped
+    folder = cfg.dataset.startswith("folder:")
+    c, s, _ = dataset_shape(cfg.dataset, cfg.model.image_size if folder else None,
+                            cfg.model.image_channels if folder else None)
+    cfg.model.image_channels, cfg.model.image_size = c, s
+    split = dict(val_size=cfg.val_size, val_from_end=cfg.val_split == "last", image_size=s, channels=c)
+    if data is None:
+        data = load_dataset(cfg.dataset, "train", cfg.data_dir, **split)
+    if val_data is None:
+        val_data = load_dataset(cfg.dataset, "val", cfg.data_dir, **split)
+    if cfg.val_max_images:
+        val_data = copy.copy(val_data)
+        val_data.images = val_data.images[:cfg.val_max_images]
+    if cfg.model.kind in CATEGORICAL_KINDS and data.levels:
+        cfg.model.num_levels = data.levels
+    if cfg.model.kind in VQ_KINDS:
+        cfg.model.data_variance = float(data.images.var())
+    per_epoch = steps_per_epoch(len(data), cfg.batch_size, dist.world, cfg.drop_last)
+    if cfg.epochs:
+        cfg.steps, cfg.epochs = max(1, int(cfg.epochs * per_epoch)), None
+    if cfg.val_per_epoch:
+        cfg.val_every = per_epoch
+    return cfg.validate(), data, val_data
 
+
+# ------------------------------------------------------------------------ checkpoints
+@dataclass
+class Progress:
+    step: int = 0              # optimizer updates done
+    elapsed: float = 0.0       # training seconds, over every process that worked on the run
+    best: float = math.inf     # best validation MSE so far
+
+
+class Checkpointer:
+    """Writes and restores everything a resume needs: weights (safetensors, what the app loads),
+    optimizer, LR schedule, RNG and progress. Rank 0 alone writes; every write is atomic, and a
+    failed write (disk full) leaves the previous checkpoint as it was."""
+
+    def __init__(self, out: Path, model, optimizer, scheduler, device: torch.device, enabled: bool):
+        self.out, self.model, self.optimizer, self.scheduler = out, model, optimizer, scheduler
+        self.device, self.enabled = device, enabled
+        self.path = out / rd.CHECKPOINT
+
+    def restore(self) -> Progress:
+        try:
+            ck = torch.load(self.path, map_location=self.device, weights_only=True)
+            rd.check_state_dict(self.model, ck["model"], str(self.path))
+            self.model.load_state_dict(ck["model"])
+            self.optimizer.load_state_dict(ck["optimizer"])
+            self.scheduler.load_state_dict(ck["scheduler"])
+        except rd.BundleError:
+            raise
+        except Exception as e:  # a truncated or foreign file
+            raise rd.BundleError(f"cannot resume: checkpoint is unreadable ({e.__class__.__name__}): {self.path}") from None
+        set_rng_state(ck["rng"], self.device)
+        return Progress(int(ck["step"]), float(ck["elapsed"]), float(ck["best"]))
+
+    def save(self, p: Progress, temperature: float) -> None:
+        if not self.enabled:
+            return
+        if not all(torch.isfinite(w).all() for w in self.model.parameters()):
+            raise FloatingPointError(f"weights became non-finite by step {p.step}")
+        state = self.model.state_dict()
+        try:
+            rd.save_weights(self.out / rd.WEIGHTS, state,
+                            {"step": str(p.step), "config": json.dumps(self.model.cfg.to_dict())})
+            rd.atomic_torch_save(self.path, {
+                "model": state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "step": p.step, "elapsed": p.elapsed, "best": p.best, "rng": rng_state(self.device),
+                "temperature": temperature})
+        except OSError as e:   # disk full, file too large, permissions: the old files survive
+            raise OSError(f"could not write the checkpoint at step {p.step} to {self.out} ({e.strerror or e}); "
+                          f"the previous checkpoint is kept") from None
+
+
+# ----------------------------------------------------------------------- the loop
+class Window:
+    """Training statistics between two log points, summed on the device (reading them is the
+    one host sync of a log point), and the code usage between two snapshots."""
+
+    def __init__(self, kind: str, codebook_size: int, device: torch.device):
+        keys = ["loss", "mse"]
+        if kind != "vae":
+            keys.append("perplexity")
+        if kind in GAUSSIAN_KINDS or kind in CATEGORICAL_KINDS:
+            keys.append("entropy")
+        if kind in GAUSSIAN_KINDS:
+            keys += ["sigma2_q", "sigma2_x"]
+        if kind in CATEGORICAL_KINDS:
+            keys.append("kappa_q")
+        if kind == "vmf":
+            keys.append("kappa_x")
+        if kind == "vae":
+            keys += ["sigma2_x", "kl"]
+        self.sums = {key: torch.zeros((), device=device) for key in keys}
+        self.n = 0
+        self.usage = torch.zeros(codebook_size, dtype=torch.long, device=device)
+
+    def add(self, outp) -> None:
+        for key, v in self.sums.items():
+            v += outp.loss.detach().float() if key == "loss" else outp.stats[key].float()
+        self.n += 1
+        if outp.indices is not None:   # scatter_add, unlike bincount, never waits for a GPU
+            idx = outp.indices.reshape(-1)
+            self.usage.scatter_add_(0, idx, torch.ones_like(idx))
+
+    def means(self) -> dict[str, float]:
+        """Window averages (then the window restarts); FloatingPointError if any is not finite."""
+        vals = {key: float(v) / self.n for key, v in self.sums.items()}
+        bad = [key for key, v in vals.items() if not math.isfinite(v)]
+        if bad:
+            raise FloatingPointError(f"{', '.join(bad)} became non-finite")
+        for v in self.sums.values():
+            v.zero_()
+        self.n = 0
+        return vals
 
 
 def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> torch.optim.Optimizer:
@@ -293,206 +479,170 @@ def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> t
     return torch.optim.Adam(model.parameters(), lr=lr, fused=fused or None)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data: ImageData | None = None,
-          val_data: ImageData | None = None) -> dict:
-    """Train and write cfg.out. Returns the final status dict."""
-    cfg.validate()
-    dist, device = init_distributed(cfg.device)
-    out = Path(cfg.out)
-    ckpt_path = out / rd.CHECKPOINT
-    if dist.main:
-        if not resume and ckpt_path.exists():
-            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
-        out.mkdir(parents=True, exist_ok=True)
+def train_step(train_model, optimizer, x: torch.Tensor, tau: float, cfg: TrainConfig, device: torch.device,
+               step: int):
+    """One update: forward at Gumbel temperature tau, backward, (clip), Adam. Returns the output."""
+    with _autocast(cfg, device):
+        outp = train_model(x, temperature=tau)
+    loss = outp.loss
+    if device.type == "cpu" and not torch.isfinite(loss):   # free on a CPU; on a GPU, at log points
+        raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg.grad_clip:
+        torch.nn.utils.clip_grad_norm_(optimizer.param_groups[0]["params"], cfg.grad_clip)
+    optimizer.step()
+    return outp
 
-    torch.manual_seed(cfg.seed + dist.rank)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
 
-    # data: in-memory tensors on the device, batches by index
-    c, s, _ = dataset_shape(cfg.dataset, cfg.model.image_size if cfg.dataset.startswith("folder:") else None,
-                            cfg.model.image_channels if cfg.dataset.startswith("folder:") else None)
-    cfg.model.image_channels, cfg.model.image_size = c, s
-    if data is None:
-        data = load_dataset(cfg.dataset, "train", cfg.data_dir, val_size=cfg.val_size,
-                            image_size=s, channels=c)
-    if val_data is None:
-        val_data = load_dataset(cfg.dataset, "val", cfg.data_dir, val_size=cfg.val_size,
-                                image_size=s, channels=c)
-    if cfg.val_max_images:
-        val_data.images = val_data.images[:cfg.val_max_images]
-    if cfg.model.kind in CATEGORICAL_KINDS and data.levels:
-        cfg.model.num_levels = data.levels
-    if cfg.model.kind in VQ_KINDS:
-        cfg.model.data_variance = float(data.images.var())
-    if cfg.epochs:
-        cfg.steps = max(1, int(cfg.epochs * (len(data) // (cfg.batch_size * dist.world))))
-        cfg.epochs = None
-    images = data.images.to(device)
+class Batches:
+    """Training batches by global step. The images live on the device when they fit in a
+    quarter of its free memory (all of CPU RAM counts); otherwise in pinned host memory,
+    gathered into a pinned buffer and copied without blocking."""
 
+    def __init__(self, images: torch.Tensor, cfg: TrainConfig, dist: Dist, device: torch.device):
+        self.n, self.cfg, self.dist, self.device = len(images), cfg, dist, device
+        on_device = device.type == "cpu" or images.nbytes < _free_device_bytes(device) // 4
+        self.images = images.to(device) if on_device else images.pin_memory()
+        self.on_device = on_device
+
+    def __call__(self, step: int) -> torch.Tensor:
+        idx = batch_indices(self.n, self.cfg.batch_size, self.cfg.seed, step, self.dist, self.cfg.drop_last)
+        if self.on_device:
+            return self.images[idx.to(self.device, non_blocking=True)]
+        return self.images[idx].pin_memory().to(self.device, non_blocking=True)
+
+
+def _free_device_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return 1 << 62
+
+
+def make_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     model = build_model(cfg.model).to(device)
     if device.type == "cpu":
         # oneDNN's convolutions run faster on NHWC: +9% (gaussian_1) and +13% (vq) images/s at the
         # paper preset (benchmarks/train_throughput.py). Saved weights are made contiguous.
         model = model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, cfg.lr, device)
-    scheduler = make_scheduler(cfg, optimizer)
-    step, elapsed, best = 0, 0.0, float("inf")
+    return model
 
-    config_doc = {"model": cfg.model.to_dict(), "train": {k: v for k, v in cfg.to_dict().items() if k != "model"},
-                  "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
-                  "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
-                  "world_size": dist.world, "device": device.type}
-    if resume and ckpt_path.exists():
-        saved_cfg, saved_model_cfg = rd.read_config(out)
-        if saved_model_cfg != cfg.model:
-            diff = {k: (v, getattr(cfg.model, k)) for k, v in saved_model_cfg.to_dict().items()
-                    if getattr(cfg.model, k) != v}
-            raise ValueError(f"--resume with a different model config than the run's: {diff}")
-        try:
-            ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-            rd.check_state_dict(model, ck["model"], str(ckpt_path))
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            scheduler.load_state_dict(ck["scheduler"])
-        except rd.BundleError:
-            raise
-        except Exception as e:  # a truncated or foreign file
-            raise rd.BundleError(f"cannot resume: checkpoint is unreadable ({e.__class__.__name__}): {ckpt_path}") from None
-        step, elapsed, best = int(ck["step"]), float(ck["elapsed"]), float(ck["best"])
-        old_lr = float(saved_cfg.get("train", {}).get("lr", cfg.lr))
-        if old_lr != cfg.lr:   # a new --lr on resume rescales the schedule from here on
-            for g in optimizer.param_groups:
-                g["lr"], g["initial_lr"] = g["lr"] * cfg.lr / old_lr, cfg.lr
-            scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
-        set_rng_state(ck["rng"], device)
-        config_doc["resumed_from_step"] = step
-    elif resume:
-        resume = False   # killed before its first checkpoint: nothing to resume, start over
 
-    train_model = model
+def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.device) -> torch.nn.Module:
+    """The module the loop calls: DDP across ranks, torch.compile on request (same weights)."""
     if dist.world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
+        model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
         if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
             raise ValueError("--compile on a CPU needs a C++ compiler (torch.compile generates C++): "
                              "install g++ (Debian: apt-get install g++) or train without --compile")
-        train_model = torch.compile(train_model)   # same module and weights: checkpoints are unchanged
+        model = torch.compile(model)
+    return model
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if not cfg.amp:
+        return contextlib.nullcontext()
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp uses bf16 autocast, which this GPU does not support; train without --amp")
+    return torch.autocast(device.type, dtype=torch.bfloat16)
+
+
+def validate_and_log(model, val_data: ImageData, cfg: TrainConfig, p: Progress, device, writer, scheduler,
+                     out: Path, main: bool) -> dict:
+    """One validation pass (deterministic quantization, batches of the training size as the
+    official trainer): a metrics row, best.safetensors on a new best MSE, the plateau LR step."""
+    res = evaluate_model(model, val_data.images, device=device, batch_size=cfg.batch_size)
+    row = {"step": p.step, "wall_time": time.time(), **{f"val_{m}": res[m] for m in
+           ("mse", "perplexity", "entropy", "dead_codes", "loss") if res.get(m) is not None}}
+    writer.metrics(row)
+    if res["mse"] < p.best:
+        p.best = res["mse"]
+        if main:
+            rd.save_weights(out / rd.BEST, model.state_dict(), {"step": str(p.step), "val_mse": str(p.best)})
+    if cfg.lr_schedule == "plateau":
+        scheduler.step(res["loss"])
+    model.train()
+    return row
+
+
+def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data: ImageData | None = None,
+          val_data: ImageData | None = None) -> dict:
+    """Train and write cfg.out. Returns the final status dict. cfg itself is not modified."""
+    dist, device = init_distributed(cfg.device)
+    cfg, data, val_data = resolve(cfg, dist, data, val_data)
+    out = Path(cfg.out)
+    if dist.main:
+        if not resume and (out / rd.CHECKPOINT).exists():
+            raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed + dist.rank)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+    # --- build, then restore
+    batches = Batches(data.images, cfg, dist, device)
+    model = make_model(cfg, device)
+    optimizer = make_optimizer(model, cfg.lr, device)
+    scheduler = make_scheduler(cfg, optimizer)
+    ckpt = Checkpointer(out, model, optimizer, scheduler, device, dist.main)
+    config_doc = {"model": cfg.model.to_dict(), "train": {k: v for k, v in cfg.to_dict().items() if k != "model"},
+                  "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
+                  "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
+                  "world_size": dist.world, "device": device.type}
+    p = Progress()
+    resume = resume and ckpt.path.exists()   # killed before its first checkpoint: start over
+    if resume:
+        p = _restore(ckpt, cfg, out, optimizer, scheduler)
+        config_doc["resumed_from_step"] = p.step
+    train_model = _wrap(model, cfg, dist, device)
 
     writer = RunWriter(out, dist.main)
     if dist.main:
         rd.atomic_write_json(out / rd.CONFIG, config_doc)
-    writer.open(step if resume else None)
-    writer.status("running", step)
+    writer.open(p.step if resume else None)
+    writer.status("running", p.step)
     stop = StopFlag()
-    keys = _stat_keys(cfg.model.kind)
-    k = cfg.model.codebook_size
-    window = {key: torch.zeros((), device=device) for key in keys}
-    n_window, usage = 0, torch.zeros(k, dtype=torch.long, device=device)
-    bar = None
-    if progress and dist.main:
-        from tqdm import tqdm
-        bar = tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+    window = Window(cfg.model.kind, cfg.model.codebook_size, device)
+    bar = _progress_bar(cfg, p.step) if progress and dist.main else None
 
-    def save_checkpoint():
-        if not dist.main:
-            return
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
-            raise FloatingPointError(f"weights became non-finite by step {step}")
-        try:
-            _write_checkpoint()
-        except OSError as e:   # disk full, file too large, permissions: the old files survive
-            raise OSError(f"could not write the checkpoint at step {step} to {out} ({e.strerror or e}); "
-                          f"the previous checkpoint is kept") from None
-
-    def _write_checkpoint():
-        rd.save_weights(out / rd.WEIGHTS, model.state_dict(), {"step": str(step), "config": json.dumps(cfg.model.to_dict())})
-        rd.atomic_torch_save(ckpt_path, {
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "step": step, "elapsed": elapsed, "best": best, "rng": rng_state(device),
-            "temperature": temperature_at(cfg, step)})
-
-    def validate():
-        nonlocal best
-        res = evaluate_model(model, val_data.images, device=device)
-        row = {"step": step, "wall_time": time.time(), **{f"val_{m}": res[m] for m in
-               ("mse", "perplexity", "entropy", "dead_codes", "loss") if res.get(m) is not None}}
-        writer.metrics(row)
-        if res["mse"] < best:
-            best = res["mse"]
-            if dist.main:
-                rd.save_weights(out / rd.BEST, model.state_dict(), {"step": str(step), "val_mse": str(best)})
-        model.train()
-        return row
-
-    t_start = time.time() - elapsed
+    # --- the loop
+    t_start = time.time() - p.elapsed
     state, error = "finished", None
     model.train()
     try:
-        while step < cfg.steps:
-            idx = batch_indices(len(images), cfg.batch_size, cfg.seed, step, dist)
-            x = images[idx.to(device)]
-            tau = temperature_at(cfg, step)
-            outp = train_model(x, temperature=tau)
-            loss = outp.loss
-            if device.type == "cpu" and not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            for key in keys:
-                window[key] += loss.detach() if key == "loss" else outp.stats[key]
-            n_window += 1
-            if outp.indices is not None:
-                usage += torch.bincount(outp.indices.reshape(-1), minlength=k)
-
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                vals = {key: float(v) / n_window for key, v in window.items()}
-                if not all(math.isfinite(v) for v in vals.values()):
-                    bad = [key for key, v in vals.items() if not math.isfinite(v)]
-                    raise FloatingPointError(f"{', '.join(bad)} became non-finite by step {step}")
-                elapsed = time.time() - t_start
-                row = {"step": step, "wall_time": time.time(), "elapsed": round(elapsed, 3), **vals,
-                       "temperature": tau, "lr": optimizer.param_groups[0]["lr"]}
-                writer.metrics(row)
-                for key in window:
-                    window[key].zero_()
-                n_window = 0
-                if bar is not None:
-                    shown = {"loss": f"{vals['loss']:.4g}", "mse": f"{vals['mse']:.3g}"}
-                    if "perplexity" in vals:
-                        shown["ppl"] = f"{vals['perplexity']:.1f}"
-                    for key in ("sigma2_q", "kappa_q"):
-                        if key in vals:
-                            shown[key] = f"{vals[key]:.3g}"
-                    bar.set_postfix(shown, refresh=False)
-                    bar.update(step - bar.n)
-            if model.discrete and (step % cfg.snapshot_every == 0 or step == cfg.steps):
-                writer.snapshot(step, model.codebook_vectors(), usage)
-                usage.zero_()
-            if dist.main and (step % cfg.val_every == 0 or step == cfg.steps):
-                validate()
-            if step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                elapsed = time.time() - t_start
-                save_checkpoint()
-                writer.status("running", step)
+        while p.step < cfg.steps:
+            tau = temperature_at(cfg, p.step)
+            outp = train_step(train_model, optimizer, batches(p.step), tau, cfg, device, p.step)
+            if cfg.lr_schedule != "plateau":
+                scheduler.step()
+            p.step += 1
+            window.add(outp)
+            if p.step % cfg.log_every == 0 or p.step == cfg.steps:
+                p.elapsed = time.time() - t_start
+                _log_row(writer, window, p, tau, optimizer, bar)
+            if model.discrete and (p.step % cfg.snapshot_every == 0 or p.step == cfg.steps):
+                writer.snapshot(p.step, model.codebook_vectors(), window.usage)
+                window.usage.zero_()
+            if dist.main and (p.step % cfg.val_every == 0 or p.step == cfg.steps):
+                validate_and_log(model, val_data, cfg, p, device, writer, scheduler, out, dist.main)
+            if p.step % cfg.checkpoint_every == 0 and p.step < cfg.steps:
+                p.elapsed = time.time() - t_start
+                ckpt.save(p, temperature_at(cfg, p.step))
+                writer.status("running", p.step)
             if _should_stop(stop, dist, device):
-                state, error = "stopped", f"stopped by {stop.signal or 'another rank'} at step {step}"
+                state, error = "stopped", f"stopped by {stop.signal or 'another rank'} at step {p.step}"
                 break
-        elapsed = time.time() - t_start
-        save_checkpoint()
+        p.elapsed = time.time() - t_start
+        ckpt.save(p, temperature_at(cfg, p.step))
     except FloatingPointError as e:
         state, error = "failed", f"non-finite loss: {e}; the last good checkpoint is kept"
     except Exception as e:
         state, error = "failed", f"{e.__class__.__name__}: {e}"
         try:
-            writer.status(state, step, error)
+            writer.status(state, p.step, error)
         except OSError:
             pass   # the disk may be full; the error still reaches the caller
         raise
@@ -502,18 +652,60 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
             bar.close()
         writer.close()
 
-    extra = {}
-    if dist.world > 1:
-        # parameters agree through DDP's gradient all-reduce; buffers (batch-norm running stats)
-        # follow rank 0, which wrote the checkpoint: make every rank hold exactly what was saved
-        for b in model.buffers():
-            torch.distributed.broadcast(b.data, 0)
-        digests = [None] * dist.world
-        torch.distributed.all_gather_object(digests, weights_digest(model))
-        extra = {"rank_weight_digests": digests, "ranks_identical": len(set(digests)) == 1}
-        torch.distributed.destroy_process_group()
-    writer.status(state, step, error, elapsed=round(elapsed, 3), **extra)
-    return {"state": state, "step": step, "error": error, **extra}
+    # --- finish
+    extra = _agree_across_ranks(model, dist) if dist.world > 1 else {}
+    writer.status(state, p.step, error, elapsed=round(p.elapsed, 3), **extra)
+    return {"state": state, "step": p.step, "error": error, **extra}
+
+
+def _restore(ckpt: Checkpointer, cfg: TrainConfig, out: Path, optimizer, scheduler) -> Progress:
+    saved_cfg, saved_model_cfg = rd.read_config(out)
+    if saved_model_cfg != cfg.model:
+        diff = {k: (v, getattr(cfg.model, k)) for k, v in saved_model_cfg.to_dict().items()
+                if getattr(cfg.model, k) != v}
+        raise ValueError(f"--resume with a different model config than the run's: {diff}")
+    p = ckpt.restore()
+    old_lr = float(saved_cfg.get("train", {}).get("lr", cfg.lr))
+    if old_lr != cfg.lr:   # a new --lr on resume rescales the schedule from here on
+        for g in optimizer.param_groups:
+            g["lr"], g["initial_lr"] = g["lr"] * cfg.lr / old_lr, cfg.lr
+        if hasattr(scheduler, "base_lrs"):
+            scheduler.base_lrs = [cfg.lr for _ in scheduler.base_lrs]
+    return p
+
+
+def _log_row(writer: RunWriter, window: Window, p: Progress, tau: float, optimizer, bar) -> None:
+    try:
+        vals = window.means()
+    except FloatingPointError as e:
+        raise FloatingPointError(f"{e} by step {p.step}") from None
+    writer.metrics({"step": p.step, "wall_time": time.time(), "elapsed": round(p.elapsed, 3), **vals,
+                    "temperature": tau, "lr": optimizer.param_groups[0]["lr"]})
+    if bar is not None:
+        shown = {"loss": f"{vals['loss']:.4g}", "mse": f"{vals['mse']:.3g}"}
+        if "perplexity" in vals:
+            shown["ppl"] = f"{vals['perplexity']:.1f}"
+        for key in ("sigma2_q", "kappa_q"):
+            if key in vals:
+                shown[key] = f"{vals[key]:.3g}"
+        bar.set_postfix(shown, refresh=False)
+        bar.update(p.step - bar.n)
+
+
+def _progress_bar(cfg: TrainConfig, step: int):
+    from tqdm import tqdm
+    return tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
+
+
+def _agree_across_ranks(model: torch.nn.Module, dist: Dist) -> dict:
+    """Parameters agree through DDP's gradient all-reduce; buffers (batch-norm running stats)
+    follow rank 0, which wrote the checkpoint: make every rank hold exactly what was saved."""
+    for b in model.buffers():
+        torch.distributed.broadcast(b.data, 0)
+    digests = [None] * dist.world
+    torch.distributed.all_gather_object(digests, weights_digest(model))
+    torch.distributed.destroy_process_group()
+    return {"rank_weight_digests": digests, "ranks_identical": len(set(digests)) == 1}
 
 
 def _should_stop(stop: StopFlag, dist: Dist, device: torch.device) -> bool:

