@@ -293,3 +293,52 @@ def test_decoder_that_cannot_be_exported_fails_clearly_and_writes_nothing(tmp_pa
     assert not (tmp_path / "r" / "decoder.pt2").exists() and not (tmp_path / "r" / "codes.safetensors").exists()
     with pytest.raises(rd.BundleError, match="no decoder saved"):
         load_decoder(tmp_path / "r")
+
+
+# ------------------------------------------------------------------------------- the app
+def _figures(at) -> list[dict]:
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def _points(figs: list[dict], title: str) -> int:
+    """Points of the first trace of the figure whose title starts with `title`."""
+    for f in figs:
+        t = f.get("layout", {}).get("title", {})
+        if (t.get("text") if isinstance(t, dict) else str(t) or "").startswith(title):
+            return len(f["data"][0]["x"])
+    raise AssertionError(f"no chart titled {title!r} among {[f.get('layout', {}).get('title') for f in figs]}")
+
+
+def test_train_live_shows_a_running_logged_run_growing_and_explore_says_it_has_no_model(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+    monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "no_checkpoints"))
+    monkeypatch.setenv("SQVAE_APP_UMAP", "0")
+    monkeypatch.setenv("SQVAE_OFFLINE", "1")
+    pages = ROOT / "app" / "pages_"
+    log = RunLogger(tmp_path / "runs" / "mine", codebook_size=8, log_every=5, snapshot_every=10)
+
+    def steps(first, last):
+        for s in range(first, last + 1):
+            log.log(s, indices=torch.randint(8, (4, 7, 7)), codebook=torch.randn(8, 3), loss=torch.tensor(1.0 / s))
+    try:
+        steps(1, 20)                                     # the loop is still running (this process)
+        at = AppTest.from_file(str(pages / "train.py"), default_timeout=120).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert any("`mine` — running" in m.value for m in at.markdown)
+        before = _points(_figures(at), "Loss")
+        assert before == 4
+        steps(21, 40)
+        at.run()
+        assert _points(_figures(at), "Loss") == 8                                   # the curve grew
+        assert _points(_figures(at), "Perplexity") >= 8
+        assert any("Code usage" in str(f.get("layout", {}).get("title")) for f in _figures(at))   # usage raster
+    finally:
+        log.close()
+    ex = AppTest.from_file(str(pages / "explore.py"), default_timeout=120)
+    ex.query_params["run"] = "runs/mine"
+    ex.run()
+    ex.run()
+    assert not ex.exception, [e.value for e in ex.exception]
+    assert any("logged run (RunLogger)" in e.value and "no model" in e.value for e in ex.error)
