@@ -151,6 +151,9 @@ def cmd_train(args) -> int:
     if args.no_batch_norm:
         explicit["model.batch_norm"] = False
     out = Path(args.out)
+    if (out / rd.CONFIG).is_file() and rd.read_json(out / rd.CONFIG, "config.json").get("source") == rd.LOGGED_SOURCE:
+        raise ValueError(f"{out} holds a logged run (RunLogger), which sqvae train can neither resume nor "
+                         f"replace; choose another --out")
     if args.resume and (out / rd.CONFIG).is_file():
         saved = rd.read_json(out / rd.CONFIG, "config.json")
         cfg = TrainConfig.from_dict({**saved.get("train", {}), "model": saved["model"]})

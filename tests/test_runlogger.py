@@ -90,17 +90,21 @@ def test_format_read_by_the_readers_the_app_uses(tmp_path):
     assert len(frames) == 2 and len(frames[0]) == 4                           # the Train live codebook animation
 
 
-def test_sqvae_list_shows_the_run_and_eval_refuses_it_in_one_line(tmp_path):
+def test_sqvae_list_shows_the_run_and_eval_explore_train_refuse_it_in_one_line(tmp_path):
     run = logged_run(tmp_path / "runs" / "mine")
     out = cli("list", tmp_path / "runs")
     assert out.returncode == 0, out.stderr
     line, = out.stdout.splitlines()
     assert line.split()[:3] == [str(run), "logged", "fashion-mnist"] and "K=4" in line and "finished" in line
-    for cmd in (["eval", run], ["eval", run, "--json"], ["explore", run, "--umap"]):
+    for cmd in (["eval", run], ["eval", run, "--json"], ["explore", run, "--umap"], ["train", "--out", run, "--resume"]):
         res = cli(*cmd)
         assert res.returncode != 0 and res.stdout == ""
         assert len(res.stderr.strip().splitlines()) == 1 and "Traceback" not in res.stderr
-        assert "logged run (RunLogger)" in res.stderr and "no model" in res.stderr
+        assert "logged run (RunLogger)" in res.stderr
+        assert ("no model" if cmd[0] != "train" else "neither resume nor replace") in res.stderr
+    res = cli("train", "--out", run, "--steps", "1", "--quiet")              # would have overwritten config.json
+    assert res.returncode != 0 and "logged run (RunLogger)" in res.stderr
+    assert rd.read_json(run / rd.CONFIG, "config.json")["source"] == rd.LOGGED_SOURCE
 
 
 def test_status_running_while_open_with_rows_already_on_disk(tmp_path):
