@@ -73,7 +73,8 @@ class RunLogger:
                     snapshots, status and decoder are deleted). Never replaces a run of `sqvae train`.
 
     Use it as a context manager (above), or call close() yourself when the loop ends
-    (close(error=exc) marks the run failed).
+    (close(error=exc) marks the run failed). Under DistributedDataParallel make one on rank 0
+    only: it counts the codes of that rank's batches (gather the indices first for all ranks').
     """
 
     def __init__(self, out_dir: str | os.PathLike, codebook_size: int, config: dict | None = None, *,
