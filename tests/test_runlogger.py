@@ -184,7 +184,9 @@ def test_steps_between_log_points_never_read_a_tensor(tmp_path):
         log.log(step, indices=idx, codebook=cb, loss=loss, commit=loss * 2)   # no read: no error
     with pytest.raises((RuntimeError, NotImplementedError)):
         log.log(5, indices=idx, codebook=cb, loss=loss)                      # log point: reads
-    log.closed = True
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        log.close()                               # the last window cannot be read: raised, not hidden
+    assert rd.read_status(tmp_path / "r")["state"] == "failed"
 
 
 # --------------------------------------------------------------------------- bad input
