@@ -125,6 +125,15 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--device", default="auto")
     ex.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
+    io_ = sub.add_parser("import-official", help="turn a checkpoint of the official SQ-VAE trainer into a bundle")
+    io_.add_argument("checkpoint", metavar="CKPT", help="the official trainer's best.pt / current.pt")
+    io_.add_argument("--config", required=True, metavar="YAML",
+                     help="the official YAML of the run (or the configs.json the trainer wrote beside CKPT)")
+    io_.add_argument("--out", required=True, metavar="RUN_DIR", help="bundle directory to write (new or empty)")
+    io_.add_argument("--dataset", default=None, metavar="NAME",
+                     help="dataset to evaluate on (default from the YAML; CelebA, CelebAMask_HQ: folder:PATH)")
+    io_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
     ls = sub.add_parser("list", help="list runs and bundles")
     ls.add_argument("dirs", nargs="*", help="directories to scan (default: runs checkpoints)")
     ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
@@ -314,7 +323,19 @@ def cmd_explore(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "prior": cmd_prior, "explore": cmd_explore}
+def cmd_import_official(args) -> int:
+    from . import rundir as rd
+    from .official import import_official
+    out = import_official(args.checkpoint, args.config, args.out, dataset=args.dataset)
+    doc = rd.read_json(out / rd.CONFIG, "config.json")
+    m = doc["model"]
+    print(f"imported {m['kind']} ({doc['official']['dataset']}, K={m['codebook_size']}, d={m['code_dim']}) "
+          f"-> {out} (dataset {doc['dataset']})", file=sys.stderr)
+    return 0
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "prior": cmd_prior, "explore": cmd_explore,
+            "import-official": cmd_import_official}
 
 
 def main(argv: list[str] | None = None) -> int:
