@@ -1,20 +1,26 @@
-"""Training throughput (images/s) and peak memory at the paper's Fashion-MNIST preset.
+"""Training throughput (images/s) and peak memory at the paper preset, against the official trainer's step.
 
-    python benchmarks/train_throughput.py [--steps 30] [--rounds 7] [--threads N] [--compile]
+    python benchmarks/train_throughput.py [--size 28|32|64] [--steps 30] [--rounds 7] [--threads N] [--compile]
+                                          [--clock wall|cpu]
 
-Compares, on the same machine and batch (32 images of 28x28, K=256, d=64, 2 res blocks):
-  plain  - a plain eager implementation of the same net and loss, written the way the
-           official SQ-VAE code is (per-step .item() logging, distances via an explicit
-           ‖z‖² + ‖b‖² − 2zbᵀ, Gumbel softmax from torch.nn.functional)
-  ours   - sqvae_core's model, optimizer (fused Adam) and train step (stats stay on device
-           between log points; logits without the per-row ‖z‖² term, one fused addmm)
-  ours+channels_last   - what `sqvae train` runs on a CPU (NHWC convolutions)
-  ours+compile, ours+compile+channels_last - torch.compile, as `train --compile` (with --compile)
-and prints images/s, the ratio to `plain`, and the process's peak RSS.
+Same machine, same nets (the official SQ-VAE nets at that size: 28 = Fashion-MNIST K=256,
+32 = CIFAR-10 K=512, 64 = CelebA K=512 with 6 blocks; d=64, batch 32, fp32):
+  official-style  the step as the official trainer takes it: distances as ‖z‖² + ‖b‖² − 2zbᵀ,
+                  its Gumbel noise −log(−log(u + 1e-10) + 1e-10), z_q and the decoder in NCHW,
+                  the loss as its GaussianSQVAE writes it, three `.item()` reads per step, torch's
+                  default Adam
+  ours NCHW       sqvae_core's model and optimizer (fused Adam) through train.py's own step
+                  (`train_step`, `Window`, `Batches`), NCHW convolutions
+  ours            the same as `sqvae train` runs it on a CPU (channels_last convolutions)
+  ours+compile    ... and torch.compile, as `sqvae train --compile` (with --compile)
+Every variant runs `steps` steps in every round, in turn (interleaved: machine drift hits all
+alike). Prints images/s (median over rounds), the median per-round ratio to official-style,
+and the process's peak RSS.
 """
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import statistics
 import sys
@@ -27,140 +33,172 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
-from sqvae_core.nets import Decoder, Encoder  # noqa: E402
-from sqvae_core.train import make_optimizer  # noqa: E402
+from sqvae_core.nets import Decoder, Encoder, design_for  # noqa: E402
+from sqvae_core.train import (Batches, Dist, TrainConfig, Window, make_model, make_optimizer,  # noqa: E402
+                              temperature_at, train_step)
 
-B, K, D = 32, 256, 64
+B = 32
+SETTINGS = {   # image size -> (channels, K, blocks, exp(s) at init)
+    28: (1, 256, 2, 10.0),
+    32: (3, 512, 2, 20.0),
+    64: (3, 512, 6, 20.0),
+}
 
 
-class PlainGaussianSQVAE(torch.nn.Module):
-    """The same nets and Gaussian SQ-VAE I loss (ARELBO), written plainly."""
+def model_config(size: int, kind: str) -> ModelConfig:
+    c, k, rb, s0 = SETTINGS[size]
+    floor = 1.0 if kind == "gaussian_1" else 0.0
+    return ModelConfig(kind=kind, image_channels=c, image_size=size, codebook_size=k, code_dim=64, num_rb=rb,
+                       var_q_floor=floor, var_q_init=floor + s0)
 
-    def __init__(self):
+
+class OfficialStyleGaussianSQVAE(torch.nn.Module):
+    """Gaussian SQ-VAE I as the official code computes it (same nets), written here from its equations."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.encoder = Encoder(1, D, 2)
-        self.decoder = Decoder(1, D, 2)
-        self.codebook = torch.nn.Parameter(torch.randn(K, D))
-        self.log_param_q = torch.nn.Parameter(torch.tensor(2.3))
+        design = design_for(cfg)
+        self.encoder = Encoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
+        self.decoder = Decoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
+        self.codebook = torch.nn.Parameter(torch.randn(cfg.codebook_size, cfg.code_dim))
+        self.log_param_q = torch.nn.Parameter(torch.tensor(math.log(cfg.var_q_init - 1.0)))
+        self.dim_x = cfg.image_channels * cfg.image_size ** 2
 
-    def forward(self, x, temperature=1.0):
+    def forward(self, x, temperature):
         z, _ = self.encoder(x)
         bs, d, h, w = z.shape
+        var_q = 1.0 + self.log_param_q.exp()
         zf = z.permute(0, 2, 3, 1).contiguous().view(-1, d)
-        var_q = self.log_param_q.exp()
         dist = torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(self.codebook ** 2, dim=1) \
             - 2 * torch.matmul(zf, self.codebook.t())
-        logit = -0.5 * dist / var_q
-        enc = F.gumbel_softmax(logit, tau=temperature, hard=False)
+        logit = -0.5 / var_q * dist
+        p, log_p = torch.softmax(logit, -1), torch.log_softmax(logit, -1)
+        u = torch.rand(logit.shape)
+        g = -torch.log(-torch.log(u + 1e-10) + 1e-10)
+        enc = F.softmax((logit + g) / temperature, dim=-1)
         zq = torch.mm(enc, self.codebook).view(bs, h, w, d).permute(0, 3, 1, 2).contiguous()
+        avg_p = p.detach().mean(0)
+        perplexity = torch.exp(-torch.sum(avg_p * torch.log(avg_p + 1e-7)))
         x_rec = torch.sigmoid(self.decoder(zq))
         mse = F.mse_loss(x_rec, x, reduction="sum") / bs
-        loss_rec = 784 * torch.log(mse) / 2
-        p = torch.softmax(logit, -1)
-        kld_d = torch.sum(p * torch.log_softmax(logit, -1)) / bs
-        kld_c = torch.sum(0.5 * (zf - zq.permute(0, 2, 3, 1).reshape(-1, d)) ** 2 / var_q) / bs
-        return loss_rec + kld_d + kld_c, mse
+        kld_d = torch.sum(p * log_p) / bs
+        kld_c = torch.sum((z - zq) ** 2 * (0.5 / var_q), dim=(1, 2, 3)).mean()
+        return self.dim_x * torch.log(mse) / 2 + kld_d + kld_c, mse, perplexity
 
 
-class PlainVQVAE(torch.nn.Module):
-    def __init__(self):
+class OfficialStyleVQVAE(torch.nn.Module):
+    """VQ-VAE over the same nets, written the same plain way."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.encoder = Encoder(1, D, 2)
-        self.decoder = Decoder(1, D, 2)
-        self.codebook = torch.nn.Parameter(torch.empty(K, D).uniform_(-1 / K, 1 / K))
+        design = design_for(cfg)
+        self.encoder = Encoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
+        self.decoder = Decoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
+        k = cfg.codebook_size
+        self.codebook = torch.nn.Parameter(torch.empty(k, cfg.code_dim).uniform_(-1 / k, 1 / k))
 
-    def forward(self, x, temperature=1.0):
+    def forward(self, x, temperature):
         z, _ = self.encoder(x)
         bs, d, h, w = z.shape
         zf = z.permute(0, 2, 3, 1).contiguous().view(-1, d)
         dist = torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(self.codebook ** 2, dim=1) \
             - 2 * torch.matmul(zf, self.codebook.t())
-        zq = self.codebook[dist.argmin(1)]
+        idx = dist.argmin(1)
+        zq = self.codebook[idx]
         loss_q = F.mse_loss(zq, zf.detach()) + 0.25 * F.mse_loss(zf, zq.detach())
         zq = zf + (zq - zf).detach()
         x_rec = torch.sigmoid(self.decoder(zq.view(bs, h, w, d).permute(0, 3, 1, 2).contiguous()))
         mse = F.mse_loss(x_rec, x)
-        return mse + loss_q, mse
+        counts = torch.bincount(idx, minlength=self.codebook.shape[0]).float()
+        avg_p = counts / counts.sum()
+        return mse + loss_q, mse, torch.exp(-torch.sum(avg_p * torch.log(avg_p + 1e-7)))
 
 
-def seconds(step_fn, x, steps):
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step_fn(x)
-    return time.perf_counter() - t0
+def official_style_step(model, images, tcfg):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    state = {"step": 0}
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        x = images[torch.randint(0, len(images), (B,), generator=g)]
+        state["step"] += 1
+        loss, mse, ppl = model(x, max(math.exp(-1e-5 * state["step"]), 0.0))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        loss.item(), mse.item(), ppl.item()        # the official trainer's per-step logging
+    return step
 
 
-def bench_interleaved(variants: dict, steps: int, rounds: int, warmup: int = 10) -> dict:
-    """images/s of each variant, median over rounds; in each round every variant runs `steps`
-    steps in turn, so machine drift (clock, other load) hits all of them alike. Also the median
-    over rounds of each variant's ratio to the first one (the plain baseline)."""
-    for fn, x in variants.values():
+def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, compile_: bool):
+    """train.py's own step: Batches -> train_step -> Window, a log-point read every 10 steps."""
+    device = torch.device("cpu")
+    model = (make_model(TrainConfig(model=cfg), device) if channels_last else build_model(cfg)).train()
+    opt = make_optimizer(model, 1e-3, device)
+    fwd = torch.compile(model) if compile_ else model
+    batches = Batches(images, tcfg, Dist(), device)
+    window = Window(cfg.kind, cfg.codebook_size, device)
+    state = {"step": 0}
+
+    def step():
+        s = state["step"]
+        outp = train_step(fwd, opt, batches(s), temperature_at(tcfg, s), tcfg, device, s)
+        window.add(outp)
+        state["step"] = s + 1
+        if state["step"] % tcfg.log_every == 0:
+            window.means()
+    return step
+
+
+def bench_interleaved(variants: dict, steps: int, rounds: int, warmup: int = 10, clock=time.perf_counter) -> dict:
+    for fn in variants.values():
         for _ in range(warmup):
-            fn(x)
+            fn()
     ips = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, (fn, x) in variants.items():
-            ips[name].append(B * steps / seconds(fn, x, steps))
+        for name, fn in variants.items():
+            t0 = clock()
+            for _ in range(steps):
+                fn()
+            ips[name].append(B * steps / (clock() - t0))
     base = next(iter(variants))
     return {name: (statistics.median(v), statistics.median(a / b for a, b in zip(v, ips[base])))
             for name, v in ips.items()}
 
 
-def plain_step(model, opt):
-    def step(x):
-        loss, mse = model(x)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        return loss.item(), mse.item()        # per-step logging, as the official trainer does
-    return step
-
-
-def ours_step(model, opt, log_every=10):
-    state = {"i": 0}
-
-    def step(x):
-        out = model(x, temperature=1.0)
-        opt.zero_grad(set_to_none=True)
-        out.loss.backward()
-        opt.step()
-        state["i"] += 1
-        if state["i"] % log_every == 0:
-            float(out.loss.detach())        # one host sync per log point
-    return step
-
-
 def main():
     p = argparse.ArgumentParser()
+    p.add_argument("--size", type=int, default=28, choices=sorted(SETTINGS))
+    p.add_argument("--kinds", default="gaussian_1,vq")
     p.add_argument("--steps", type=int, default=30, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                   help="cpu: the process's CPU time (with --threads 1, a measure that other load on a "
+                        "shared machine barely moves; images per CPU-second)")
     args = p.parse_args()
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    x = torch.rand(B, 1, 28, 28)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, K={K}, d={D}, "
+    c = SETTINGS[args.size][0]
+    images = torch.rand(2048, c, args.size, args.size)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, {c}x{args.size}x{args.size}, "
           f"{args.rounds} interleaved rounds of {args.steps} steps per variant (medians; ratio = median of "
-          f"per-round ratios to plain)")
-    for kind, plain_cls in (("gaussian_1", PlainGaussianSQVAE), ("vq", PlainVQVAE)):
-        plain = plain_cls().train()
-        variants = {"plain eager": (plain_step(plain, torch.optim.Adam(plain.parameters(), 1e-3)), x)}
-        options = [("ours", False, False), ("ours+channels_last", True, False)]
+          f"per-round ratios to official-style), {args.clock} clock")
+    for kind in args.kinds.split(","):
+        cfg = model_config(args.size, kind)
+        tcfg = TrainConfig(model=cfg, batch_size=B, log_every=10)
+        plain_cls = OfficialStyleVQVAE if kind.startswith("vq") else OfficialStyleGaussianSQVAE
+        variants = {"official-style": official_style_step(plain_cls(cfg).train(), images, tcfg)}
+        options = [("ours NCHW", False, False), ("ours (sqvae train)", True, False)]
         if args.compile:
-            options += [("ours+compile", False, True), ("ours+compile+channels_last", True, True)]
+            options += [("ours+compile", True, True)]
         for name, cl, comp in options:
-            model = build_model(ModelConfig(kind=kind, codebook_size=K, code_dim=D, num_rb=2)).train()
-            xx = x
-            if cl:
-                model = model.to(memory_format=torch.channels_last)
-                xx = x.contiguous(memory_format=torch.channels_last)
-            opt = make_optimizer(model, 1e-3, torch.device("cpu"))   # what train.py uses
-            fwd = torch.compile(model) if comp else model
-            variants[name] = (ours_step(fwd, opt), xx)
-        for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds).items():
-            print(f"{kind:<11} {name:<27} {ips:8.0f} img/s   {ratio:.2f}x")
+            variants[name] = ours_step(cfg, images, tcfg, cl, comp)
+        for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds, clock=clock).items():
+            print(f"{kind:<11} {name:<20} {ips:8.0f} img/s   {ratio:.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB")
 

@@ -54,8 +54,10 @@ def shifted_neg_half_distances(rows: torch.Tensor, codebook: torch.Tensor) -> to
 
 
 def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
-    """exp(H(ū)), ū the average one-hot usage of the given code indices."""
-    counts = torch.bincount(indices.reshape(-1), minlength=k).float()
+    """exp(H(ū)), ū the average one-hot usage of the given code indices. Counted with
+    scatter_add: bincount would read the largest index back to the host (a GPU sync)."""
+    idx = indices.reshape(-1)
+    counts = torch.zeros(k, device=idx.device).scatter_add_(0, idx, torch.ones(idx.shape, device=idx.device))
     p = counts / counts.sum()
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
@@ -269,14 +271,14 @@ class VectorQuantizer(nn.Module):
         self.step += 1
         self.last_used[counts > 0] = self.step
         if self.reset_after:
+            # every dead code takes a random encoder output of the batch; written with `where` over
+            # all K codes, so that no count of dead codes is read back to the host (a GPU sync)
             dead = (self.step - self.last_used) >= self.reset_after
-            n_dead = int(dead.sum())
-            if n_dead:
-                pick = torch.randint(0, rows.shape[0], (n_dead,), device=rows.device)
-                self.codebook[dead] = rows[pick]
-                self.ema_sum[dead] = rows[pick]
-                self.ema_count[dead] = 1.0
-                self.last_used[dead] = self.step
+            seeds = rows[torch.randint(0, rows.shape[0], (self.k,), device=rows.device)]
+            self.codebook.copy_(torch.where(dead[:, None], seeds, self.codebook))
+            self.ema_sum.copy_(torch.where(dead[:, None], seeds, self.ema_sum))
+            self.ema_count.masked_fill_(dead, 1.0)
+            self.last_used.copy_(torch.where(dead, self.step, self.last_used))
 
     def forward(self, z: torch.Tensor, log_var: torch.Tensor | None = None, *, mode: str | None = None,
                 temperature: float = 1.0, generator: torch.Generator | None = None) -> QuantizerOutput:

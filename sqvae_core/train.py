@@ -500,17 +500,21 @@ class Batches:
     quarter of its free memory (all of CPU RAM counts); otherwise in pinned host memory,
     gathered into a pinned buffer and copied without blocking."""
 
-    def __init__(self, images: torch.Tensor, cfg: TrainConfig, dist: Dist, device: torch.device):
+    def __init__(self, images: torch.Tensor, cfg: TrainConfig, dist: Dist, device: torch.device,
+                 on_device: bool | None = None):
         self.n, self.cfg, self.dist, self.device = len(images), cfg, dist, device
-        on_device = device.type == "cpu" or images.nbytes < _free_device_bytes(device) // 4
-        self.images = images.to(device) if on_device else images.pin_memory()
+        if on_device is None:
+            on_device = device.type == "cpu" or images.nbytes < _free_device_bytes(device) // 4
+        self.pin = torch.cuda.is_available()
+        self.images = images.to(device) if on_device else (images.pin_memory() if self.pin else images)
         self.on_device = on_device
 
     def __call__(self, step: int) -> torch.Tensor:
         idx = batch_indices(self.n, self.cfg.batch_size, self.cfg.seed, step, self.dist, self.cfg.drop_last)
         if self.on_device:
             return self.images[idx.to(self.device, non_blocking=True)]
-        return self.images[idx].pin_memory().to(self.device, non_blocking=True)
+        x = self.images[idx]
+        return (x.pin_memory() if self.pin else x).to(self.device, non_blocking=True)
 
 
 def _free_device_bytes(device: torch.device) -> int:
@@ -581,6 +585,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True    # fixed shapes: let cuDNN pick the fastest kernels
 
     # --- build, then restore
     batches = Batches(data.images, cfg, dist, device)

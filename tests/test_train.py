@@ -194,3 +194,47 @@ def test_ddp_two_gloo_ranks_end_identical(tmp_path):
     assert len(status["rank_weight_digests"]) == 2 and status["ranks_identical"] is True
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["world_size"] == 2
+
+
+@pytest.mark.parametrize("kind", ["gaussian_1", "gaussian_4", "nc", "vq", "vq_ema", "vq_reset", "vae"])
+def test_a_training_step_never_reads_the_device(kind):
+    """On the meta device tensors have no data: any .item(), float() or data-dependent shape (as
+    torch.bincount's) raises. A step plus the statistics window running there means the loop
+    never waits for a GPU between log points. (vmf is the one exception: its log C_F(κ) is
+    computed in float64 on the host, one scalar per step.)"""
+    from sqvae_core.models import build_model
+    from sqvae_core.train import Window, train_step
+    meta = torch.device("meta")
+    cfg = ModelConfig(kind=kind, codebook_size=16, code_dim=16, num_rb=1)
+    model = build_model(cfg).to(meta).train()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    window = Window(kind, 16, meta)
+    for step in range(3):
+        window.add(train_step(model, opt, torch.empty(4, 1, 28, 28, device=meta), 0.9,
+                              TrainConfig(model=cfg), meta, step))
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        window.means()          # the log point is where values are read
+
+
+def test_host_batches_equal_device_batches():
+    """Batches from host memory (the path for data sets larger than a GPU) are the same batches."""
+    from sqvae_core.train import Batches, Dist
+    images = torch.rand(100, 1, 28, 28)
+    cfg = TrainConfig(batch_size=16, drop_last=False)
+    dev = Batches(images, cfg, Dist(), torch.device("cpu"))
+    host = Batches(images, cfg, Dist(), torch.device("cpu"), on_device=False)
+    assert not host.on_device
+    sizes = []
+    for step in range(8):      # 100 images: 6 batches of 16 and one of 4 per epoch, then epoch 2
+        a, b = dev(step), host(step)
+        assert torch.equal(a, b)
+        sizes.append(len(a))
+    assert sizes == [16] * 6 + [4, 16]
+
+
+def test_amp_trains_in_bf16_autocast(tmp_path):
+    r = train(tiny_cfg(tmp_path / "amp", steps=10, amp=True, val_every=10, checkpoint_every=10,
+                       snapshot_every=10, log_every=5), progress=False)
+    assert r["state"] == "finished", r
+    rows = [row for row in rd.read_metrics(tmp_path / "amp") if "loss" in row]
+    assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
