@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import MODEL_KINDS
+from .config import CATEGORICAL_KINDS, MODEL_KINDS
 
 # flag -> (TrainConfig field or "model.<field>", type, help)
 TRAIN_FLAGS = {
@@ -170,7 +170,7 @@ def cmd_train(args) -> int:
         cfg = TrainConfig()
         cfg.model.kind = explicit.get("model.kind", cfg.model.kind)
         cfg.dataset = explicit.get("dataset", cfg.dataset)
-        if cfg.model.kind in ("vmf", "nc") and "dataset" not in explicit:
+        if cfg.model.kind in CATEGORICAL_KINDS and "dataset" not in explicit:
             cfg.dataset = "fashion-mnist-cat8"   # categorical models need categorical data
         preset = explicit.get("preset")
         if preset:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-# Model kinds, as named on the command line (INTERFACE.md). The registry in models.py maps
+# Model kinds, as named on the command line (docs/interface.md). The registry in models.py maps
 # each of these to its class; this tuple is the single list of names.
 MODEL_KINDS = (
     "gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4",  # Gaussian SQ-VAE variants I-IV

@@ -1,4 +1,4 @@
-"""Evaluation with deterministic quantization over a whole split (INTERFACE.md metrics).
+"""Evaluation with deterministic quantization over a whole split (docs/interface.md metrics).
 
 - mse: per-image sum of squared error, pixels in [0, 1], averaged over images
 - perplexity: exp(H(ū)), ū the average one-hot usage over all latent positions

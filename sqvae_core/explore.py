@@ -581,8 +581,8 @@ def _reach(model, lo: int, hi: int) -> tuple[int, int]:
 
 def cell_pixel_box(model, row, col, clip: bool = True) -> tuple[int, int, int, int]:
     """Pixel box (top, bottom, left, right), half-open, that a change of code at one cell can reach:
-    the cell's receptive field through the decoder (res-block 3x3 convs, then 3x3 and two 4x4/2
-    transposed convs), computed from the decoder's layers. clip=False gives the unclipped box."""
+    the cell's receptive field through the decoder (res-block 3x3 convs, then its transposed convs),
+    computed from the decoder's layers. clip=False gives the unclipped box."""
     r, c = _check_cell(model, row, col)
     (t, b), (lft, rgt) = _reach(model, r, r), _reach(model, c, c)
     if clip:

@@ -48,7 +48,7 @@ def check_images(x: torch.Tensor, cfg: ModelConfig) -> None:
 
 
 def per_image_sq_error(x_rec: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Σ_pixels (x − x̂)², one value per image (pixels in [0, 1]): the `mse` of INTERFACE.md."""
+    """Σ_pixels (x − x̂)², one value per image (pixels in [0, 1]): the `mse` of docs/interface.md."""
     return (x_rec - x).pow(2).flatten(1).sum(1)
 
 

@@ -106,9 +106,10 @@ def test_interpolation_endpoints_are_the_reconstructions(kind):
 
 # ------------------------------------------------------------------ single-code edits
 def hand_box(r, c, num_rb, size=28):
-    """Receptive field by hand: num_rb res-block 3x3 convs and the 3x3 convT widen by one cell each
-    (R = num_rb + 1 cells); each 4x4/2 convT maps [a, b] to [2a - 1, 2b + 2]: rows 4r-4R-3 .. 4r+4R+6."""
-    R = num_rb + 1
+    """Receptive field by hand through the official 28x28 decoder: num_rb res-block 3x3 convs widen
+    by one cell each (R = num_rb cells); each 4x4/2 convT maps [a, b] to [2a - 1, 2b + 2]: rows
+    4r-4R-3 .. 4r+4R+6."""
+    R = num_rb
     lo = lambda v: max(4 * v - 4 * R - 3, 0)
     hi = lambda v: min(4 * v + 4 * R + 6, size - 1) + 1
     return lo(r), hi(r), lo(c), hi(c)
@@ -332,10 +333,10 @@ def test_mean_patch_is_the_mean_decoded_window():
     n, r, c = (codes == codes[0, 3, 3]).nonzero()[0].tolist()
     patch = explore.mean_patch(model, int(codes[0, 3, 3]), x, max_positions=1)
     t, b, lft, rgt = explore.cell_pixel_box(model, r, c, clip=False)
-    assert patch.shape == (1, b - t, rgt - lft) == (1, 26, 26)
+    assert patch.shape == (1, b - t, rgt - lft) == (1, 18, 18)       # 8R + 10 pixels, R = 1 block
     rec = F.pad(model.decode_indices(codes[n:n + 1])[0], (20, 20, 20, 20))
     assert torch.allclose(patch, rec[:, t + 20:b + 20, lft + 20:rgt + 20], atol=1e-6)
-    assert explore.mean_patch(model, 5).shape == (1, 26, 26)       # no images: grid filled with code 5
+    assert explore.mean_patch(model, 5).shape == (1, 18, 18)       # no images: grid filled with code 5
 
 
 def test_nearest_images_finds_an_exact_copy_at_distance_zero():
