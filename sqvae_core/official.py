@@ -297,9 +297,11 @@ def translate_state_dict(state: dict, cfg: ModelConfig) -> dict:
 
 
 # ------------------------------------------------------------------------ import
-def import_official(checkpoint, config, out: str | Path, dataset: str | None = None) -> Path:
+def import_official(checkpoint, config, out: str | Path, dataset: str | None = None, *,
+                    checkpoint_name: str | None = None) -> Path:
     """Write the run directory `out` (config.json, model.safetensors, status.json finished) from an
-    official checkpoint and its YAML (paths or bytes). `out` must not exist or be an empty directory."""
+    official checkpoint and its YAML, each a path or the file's bytes (an upload; `checkpoint_name`
+    is then the name recorded). `out` must not exist or be an empty directory."""
     import socket
 
     import torch
@@ -319,7 +321,8 @@ def import_official(checkpoint, config, out: str | Path, dataset: str | None = N
             raise OfficialImportError("the imported model gives non-finite reconstructions")
     doc = {"model": oc.model.to_dict(), "dataset": oc.dataset, "source": SOURCE,
            "official": {**oc.official,
-                        "checkpoint": Path(checkpoint).name if not isinstance(checkpoint, (bytes, bytearray)) else None,
+                        "checkpoint": checkpoint_name or (None if isinstance(checkpoint, (bytes, bytearray))
+                                                          else Path(checkpoint).name),
                         "checkpoint_sha256": hashlib.sha256(ckpt_bytes).hexdigest()},
            # the official loaders validate on the last 10000 training images
            "train": {"val_size": 10_000, "val_split": "last"},

@@ -172,6 +172,18 @@ def test_the_official_fashion_mnist_layout_has_its_76_keys_and_imports(tmp_path,
     assert torch.equal(b.model.quantizer.log_var_q, state["module.log_param_q_scalar"])
 
 
+def test_uploaded_bytes_import_like_files(tmp_path):
+    """What an upload hands over: the two files' bytes (the app's sidebar can call this)."""
+    from sqvae_core.official import import_official
+    model = our_equivalent("FashionMNIST", "gaussian_2", 16, 8, 1)
+    ckpt, yaml_path = write_official(tmp_path, model, official_yaml("FashionMNIST", "gaussian_2", 16, 8, 1))
+    out = import_official(ckpt.read_bytes(), yaml_path.read_bytes(), tmp_path / "up", checkpoint_name="best.pt")
+    b = rd.load_bundle(out)
+    assert b.config["official"]["checkpoint"] == "best.pt" and b.model_cfg.kind == "gaussian_2"
+    x = torch.rand(3, 1, 28, 28)
+    assert torch.equal(b.model.reconstruct(x), model.reconstruct(x))
+
+
 def test_no_arelbo_imports_the_learned_decoder_variance(tmp_path, capsys):
     model = our_equivalent("FashionMNIST", "gaussian_1", 16, 8, 1, arelbo=False)
     state = official_state_dict(model)
