@@ -31,3 +31,12 @@ def resolve_device(name: str = "auto") -> torch.device:
         raise ValueError(f"device {name!r} was requested but is not available on this machine "
                          f"(use --device auto or cpu)")
     return torch.device(name)
+
+
+def as_device(device=None) -> torch.device:
+    """None -> the CPU; a name through resolve_device ("auto", "cpu", "cuda:1"); a torch.device as is."""
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str):
+        return resolve_device(device)
+    return torch.device(device)

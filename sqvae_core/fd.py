@@ -24,8 +24,6 @@ N).
 from __future__ import annotations
 
 import dataclasses
-import math
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -36,14 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .prior import (
-    _build_from_state,
-    _check_int,
-    _config_from_mapping,
-    _load_safetensors_checked,
-    _resolve_device,
-    _save_with_config,
-)
+from . import rundir as rd
+from .checks import as_tensor, check_int, check_positive, config_from_dict
+from .device import as_device
 
 __all__ = [
     "ClassifierConfig",
@@ -59,7 +52,6 @@ __all__ = [
 ]
 
 CLASSIFIER_FORMAT = "sqvae_core.fd.FeatureClassifier"
-FORMAT_VERSION = "1"
 
 
 @dataclass
@@ -73,11 +65,11 @@ class ClassifierConfig:
     width: int = 32  # channels of the first conv block (second block uses 2*width)
 
     def validate(self) -> "ClassifierConfig":
-        _check_int("in_channels", self.in_channels, 1, 16)
-        _check_int("image_size", self.image_size, 4, 512)
-        _check_int("num_classes", self.num_classes, 2, 100_000)
-        _check_int("feature_dim", self.feature_dim, 2, 4096)
-        _check_int("width", self.width, 1, 512)
+        check_int("in_channels", self.in_channels, 1, 16)
+        check_int("image_size", self.image_size, 4, 512)
+        check_int("num_classes", self.num_classes, 2, 100_000)
+        check_int("feature_dim", self.feature_dim, 2, 4096)
+        check_int("width", self.width, 1, 512)
         return self
 
     def to_dict(self) -> dict:
@@ -86,7 +78,7 @@ class ClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "ClassifierConfig":
-        return _config_from_mapping(cls, data, ("in_channels", "image_size", "num_classes", "feature_dim"))
+        return config_from_dict(cls, data, ("in_channels", "image_size", "num_classes", "feature_dim"))
 
 
 class FeatureClassifier(nn.Module):
@@ -144,17 +136,8 @@ class FeatureClassifier(nn.Module):
 # --------------------------------------------------------------------------- #
 # data helpers
 # --------------------------------------------------------------------------- #
-def _as_tensor(x: Any, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.detach()
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{name} could not be converted to a tensor: {exc}") from None
-
-
 def _as_labels(labels: Any, n: int, num_classes: int | None, name: str = "labels") -> Tensor:
-    y = _as_tensor(labels, name)
+    y = as_tensor(labels, name)
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise ValueError(f"{name} must have an integer dtype, got {y.dtype}")
     if y.ndim != 1 or y.shape[0] != n:
@@ -179,7 +162,7 @@ def _infer_config(images: Tensor, labels: Tensor, num_classes: int | None, featu
 
 @torch.no_grad()
 def _batched(model: FeatureClassifier, images: Tensor, fn, batch_size: int) -> Tensor:
-    _check_int("batch_size", batch_size, 1, 1 << 20)
+    check_int("batch_size", batch_size, 1, 1 << 20)
     images = model._check_images(images)
     was = model.training
     model.eval()
@@ -194,12 +177,12 @@ def _batched(model: FeatureClassifier, images: Tensor, fn, batch_size: int) -> T
 
 def extract_features(model: FeatureClassifier, images: Any, batch_size: int = 256) -> Tensor:
     """Penultimate features ``(N, feature_dim)`` (float32, CPU), model in eval mode."""
-    return _batched(model, _as_tensor(images, "images"), model.features, batch_size)
+    return _batched(model, as_tensor(images, "images"), model.features, batch_size)
 
 
 def accuracy(model: FeatureClassifier, images: Any, labels: Any, batch_size: int = 256) -> float:
     """Top-1 accuracy of ``model`` on ``images`` / integer ``labels``."""
-    images = _as_tensor(images, "images")
+    images = as_tensor(images, "images")
     y = _as_labels(labels, images.shape[0] if images.ndim else 0, model.config.num_classes)
     logits = _batched(model, images, model, batch_size)
     return float((logits.argmax(1) == y).float().mean())
@@ -229,25 +212,24 @@ def train_classifier(
     ``val_images``/``val_labels`` (None if not given).  Deterministic for a
     given seed; the global RNG state is restored afterwards.
     """
-    _check_int("epochs", epochs, 1, 10_000)
-    _check_int("batch_size", batch_size, 1, 1 << 20)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive float, got {lr!r}")
-    x = _as_tensor(images, "images")
+    check_int("epochs", epochs, 1, 10_000)
+    check_int("batch_size", batch_size, 1, 1 << 20)
+    check_positive("lr", lr)
+    x = as_tensor(images, "images")
     if x.ndim != 4 or x.shape[0] == 0:
         raise ValueError(f"images must be a non-empty (N, C, S, S) array, got shape {tuple(x.shape)}")
     y = _as_labels(labels, x.shape[0], num_classes)
     cfg = _infer_config(x, y, num_classes, feature_dim, width)
     if (val_images is None) != (val_labels is None):
         raise ValueError("val_images and val_labels must be given together")
-    dev = _resolve_device(device)
+    dev = as_device(device)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = FeatureClassifier(cfg).to(dev)
         x = model._check_images(x)
         if val_images is not None:
-            vx = model._check_images(_as_tensor(val_images, "val_images"), "val_images")
+            vx = model._check_images(as_tensor(val_images, "val_images"), "val_images")
             vy = _as_labels(val_labels, vx.shape[0], cfg.num_classes, "val_labels")
         gen = torch.Generator().manual_seed(int(seed))
         opt = torch.optim.Adam(model.parameters(), lr=float(lr))
@@ -368,12 +350,11 @@ def fd_between(model: FeatureClassifier, images_a: Any, images_b: Any, batch_siz
 # --------------------------------------------------------------------------- #
 def save_classifier(model: FeatureClassifier, path: Any) -> None:
     """Save weights + config (JSON metadata) as safetensors, atomically."""
-    _save_with_config(model, FeatureClassifier, CLASSIFIER_FORMAT, path)
+    if not isinstance(model, FeatureClassifier):
+        raise ValueError(f"model must be a FeatureClassifier, got {type(model).__name__}")
+    rd.save_tagged(model, CLASSIFIER_FORMAT, path)
 
 
 def load_classifier(path: Any, device: Any = None) -> FeatureClassifier:
-    """Load a classifier saved by :func:`save_classifier` (validated; never unpickles)."""
-    cfg, state = _load_safetensors_checked(
-        os.fspath(path), CLASSIFIER_FORMAT, ClassifierConfig.from_dict, FeatureClassifier
-    )
-    return _build_from_state(FeatureClassifier, cfg, state, device)
+    """Load a classifier saved by :func:`save_classifier` (validated; never unpickles; rundir.BundleError)."""
+    return rd.load_tagged(path, CLASSIFIER_FORMAT, ClassifierConfig.from_dict, FeatureClassifier, device)

@@ -42,11 +42,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
-import struct
-import tempfile
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -54,6 +51,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from . import rundir as rd
+from .checks import as_tensor, check_int, check_positive, config_from_dict
+from .device import as_device
 
 __all__ = [
     "PriorConfig",
@@ -66,7 +67,6 @@ __all__ = [
 ]
 
 PRIOR_FORMAT = "sqvae_core.prior.GatedPixelCNN"
-FORMAT_VERSION = "1"
 
 _LN2 = math.log(2.0)
 
@@ -78,33 +78,6 @@ _MAX_HIDDEN = 4096
 _MAX_LAYERS = 64
 _MAX_KERNEL = 15
 _MAX_CLASSES = 65536
-_MAX_HEADER_BYTES = 100 * 1024 * 1024  # same bound as the safetensors reader
-
-
-# --------------------------------------------------------------------------- #
-# small validation helpers (shared with sqvae_core.fd)
-# --------------------------------------------------------------------------- #
-def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if not lo <= int(value) <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value}")
-
-
-def _config_from_mapping(cls, data: Any, required: tuple[str, ...]):
-    """Build dataclass ``cls`` from a JSON-like mapping, rejecting unknown/missing keys."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"{cls.__name__} must be a JSON object / dict, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in data if k not in names)
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown key(s) {unknown}; allowed keys: {sorted(names)}")
-    missing = [k for k in required if k not in data]
-    if missing:
-        raise ValueError(f"{cls.__name__}: missing required key(s) {missing}")
-    cfg = cls(**dict(data))
-    cfg.validate()
-    return cfg
 
 
 # --------------------------------------------------------------------------- #
@@ -129,18 +102,18 @@ class PriorConfig:
 
     def validate(self) -> "PriorConfig":
         """Raise ``ValueError`` if any field is invalid or absurdly large. Returns self."""
-        _check_int("num_codes", self.num_codes, 2, _MAX_CODES)
-        _check_int("height", self.height, 1, _MAX_SIDE)
-        _check_int("width", self.width, 1, _MAX_SIDE)
+        check_int("num_codes", self.num_codes, 2, _MAX_CODES)
+        check_int("height", self.height, 1, _MAX_SIDE)
+        check_int("width", self.width, 1, _MAX_SIDE)
         if self.height * self.width > _MAX_POSITIONS:
             raise ValueError(f"height*width must be <= {_MAX_POSITIONS}, got {self.height * self.width}")
-        _check_int("hidden", self.hidden, 1, _MAX_HIDDEN)
-        _check_int("layers", self.layers, 1, _MAX_LAYERS)
-        _check_int("kernel", self.kernel, 3, _MAX_KERNEL)
+        check_int("hidden", self.hidden, 1, _MAX_HIDDEN)
+        check_int("layers", self.layers, 1, _MAX_LAYERS)
+        check_int("kernel", self.kernel, 3, _MAX_KERNEL)
         if self.kernel % 2 != 1:
             raise ValueError(f"kernel must be odd, got {self.kernel}")
         if self.num_classes is not None:
-            _check_int("num_classes", self.num_classes, 1, _MAX_CLASSES)
+            check_int("num_classes", self.num_classes, 1, _MAX_CLASSES)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(f"dropout must be a float, got {type(self.dropout).__name__}")
         if not (math.isfinite(self.dropout) and 0.0 <= self.dropout < 1.0):
@@ -154,7 +127,7 @@ class PriorConfig:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "PriorConfig":
         """Validated construction from a dict (e.g. parsed JSON). Raises ValueError."""
-        return _config_from_mapping(cls, data, ("num_codes", "height", "width"))
+        return config_from_dict(cls, data, ("num_codes", "height", "width"))
 
 
 def _as_config(config: PriorConfig | Mapping[str, Any]) -> PriorConfig:
@@ -443,7 +416,7 @@ class GatedPixelCNN(nn.Module):
         ``torch.get_num_threads()`` value is restored afterwards; ``None``
         leaves the global setting untouched.
         """
-        _check_int("n", n, 1, 1 << 24)
+        check_int("n", n, 1, 1 << 24)
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
             raise ValueError(f"temperature must be a positive float, got {temperature!r}")
         temperature = float(temperature)
@@ -457,7 +430,7 @@ class GatedPixelCNN(nn.Module):
             return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
         if threads is not None:
-            _check_int("threads", threads, 1, 1024)
+            check_int("threads", threads, 1, 1024)
         with self._eval_mode(), _num_threads(threads), torch.inference_mode():
             codes = self._autoregress(n, cond, choose)
         return codes.clone()  # plain tensor (not an inference tensor)
@@ -481,38 +454,16 @@ class GatedPixelCNN(nn.Module):
 # --------------------------------------------------------------------------- #
 # training / evaluation helpers
 # --------------------------------------------------------------------------- #
-def _to_tensor(x: Any, name: str) -> Tensor:
-    if isinstance(x, Tensor):
-        return x.detach()
-    try:
-        return torch.as_tensor(np.asarray(x))
-    except Exception as exc:  # noqa: BLE001
-        raise ValueError(f"{name} could not be converted to a tensor: {exc}") from None
-
-
-def _resolve_device(device: Any) -> torch.device:
-    """None -> CPU; a torch.device as is; strings via sqvae_core.device.resolve_device ("auto", "cpu", ...)."""
-    if device is None:
-        return torch.device("cpu")
-    if isinstance(device, str):
-        try:
-            from .device import resolve_device
-        except ImportError:  # pragma: no cover - module optional
-            return torch.device(device)
-        return resolve_device(device)
-    return torch.device(device)
-
-
 def nll_bits_per_code(model: GatedPixelCNN, codes: Any, labels: Any = None, batch_size: int = 256) -> float:
     """Mean negative log-likelihood of ``codes (N,H,W)`` in bits per code (model in eval mode)."""
-    _check_int("batch_size", batch_size, 1, 1 << 20)
-    codes = model._check_codes(_to_tensor(codes, "codes"))
+    check_int("batch_size", batch_size, 1, 1 << 20)
+    codes = model._check_codes(as_tensor(codes, "codes"))
     N = codes.shape[0]
     if N == 0:
         raise ValueError("codes is empty")
     dev = model._device()
     if labels is not None:
-        labels = _to_tensor(labels, "labels")
+        labels = as_tensor(labels, "labels")
     cond = model._cond_index(labels, N, dev)
     total = 0.0
     with model._eval_mode(), torch.no_grad():
@@ -526,8 +477,8 @@ def nll_bits_per_code(model: GatedPixelCNN, codes: Any, labels: Any = None, batc
 
 def unigram_entropy_bits(codes: Any, K: int) -> float:
     """Entropy (bits) of the empirical histogram of ``codes`` over ``K`` symbols."""
-    _check_int("K", K, 1, 1 << 31)
-    c = _to_tensor(codes, "codes")
+    check_int("K", K, 1, 1 << 31)
+    c = as_tensor(codes, "codes")
     if c.dtype == torch.bool or c.is_floating_point() or c.is_complex():
         raise ValueError(f"codes must have an integer dtype, got {c.dtype}")
     c = c.reshape(-1).long()
@@ -568,27 +519,26 @@ def fit_prior(
     eval mode and the history.
     """
     cfg = _as_config(config)
-    _check_int("steps", steps, 1, 10**9)
-    _check_int("batch_size", batch_size, 1, 1 << 20)
-    _check_int("log_every", log_every, 1, 10**9)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
-        raise ValueError(f"lr must be a positive float, got {lr!r}")
-    dev = _resolve_device(device)
+    check_int("steps", steps, 1, 10**9)
+    check_int("batch_size", batch_size, 1, 1 << 20)
+    check_int("log_every", log_every, 1, 10**9)
+    check_positive("lr", lr)
+    dev = as_device(device)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = GatedPixelCNN(cfg).to(dev)
-        train = model._check_codes(_to_tensor(train_codes, "train_codes"), "train_codes")
+        train = model._check_codes(as_tensor(train_codes, "train_codes"), "train_codes")
         if train.shape[0] == 0:
             raise ValueError("train_codes is empty")
         tr_cond = model._cond_index(
-            None if train_labels is None else _to_tensor(train_labels, "train_labels"), train.shape[0], dev
+            None if train_labels is None else as_tensor(train_labels, "train_labels"), train.shape[0], dev
         )
         val = None
         if val_codes is not None:
-            val = model._check_codes(_to_tensor(val_codes, "val_codes"), "val_codes")
+            val = model._check_codes(as_tensor(val_codes, "val_codes"), "val_codes")
             # validate labels early
-            model._cond_index(None if val_labels is None else _to_tensor(val_labels, "val_labels"), val.shape[0], dev)
+            model._cond_index(None if val_labels is None else as_tensor(val_labels, "val_labels"), val.shape[0], dev)
         elif val_labels is not None:
             raise ValueError("val_labels given without val_codes")
 
@@ -623,146 +573,24 @@ def fit_prior(
 
 
 # --------------------------------------------------------------------------- #
-# safetensors checkpoints (shared with sqvae_core.fd)
+# checkpoints: safetensors with the config in the metadata (rundir.save_tagged)
 # --------------------------------------------------------------------------- #
-_FLOAT_DTYPES = {"F16", "BF16", "F32", "F64"}
-
-
-def _atomic_save_safetensors(tensors: dict[str, Tensor], metadata: dict[str, str], path: Any) -> None:
-    """Write a safetensors file atomically (temp file in the same dir + fsync + os.replace)."""
-    from safetensors.torch import save_file
-
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=directory)
-    os.close(fd)
-    try:
-        cpu = {k: v.detach().to(device="cpu").contiguous().clone() for k, v in tensors.items()}
-        save_file(cpu, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def _sniff_safetensors(path: str) -> None:
-    """Cheap structural check of the header before handing the file to safetensors."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(9)
-    if head[:1] == b"\x80" or head[:2] == b"PK":
-        raise ValueError(
-            f"{path!r} looks like a pickle / torch.save archive, not a safetensors file; "
-            "refusing to load it (pickles can execute code)"
-        )
-    if size < 10 or len(head) < 9:
-        raise ValueError(f"{path!r} is not a valid safetensors file (truncated: {size} bytes)")
-    (n,) = struct.unpack("<Q", head[:8])
-    if n > _MAX_HEADER_BYTES or 8 + n > size or head[8:9] != b"{":
-        raise ValueError(f"{path!r} is not a valid safetensors file (bad or truncated header)")
-
-
-def _load_safetensors_checked(
-    path: Any,
-    fmt: str,
-    config_from_dict: Callable[[Any], Any],
-    build: Callable[[Any], nn.Module],
-) -> tuple[Any, dict[str, Tensor]]:
-    """Read + validate a checkpoint: format tag, JSON config, keys, shapes, dtypes, finiteness.
-
-    Returns ``(config, state_dict)``; raises ValueError with a clear message on
-    any problem.  Never unpickles anything.
-    """
-    from safetensors import SafetensorError, safe_open
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path!r}")
-    _sniff_safetensors(path)
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            meta = f.metadata()
-            if not meta:
-                raise ValueError(f"{path!r}: safetensors file has no metadata (expected format={fmt!r} and config)")
-            if meta.get("format") != fmt:
-                raise ValueError(f"{path!r}: unexpected checkpoint format {meta.get('format')!r}, expected {fmt!r}")
-            if "config" not in meta:
-                raise ValueError(f"{path!r}: metadata is missing the 'config' entry")
-            try:
-                raw = json.loads(meta["config"])
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path!r}: config metadata is not valid JSON: {exc}") from None
-            try:
-                cfg = config_from_dict(raw)
-            except (TypeError, ValueError) as exc:
-                raise ValueError(f"{path!r}: invalid config: {exc}") from None
-
-            with torch.device("meta"):
-                expected = {k: tuple(v.shape) for k, v in build(cfg).state_dict().items()}
-            keys = set(f.keys())
-            missing = sorted(set(expected) - keys)
-            unexpected = sorted(keys - set(expected))
-            if missing:
-                raise ValueError(f"{path!r}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-            if unexpected:
-                raise ValueError(
-                    f"{path!r}: unexpected tensor(s) {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
-                )
-            for k, shape in expected.items():
-                sl = f.get_slice(k)
-                got = tuple(sl.get_shape())
-                if got != shape:
-                    raise ValueError(f"{path!r}: tensor {k!r} has shape {got}, expected {shape} for the stored config")
-                if sl.get_dtype() not in _FLOAT_DTYPES:
-                    raise ValueError(f"{path!r}: tensor {k!r} has dtype {sl.get_dtype()}, expected a float dtype")
-            state = {}
-            for k in expected:
-                t = f.get_tensor(k)
-                if not bool(torch.isfinite(t).all()):
-                    raise ValueError(f"{path!r}: tensor {k!r} contains NaN/inf values")
-                state[k] = t.float()
-    except SafetensorError as exc:
-        raise ValueError(f"{path!r} is not a valid safetensors file: {exc}") from None
-    except (OSError, RuntimeError, struct.error) as exc:
-        raise ValueError(f"{path!r} could not be read as a safetensors checkpoint: {exc}") from None
-    return cfg, state
-
-
-def _build_from_state(build: Callable[[Any], nn.Module], cfg: Any, state: dict[str, Tensor], device: Any) -> nn.Module:
-    with torch.device("meta"):
-        model = build(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model = model.to(_resolve_device(device))
-    model.eval()
-    return model
-
-
-def _save_with_config(model: nn.Module, cls: type, fmt: str, path: Any) -> None:
-    """Weights + the model's config (JSON metadata, tagged with its format) as safetensors, atomically."""
-    if not isinstance(model, cls):
-        raise ValueError(f"model must be a {cls.__name__}, got {type(model).__name__}")
-    meta = {"format": fmt, "format_version": FORMAT_VERSION,
-            "config": json.dumps(model.config.to_dict(), sort_keys=True)}
-    _atomic_save_safetensors(dict(model.state_dict()), meta, path)
-
-
 def save_prior(model: GatedPixelCNN, path: Any) -> None:
     """Save weights + config (JSON metadata) to a safetensors file, atomically."""
-    _save_with_config(model, GatedPixelCNN, PRIOR_FORMAT, path)
+    if not isinstance(model, GatedPixelCNN):
+        raise ValueError(f"model must be a GatedPixelCNN, got {type(model).__name__}")
+    rd.save_tagged(model, PRIOR_FORMAT, path)
 
 
 def load_prior(path: Any, device: Any = None, *, num_codes: int | None = None) -> GatedPixelCNN:
     """Load a prior saved by :func:`save_prior` (eval mode, on ``device`` or CPU).
 
     Validates the config and every tensor's name/shape/dtype before building;
-    raises ValueError for corrupt/truncated/pickle files, bad configs or
-    shapes.  If ``num_codes`` is given the stored codebook size must match it.
+    raises ``rundir.BundleError`` (a ValueError; a FileNotFoundError too for a
+    missing file) for corrupt/truncated/pickle files, bad configs or shapes.
+    If ``num_codes`` is given the stored codebook size must match it.
     """
-    cfg, state = _load_safetensors_checked(path, PRIOR_FORMAT, PriorConfig.from_dict, GatedPixelCNN)
-    if num_codes is not None and cfg.num_codes != num_codes:
-        raise ValueError(f"{os.fspath(path)!r}: prior has num_codes={cfg.num_codes}, expected {num_codes}")
-    return _build_from_state(GatedPixelCNN, cfg, state, device)
+    model = rd.load_tagged(path, PRIOR_FORMAT, PriorConfig.from_dict, GatedPixelCNN, device)
+    if num_codes is not None and model.num_codes != num_codes:
+        raise rd.BundleError(f"{os.fspath(path)!r}: prior has num_codes={model.num_codes}, expected {num_codes}")
+    return model

@@ -13,7 +13,10 @@
 Every file that is replaced is written to a temp file in the same directory and renamed
 over the old one (os.replace), so a kill at any moment leaves the previous version readable.
 Every file read here may be corrupt or hostile: loads validate and raise `BundleError`
-(a ValueError) with a one-line message; nothing is ever unpickled.
+(a ValueError) with a one-line message; nothing is ever unpickled. This is the one
+safetensors layer of the project: run weights and snapshots (`save_weights`/`load_weights`),
+and models that carry their own config in the metadata, the PixelCNN prior and the FD
+classifier (`save_tagged`/`load_tagged`).
 
 torch is imported by the functions that need it, not here: listing runs and reading their JSON
 files (what the app's first paint and `sqvae list` do) costs no torch import.
@@ -23,9 +26,12 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 from .config import ModelConfig
 
@@ -35,6 +41,7 @@ WEIGHTS, BEST, CHECKPOINT, SNAPSHOTS = "model.safetensors", "best.safetensors", 
 PRIOR, PRIOR_SUMMARY, MAPS, EVAL, SAMPLES = "prior.safetensors", "prior.json", "umap.json", "eval.json", "samples"
 MAX_JSON_BYTES = 1 << 20            # config/status files are tiny; refuse huge ones
 MAX_WEIGHTS_BYTES = 1 << 30
+MAX_HEADER_BYTES = 100 << 20        # the safetensors reader's own bound
 CODE_VERSION = "0.1.0"
 STATES = ("running", "finished", "failed", "stopped")
 LOGGED_SOURCE = "runlogger"     # config.json "source" of runs written by RunLogger: no model to rebuild
@@ -42,6 +49,10 @@ LOGGED_SOURCE = "runlogger"     # config.json "source" of runs written by RunLog
 
 class BundleError(ValueError):
     """A run directory or bundle that cannot be used, with a message for the user."""
+
+
+class MissingFileError(BundleError, FileNotFoundError):
+    """A file that should be there is not (still a BundleError, and a FileNotFoundError)."""
 
 
 # ----------------------------------------------------------------------- atomic writes
@@ -53,6 +64,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)              # mkstemp's 0600 would hide run files from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -120,30 +132,48 @@ def read_metrics(path: Path) -> list[dict]:
     return rows
 
 
-def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Tensors and metadata of a safetensors file, with clear errors for broken files."""
+def _check_header(data: bytes, what: str, path: Path) -> None:
+    """Cheap structural check before safetensors parses anything: pickles and torn files are refused."""
+    n = int.from_bytes(data[:8], "little")
+    if len(data) >= 10 and n <= MAX_HEADER_BYTES and 8 + n <= len(data) and data[8:9] == b"{":
+        return     # a header length that fits, then JSON: safetensors parses the rest
+    if data[:1] == b"\x80" or data[:2] == b"PK":   # (a valid header length may start with 0x80 too)
+        raise BundleError(f"{what} file looks like a pickle / torch.save archive, not safetensors; refusing "
+                          f"to load it (pickles can execute code): {path}")
+    if len(data) < 10:
+        raise BundleError(f"{what} file is corrupt or not safetensors (truncated: {len(data)} bytes): {path}")
+    raise BundleError(f"{what} file is corrupt or not safetensors (bad or truncated header): {path}")
+
+
+def load_weights(path: Path, what: str = "weights") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file, with clear errors (BundleError) for broken files."""
     from safetensors import SafetensorError
     from safetensors.torch import load
     path = Path(path)
     if not path.is_file():
-        raise BundleError(f"weights not found: {path}")
+        raise MissingFileError(f"{what} not found: {path}")
     size = path.stat().st_size
     if size > MAX_WEIGHTS_BYTES:
-        raise BundleError(f"weights file too large ({size} bytes): {path}")
+        raise BundleError(f"{what} file too large ({size} bytes): {path}")
     data = path.read_bytes()
+    _check_header(data, what, path)
     try:
         tensors = load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}
-    except (SafetensorError, ValueError, RuntimeError, OSError) as e:
-        raise BundleError(f"weights file is corrupt or not safetensors ({str(e).splitlines()[0][:120]}): {path}") from None
+        meta = json.loads(data[8:8 + int.from_bytes(data[:8], "little")]).get("__metadata__", {}) or {}
+    except (SafetensorError, ValueError, RuntimeError, OSError, AttributeError) as e:
+        raise BundleError(f"{what} file is corrupt or not safetensors ({str(e).splitlines()[0][:120]}): {path}") from None
     return tensors, meta
 
 
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Every expected tensor present with the right shape and dtype kind; nothing extra."""
+    """Every tensor `model` expects present with the right shape and dtype kind; nothing extra."""
+    check_tensors(model.state_dict(), state, source)
+
+
+def check_tensors(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str) -> None:
+    """`state` against reference tensors (real or on the meta device): same names, shapes, float or
+    not; floats finite. Raises BundleError naming the first offending tensor."""
     import torch
-    expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing:
@@ -154,11 +184,54 @@ def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], sou
     for k, ref in expected.items():
         t = state[k]
         if tuple(t.shape) != tuple(ref.shape):
-            raise BundleError(f"{source}: tensor {k} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
+            raise BundleError(f"{source}: tensor {k!r} has shape {tuple(t.shape)}, expected {tuple(ref.shape)}")
         if t.is_floating_point() != ref.is_floating_point():
-            raise BundleError(f"{source}: tensor {k} has dtype {t.dtype}, expected {ref.dtype}")
+            raise BundleError(f"{source}: tensor {k!r} has dtype {t.dtype}, expected {ref.dtype}")
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise BundleError(f"{source}: tensor {k} contains NaN or inf")
+            raise BundleError(f"{source}: tensor {k!r} contains NaN or inf")
+
+
+# ---------------------------------------------------- models that carry their config (prior, FD classifier)
+TAGGED_VERSION = "1"
+
+
+def save_tagged(model: torch.nn.Module, fmt: str, path: Path) -> None:
+    """Weights + `model.config` (its `to_dict()` as JSON) under the format tag `fmt`, atomically."""
+    meta = {"format": fmt, "format_version": TAGGED_VERSION,
+            "config": json.dumps(model.config.to_dict(), sort_keys=True)}
+    save_weights(path, dict(model.state_dict()), meta)
+
+
+def load_tagged(path: Path, fmt: str, config_from_dict: Callable[[Any], Any],
+                build: Callable[[Any], torch.nn.Module], device=None) -> torch.nn.Module:
+    """The model saved by `save_tagged(model, fmt, path)`, rebuilt and in eval mode on `device`.
+
+    The format tag, the config (through `config_from_dict`, which validates) and every tensor
+    against a meta-device build of that config are checked before anything is allocated for
+    real; BundleError (MissingFileError for a missing file) says what is wrong."""
+    import torch
+    from .device import as_device
+    tensors, meta = load_weights(path, "checkpoint")
+    where = f"checkpoint {path}"
+    if not meta:
+        raise BundleError(f"{where}: safetensors file has no metadata (expected format={fmt!r} and config)")
+    if meta.get("format") != fmt:
+        raise BundleError(f"{where}: unexpected checkpoint format {meta.get('format')!r}, expected {fmt!r}")
+    if "config" not in meta:
+        raise BundleError(f"{where}: metadata is missing the 'config' entry")
+    try:
+        raw = json.loads(meta["config"])
+    except json.JSONDecodeError as e:
+        raise BundleError(f"{where}: config metadata is not valid JSON ({e})") from None
+    try:
+        cfg = config_from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: invalid config: {e}") from None
+    with torch.device("meta"):
+        model = build(cfg)
+    check_tensors(model.state_dict(), tensors, where)
+    model.load_state_dict({k: t.float() for k, t in tensors.items()}, strict=True, assign=True)
+    return model.to(as_device(device)).eval()
 
 
 # --------------------------------------------------------------------------- bundles
@@ -228,7 +301,6 @@ def read_status(run_dir: Path) -> dict:
 
 def pid_alive(pid, host: str | None = None) -> bool:
     """Is process `pid` (on `host`, default this machine) running and not a zombie?"""
-    import socket
     if not isinstance(pid, int) or pid <= 0:
         return False
     if host and host != socket.gethostname():
@@ -246,6 +318,53 @@ def pid_alive(pid, host: str | None = None) -> bool:
         return True
 
 
+# ------------------------------------------------------------------------- writing a run
+class RunWriter:
+    """Everything a training process writes into RUN_DIR while it runs: metrics rows (appended and
+    flushed, tailed live by the app), status.json and codebook snapshots (atomic). `sqvae train`
+    makes one per process (enabled on rank 0 only; the others write nothing), RunLogger one."""
+
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path, self.enabled = Path(path), enabled
+        self._metrics = None
+
+    def open(self, resume_step: int | None = None):
+        if not self.enabled:
+            return
+        (self.path / SNAPSHOTS).mkdir(parents=True, exist_ok=True)
+        mpath = self.path / METRICS
+        if resume_step is not None and mpath.exists():
+            # drop rows logged after the checkpoint we resume from (they will be redone)
+            keep = [r for r in read_metrics(mpath) if r.get("step", 0) <= resume_step]
+            atomic_write_bytes(mpath, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            for p in (self.path / SNAPSHOTS).glob("step_*.safetensors"):
+                if int(p.stem.split("_")[-1]) > resume_step:
+                    p.unlink()
+        self._metrics = open(mpath, "a", buffering=1)
+
+    def metrics(self, row: dict):
+        if self.enabled:
+            self._metrics.write(json.dumps(row) + "\n")
+            self._metrics.flush()
+
+    def status(self, state: str, step: int | None, error: str | None = None, **extra):
+        if self.enabled:
+            atomic_write_json(self.path / STATUS, {
+                "state": state, "step": step, "error": error, "pid": os.getpid(),
+                "host": socket.gethostname(), "updated": time.time(), **extra})
+
+    def snapshot(self, step: int, codebook: torch.Tensor, usage: torch.Tensor):
+        if self.enabled:
+            save_weights(self.path / SNAPSHOTS / f"step_{step:08d}.safetensors",
+                         {"codebook": codebook.detach().half(), "usage": usage.long()},
+                         metadata={"step": str(step)})
+
+    def close(self):
+        if self._metrics:
+            self._metrics.close()
+
+
+# ------------------------------------------------------------------------- listing runs
 RUN_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,100}")
 
 

@@ -45,7 +45,6 @@ import math
 import numbers
 import os
 import shutil
-import socket
 import time
 from pathlib import Path
 
@@ -106,7 +105,8 @@ class RunLogger:
         self.closed = False
 
         self._write_config()
-        self._metrics = open(self.path / rd.METRICS, "a", buffering=1)
+        self._writer = rd.RunWriter(self.path)      # the rows, status and snapshots of `sqvae train`
+        self._writer.open()
         self._status("running")
 
     # ------------------------------------------------------------------ the public calls
@@ -156,7 +156,7 @@ class RunLogger:
         except Exception as e:    # noqa: BLE001 - e.g. the device died with the loop; keep the status honest
             flush_error = e
         finally:
-            self._metrics.close()
+            self._writer.close()
         if error is None and flush_error is None:
             self._status("finished")
         elif isinstance(error, KeyboardInterrupt):
@@ -288,8 +288,7 @@ class RunLogger:
             self._counts.zero_()
             self._snap_usage += counts
             row.update(window_usage_stats(counts))
-        self._metrics.write(json.dumps(row) + "\n")
-        self._metrics.flush()
+        self._writer.metrics(row)
         for acc in self._window.values():
             acc[0], acc[2] = 0.0, 0
             if acc[1] is not None:
@@ -298,10 +297,7 @@ class RunLogger:
 
     def _write_snapshot(self) -> None:
         if self._codebook is not None:
-            (self.path / rd.SNAPSHOTS).mkdir(exist_ok=True)
-            rd.save_weights(self.path / rd.SNAPSHOTS / f"step_{self.step:08d}.safetensors",
-                            {"codebook": self._codebook.half(), "usage": self._snap_usage.clone()},
-                            metadata={"step": str(self.step)})
+            self._writer.snapshot(self.step, self._codebook, self._snap_usage.clone())
         self._snap_usage.zero_()
         self._snapshot_calls = self._calls
 
@@ -334,9 +330,7 @@ class RunLogger:
         rd.atomic_write_json(self.path / rd.CONFIG, doc)
 
     def _status(self, state: str, error: str | None = None) -> None:
-        rd.atomic_write_json(self.path / rd.STATUS, {
-            "state": state, "step": self.step, "error": error, "pid": os.getpid(), "host": socket.gethostname(),
-            "updated": time.time(), "elapsed": round(time.time() - self._t0, 3)})
+        self._writer.status(state, self.step, error, elapsed=round(time.time() - self._t0, 3))
 
 
 def window_usage_stats(counts: torch.Tensor) -> dict:

@@ -29,7 +29,6 @@ import math
 import os
 import shutil
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -38,6 +37,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
+from .rundir import RunWriter
 from .config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, VQ_KINDS, ModelConfig
 from .data import ImageData, dataset_shape, load_dataset
 from .device import resolve_device
@@ -302,49 +302,6 @@ def weights_digest(model: torch.nn.Module) -> str:
         h.update(k.encode())
         h.update(v.detach().to("cpu").contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-class RunWriter:
-    """Everything rank 0 writes into RUN_DIR (other ranks get a writer that does nothing)."""
-
-    def __init__(self, path: Path, enabled: bool):
-        self.path, self.enabled = Path(path), enabled
-        self._metrics = None
-
-    def open(self, resume_step: int | None):
-        if not self.enabled:
-            return
-        (self.path / rd.SNAPSHOTS).mkdir(parents=True, exist_ok=True)
-        mpath = self.path / rd.METRICS
-        if resume_step is not None and mpath.exists():
-            # drop rows logged after the checkpoint we resume from (they will be redone)
-            keep = [r for r in rd.read_metrics(mpath) if r.get("step", 0) <= resume_step]
-            rd.atomic_write_bytes(mpath, "".join(json.dumps(r) + "\n" for r in keep).encode())
-            for p in (self.path / rd.SNAPSHOTS).glob("step_*.safetensors"):
-                if int(p.stem.split("_")[-1]) > resume_step:
-                    p.unlink()
-        self._metrics = open(mpath, "a", buffering=1)
-
-    def metrics(self, row: dict):
-        if self.enabled:
-            self._metrics.write(json.dumps(row) + "\n")
-            self._metrics.flush()
-
-    def status(self, state: str, step: int, error: str | None = None, **extra):
-        if self.enabled:
-            rd.atomic_write_json(self.path / rd.STATUS, {
-                "state": state, "step": step, "error": error, "pid": os.getpid(),
-                "host": socket.gethostname(), "updated": time.time(), **extra})
-
-    def snapshot(self, step: int, codebook: torch.Tensor, usage: torch.Tensor):
-        if self.enabled:
-            rd.save_weights(self.path / rd.SNAPSHOTS / f"step_{step:08d}.safetensors",
-                            {"codebook": codebook.detach().half(), "usage": usage.long()},
-                            metadata={"step": str(step)})
-
-    def close(self):
-        if self._metrics:
-            self._metrics.close()
 
 
 # ------------------------------------------------------------------- resolving a config

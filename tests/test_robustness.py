@@ -260,3 +260,35 @@ def test_uploaded_zip_bundle_is_validated_and_sandboxed(tmp_path):
     with pytest.raises(rd.BundleError, match="corrupt"):
         rd.import_bundle_zip(broken.getvalue(), root, "bad2")
     assert not (root / "bad2").exists()          # nothing left behind
+
+
+def test_a_safetensors_file_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path):
+    """Pickles start with byte 0x80, and so does a valid file whose header is 128 bytes mod 256:
+    only a file that is not safetensors-shaped is refused as a pickle."""
+    path = tmp_path / "w.safetensors"
+    pad = next(p for p in range(256) if (rd.save_weights(path, {"t": torch.ones(2)}, {"x": "a" * p}),
+                                          path.read_bytes()[0])[1] == 0x80)
+    tensors, meta = rd.load_weights(path)
+    assert meta == {"x": "a" * pad} and torch.equal(tensors["t"], torch.ones(2))
+    path.write_bytes(__import__("pickle").dumps({"x": 1}, protocol=4))
+    with pytest.raises(rd.BundleError, match="pickle"):
+        rd.load_weights(path)
+
+
+def test_one_error_type_for_bad_files_of_runs_priors_and_classifiers(tmp_path):
+    """Weights, priors and FD classifiers go through rundir's one safetensors layer: a bad file is a
+    BundleError whatever reads it, and a missing one is also a FileNotFoundError."""
+    from sqvae_core.fd import ClassifierConfig, FeatureClassifier, load_classifier, save_classifier
+    from sqvae_core.prior import load_prior
+    save_classifier(FeatureClassifier(ClassifierConfig(1, 28, 10, 16, width=4)), tmp_path / "c.safetensors")
+    assert (tmp_path / "c.safetensors").stat().st_mode & 0o777 == 0o644     # not mkstemp's 0600
+    for load in (rd.load_weights, load_prior, load_classifier):
+        with pytest.raises(rd.MissingFileError) as e:
+            load(tmp_path / "nope.safetensors")
+        assert isinstance(e.value, FileNotFoundError) and "not found" in str(e.value)
+        (tmp_path / "torn.safetensors").write_bytes((tmp_path / "c.safetensors").read_bytes()[:100])
+        with pytest.raises(rd.BundleError, match="corrupt or not safetensors"):
+            load(tmp_path / "torn.safetensors")
+    with pytest.raises(rd.BundleError, match="format 'sqvae_core.fd.FeatureClassifier', expected 'sqvae_core.prior"):
+        load_prior(tmp_path / "c.safetensors")
+    assert isinstance(load_classifier(tmp_path / "c.safetensors"), FeatureClassifier)
