@@ -81,6 +81,9 @@ class TrainConfig:
     snapshot_every: int = 100
     checkpoint_every: int = 500
     data_dir: str | None = None
+    # folder: data only: crop the centre N x N pixels of each image before resizing to the image size
+    # (the official CelebA loader: 140 on 178x218 images); None = shorter side resized, centre kept
+    center_crop: int | None = None
     val_size: int = 5000
     val_split: str = "random"          # "random": a fixed-seed random subset; "last": the last val_size images
     val_max_images: int | None = None  # cap validation images (demo preset); None = whole split
@@ -194,6 +197,8 @@ def apply_preset(cfg: TrainConfig, preset: str, explicit: set[str] = frozenset()
             setattr(cfg, k, v)
     if "steps" in explicit and "epochs" not in explicit:
         cfg.epochs = None          # --steps N beats a preset's epochs
+    if "val_every" in explicit:
+        cfg.val_per_epoch = False  # and --val-every N its validation once per epoch
     cfg.preset = preset
     return cfg
 
@@ -316,7 +321,8 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
     c, s, _ = dataset_shape(cfg.dataset, cfg.model.image_size if folder else None,
                             cfg.model.image_channels if folder else None)
     cfg.model.image_channels, cfg.model.image_size = c, s
-    split = dict(val_size=cfg.val_size, val_from_end=cfg.val_split == "last", image_size=s, channels=c)
+    split = dict(val_size=cfg.val_size, val_from_end=cfg.val_split == "last", image_size=s, channels=c,
+                 center_crop=cfg.center_crop)
     if data is None:
         data = load_dataset(cfg.dataset, "train", cfg.data_dir, **split)
     if val_data is None:
