@@ -49,11 +49,12 @@ def _key(bundle) -> tuple[str, int, int]:
 # ------------------------------------------------------------------------------ images
 @st.cache_data(max_entries=16, show_spinner=False)
 def _test_images(path: str, dataset: str, channels: int, size: int, n: int, data_dir,
-                 val_size, sig: tuple) -> tuple[np.ndarray, np.ndarray | None, str, tuple | None]:
+                 val_size, sig: tuple, center_crop: int | None = None
+                 ) -> tuple[np.ndarray, np.ndarray | None, str, tuple | None]:
     from sqvae_core.data import load_dataset
     try:
         data = load_dataset(dataset, "test", data_dir, download=False, image_size=size, channels=channels,
-                            val_size=val_size if val_size is not None else 5000)
+                            val_size=val_size if val_size is not None else 5000, center_crop=center_crop)
     except (FileNotFoundError, OSError, ValueError):
         shipped = read_samples(Path(path), channels, size, n) if sig else None
         if shipped is None:
@@ -71,7 +72,7 @@ def test_images(bundle, n: int | None = None):
     train_cfg = bundle.config.get("train") if isinstance(bundle.config.get("train"), dict) else {}
     return _test_images(str(bundle.path), bundle.dataset, bundle.model_cfg.image_channels,
                         bundle.model_cfg.image_size, n, train_cfg.get("data_dir"),
-                        train_cfg.get("val_size"), samples_sig(bundle.path))
+                        train_cfg.get("val_size"), samples_sig(bundle.path), train_cfg.get("center_crop"))
 
 
 @st.cache_data(max_entries=16, show_spinner=False)

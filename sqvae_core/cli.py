@@ -21,6 +21,8 @@ TRAIN_FLAGS = {
     "--num-rb": ("model.num_rb", int, "residual blocks in encoder and decoder"),
     "--image-size": ("model.image_size", int, "image size for folder: datasets (multiple of 4)"),
     "--channels": ("model.image_channels", int, "1 (grey) or 3 (RGB) for folder: datasets"),
+    "--center-crop": ("center_crop", int, "folder: datasets: crop the centre N x N pixels, then resize to "
+                      "--image-size (official CelebA: 140 on 178x218 images; default: shorter side resized)"),
     "--steps": ("steps", int, "training steps"),
     "--epochs": ("epochs", float, "training epochs (instead of --steps)"),
     "--batch-size": ("batch_size", int, "batch size per process"),

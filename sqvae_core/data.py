@@ -570,25 +570,38 @@ def _scan_folder(root: Path) -> tuple[list[tuple[Path, int | None]], tuple[str, 
     return items, tuple(n for n, _ in classes)
 
 
-def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
+def _load_image(path: Path, size: int, channels: int, crop: int | None = None) -> np.ndarray:
+    """One image as uint8 (C, size, size). Without crop: the shorter side is resized to size
+    (bicubic), then the centre square is kept. With crop: first the centre crop x crop pixels of
+    the original, then a resize to size (bilinear), as torchvision's CenterCrop(crop) then
+    Resize(size) on PIL images -- the official SQ-VAE CelebA loader (CenterCrop(140), Resize(64))."""
     from PIL import Image
 
     mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(path) as im:
-            im.draft(mode, (size, size))  # cheap JPEG downscale, never below size
+            if crop is None:
+                im.draft(mode, (size, size))  # cheap JPEG downscale, never below size
             if "A" in im.getbands() or "transparency" in im.info:
                 im = im.convert("RGBA")
                 bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
                 im = Image.alpha_composite(bg, im)  # transparent -> white
             im = im.convert(mode)
             w, h = im.size
-            scale = size / min(w, h)
-            nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-            if (nw, nh) != (w, h):
-                im = im.resize((nw, nh), Image.Resampling.BICUBIC)
-            left, top = (nw - size) // 2, (nh - size) // 2
-            im = im.crop((left, top, left + size, top + size))
+            if crop is not None:
+                if min(w, h) < crop:
+                    raise ValueError(f"the image is {w}x{h}, smaller than the centre crop of {crop} pixels")
+                left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+                im = im.crop((left, top, left + crop, top + crop))
+                if crop != size:
+                    im = im.resize((size, size), Image.Resampling.BILINEAR)
+            else:
+                scale = size / min(w, h)
+                nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
+                if (nw, nh) != (w, h):
+                    im = im.resize((nw, nh), Image.Resampling.BICUBIC)
+                left, top = (nw - size) // 2, (nh - size) // 2
+                im = im.crop((left, top, left + size, top + size))
             arr = np.asarray(im, dtype=np.uint8)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise ValueError(f"cannot read image {path}: {e}") from None
@@ -596,11 +609,11 @@ def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_folder_cached(size: int, channels: int, items: tuple, labeled: bool):
+def _load_folder_cached(size: int, channels: int, items: tuple, labeled: bool, crop: int | None = None):
     """items: ((path, mtime_ns, size, label), ...) -- file stats are part of the key."""
     images = np.empty((len(items), channels, size, size), dtype=np.uint8)
     for i, (p, _, _, _) in enumerate(items):
-        images[i] = _load_image(Path(p), size, channels)
+        images[i] = _load_image(Path(p), size, channels, crop)
     images.setflags(write=False)
     labels = None
     if labeled:
@@ -609,7 +622,8 @@ def _load_folder_cached(size: int, channels: int, items: tuple, labeled: bool):
     return images, labels
 
 
-def _load_folder(name: str, path: str, split: str, image_size, channels, seed: int) -> ImageData:
+def _load_folder(name: str, path: str, split: str, image_size, channels, seed: int,
+                 center_crop: int | None = None) -> ImageData:
     c, s, _ = dataset_shape(name, image_size, channels)
     root = Path(path).expanduser()
     if not root.is_dir():
@@ -620,7 +634,7 @@ def _load_folder(name: str, path: str, split: str, image_size, channels, seed: i
     if not items:
         raise ValueError(f"folder:{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
     key = tuple((str(p), st.st_mtime_ns, st.st_size, lab) for p, lab in items for st in [p.stat()])
-    images, labels = _load_folder_cached(s, c, key, class_names is not None)
+    images, labels = _load_folder_cached(s, c, key, class_names is not None, center_crop)
     n = images.shape[0]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     n_test = int(round(0.1 * n))
@@ -659,10 +673,14 @@ def _to_float(images: np.ndarray, cat8: bool) -> np.ndarray:
 def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *,
                  download: bool = True, image_size: int | None = None,
                  channels: int | None = None, val_size: int | float = 5000, seed: int = 0,
-                 allow_subset: bool = True, val_from_end: bool = False) -> ImageData:
+                 allow_subset: bool = True, val_from_end: bool = False,
+                 center_crop: int | None = None) -> ImageData:
     """Load a data set split into memory.  See the module docstring for the details.
 
-    image_size/channels apply to ``folder:`` data only (ignored otherwise); val_size
+    image_size/channels apply to ``folder:`` data only (ignored otherwise); so does
+    ``center_crop``: crop the centre center_crop x center_crop pixels of each image, then resize
+    to image_size (CelebA's official 178x218 -> 64x64: center_crop=140); every image must be at
+    least that large. Without it, the shorter side is resized to image_size and the centre kept. val_size
     does not apply to ``folder:`` data (fixed 80/10/10 split). ``val_from_end=True`` makes
     "val" the last ``val_size`` images of the training file and "train" the ones before, in
     file order, as the official SQ-VAE loaders do (no 10% cap; at most half the images).
@@ -670,8 +688,14 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *
     canon, folder = _parse_name(name)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if center_crop is not None:
+        if canon != "folder":
+            raise ValueError(f"center_crop applies to folder: datasets only, not {name!r}")
+        if isinstance(center_crop, bool) or int(center_crop) != center_crop or center_crop <= 0:
+            raise ValueError(f"center_crop must be a positive number of pixels, got {center_crop!r}")
+        center_crop = int(center_crop)
     if canon == "folder":
-        return _load_folder(name, folder, split, image_size, channels, seed)
+        return _load_folder(name, folder, split, image_size, channels, seed, center_crop)
 
     base = _base(canon)
     if os.environ.get("SQVAE_OFFLINE", "") not in ("", "0"):

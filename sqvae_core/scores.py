@@ -39,7 +39,7 @@ def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max
     train_cfg = bundle.config.get("train", {})
     data = load_dataset(bundle.dataset, split, data_dir or train_cfg.get("data_dir"),
                         val_size=train_cfg.get("val_size", 5000), image_size=bundle.model_cfg.image_size,
-                        channels=bundle.model_cfg.image_channels)
+                        channels=bundle.model_cfg.image_channels, center_crop=train_cfg.get("center_crop"))
     images, labels = data.images, data.labels
     if max_images:
         images = images[:max_images]

@@ -428,3 +428,34 @@ def test_import_is_light():
     heavy = {m for m in top if m not in sys.stdlib_module_names} - {"numpy", "torch"}
     assert not heavy, heavy
     assert {"numpy", "torch"} <= top and "PIL" not in top
+
+
+def test_folder_center_crop_then_resize_as_the_official_celeba_loader(tmp_path):
+    """--center-crop 140 on CelebA-sized 178x218 images keeps the centre 140x140 only (torchvision's
+    CenterCrop(140) then Resize(64)); without it the shorter side is resized and more is kept."""
+    from PIL import Image
+
+    root = tmp_path / "faces"
+    root.mkdir()
+    img = np.zeros((218, 178, 3), np.uint8)
+    img[...] = (255, 0, 0)                                  # red outside the centre 140x140
+    img[39:179, 19:159] = (0, 255, 0)                        # CenterCrop(140): top 39, left 19
+    img[39:179, 19:89, 2] = 255                              # left half of the crop cyan
+    for i in range(10):
+        Image.fromarray(img).save(root / f"{i}.png")
+    name = f"folder:{root}"
+    x = D.load_dataset(name, "train", image_size=64, center_crop=140).images
+    assert x.shape[1:] == (3, 64, 64)
+    assert (x[:, 0] == 0).all()                              # no red margin survives the crop
+    assert torch.allclose(x[0, 2, :, :31], torch.ones(64, 31)) and (x[0, 2, :, 33:] == 0).all()
+    full = D.load_dataset(name, "train", image_size=64).images
+    assert (full[:, 0] > 0.5).any()                          # default: the red sides are kept
+    assert (D.load_dataset(name, "train", image_size=140, center_crop=140).images[0, 1] == 1).all()
+
+    Image.new("RGB", (100, 120)).save(root / "small.png")
+    with pytest.raises(ValueError, match=r"small.png.*100x120, smaller than the centre crop of 140"):
+        D.load_dataset(name, "train", image_size=64, center_crop=140)
+    with pytest.raises(ValueError, match="folder: datasets only"):
+        D.load_dataset("cifar10", "test", center_crop=28)
+    with pytest.raises(ValueError, match="positive number of pixels"):
+        D.load_dataset(name, center_crop=0)

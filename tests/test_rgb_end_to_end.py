@@ -1,0 +1,120 @@
+"""Colour data through the whole command line, at the paper preset: CIFAR-10 in its real
+python-pickle batches format (32x32, official net "32") and a folder of CelebA-sized photos
+centre-cropped and resized to 64x64 (official net "64", 6 blocks): train, eval, prior, explore."""
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from sqvae_core import rundir as rd
+from sqvae_core.cli import main
+
+
+@pytest.fixture(autouse=True)
+def offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("SQVAE_OFFLINE", "1")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv("SQVAE_DATA", raising=False)
+
+
+def colour_images(n: int, h: int, w: int, seed: int) -> np.ndarray:
+    """(n, h, w, 3) uint8: a colour gradient per image plus a bright square, channels differ."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / max(h, w)
+    out = np.empty((n, h, w, 3), np.uint8)
+    for i in range(n):
+        a, b = rng.integers(0, 256, 3), rng.integers(0, 256, 3)
+        img = a * (1 - xx[..., None]) + b * yy[..., None]
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        img[y:y + h // 3, x:x + w // 3] = rng.integers(0, 256, 3)
+        out[i] = np.clip(img, 0, 255)
+    return out
+
+
+def write_cifar_batches(root: Path, n: int = 40) -> Path:
+    """cifar-10-batches-py/ as the real archive has it: pickled dicts with bytes keys, 'data'
+    uint8 (n, 3072) in channel-major order (1024 red, 1024 green, 1024 blue), 'labels' a list."""
+    d = root / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    for i, fname in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        imgs = colour_images(n, 32, 32, seed=i)
+        batch = {b"batch_label": f"batch {i}".encode(), b"labels": [j % 10 for j in range(n)],
+                 b"data": imgs.transpose(0, 3, 1, 2).reshape(n, 3072),
+                 b"filenames": [f"{i}_{j}.png".encode() for j in range(n)]}
+        with open(d / fname, "wb") as f:
+            pickle.dump(batch, f, protocol=2)
+    return d
+
+
+def run(capsys, *argv) -> str:
+    capsys.readouterr()
+    assert main(list(argv)) == 0
+    return capsys.readouterr().out
+
+
+def rgb_png(path: Path) -> np.ndarray:
+    with Image.open(path) as im:
+        assert im.mode == "RGB", f"{path.name} is {im.mode}, not a colour image"
+        return np.asarray(im)
+
+
+def assert_explores_in_colour(capsys, out: Path, tmp_path: Path, test_image: np.ndarray, grid: int):
+    """Eval, prior, samples, Neighbor-k and interpolation of a colour run give colour results;
+    the Neighbor-k figure starts with the test image itself, channels in order (no grey, no BGR)."""
+    ev = json.loads(run(capsys, "eval", str(out), "--json"))
+    assert ev["usage"] and sum(ev["usage"]) == ev["n_images"] * grid * grid
+    run(capsys, "prior", "train", str(out), "--steps", "2", "--hidden", "16", "--layers", "2", "--json")
+    assert (out / "prior.safetensors").is_file()
+    run(capsys, "prior", "sample", str(out), "--n", "2", "--out", str(tmp_path / "samples.png"))
+    assert rgb_png(tmp_path / "samples.png").shape[2] == 3
+    run(capsys, "explore", str(out), "--image-index", "0", "--neighbor", "2", "--out", str(tmp_path / "nb.png"))
+    nb = rgb_png(tmp_path / "nb.png")
+    s = test_image.shape[0]
+    first = nb[8:8 + 4 * s:4, 8:8 + 4 * s:4]          # tile 0 (pad 2, scale 4): the original
+    assert np.array_equal(first, test_image)
+    run(capsys, "explore", str(out), "--interpolate", "0", "1", "--steps", "3", "--out", str(tmp_path / "ip.png"))
+    assert rgb_png(tmp_path / "ip.png").shape == (3 * (2 * (s + 2) + 2), 3 * (3 * (s + 2) + 2), 3)
+
+
+def test_cifar10_paper_preset_end_to_end(tmp_path, capsys):
+    write_cifar_batches(tmp_path / "data")
+    out = tmp_path / "cifar"
+    run(capsys, "train", "--model", "gaussian_1", "--dataset", "cifar10", "--preset", "paper",
+        "--data-dir", str(tmp_path / "data"), "--steps", "3", "--out", str(out), "--quiet")
+    b = rd.load_bundle(out)
+    m = b.model_cfg
+    assert (m.net, m.image_channels, m.image_size, m.codebook_size, m.num_rb) == ("official", 3, 32, 512, 2)
+    assert sum(p.numel() for p in b.model.parameters()) == 341_252
+    assert rd.read_status(out)["state"] == "finished"
+    with open(tmp_path / "data" / "cifar-10-batches-py" / "test_batch", "rb") as f:
+        first = pickle.load(f, encoding="bytes")[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
+    assert_explores_in_colour(capsys, out, tmp_path, first, grid=8)
+    points = json.loads(run(capsys, "explore", str(out), "--umap", "--pca", "--json"))
+    assert len(points) == 512 and sum(p["usage"] for p in points) == 40 * 64
+
+
+def test_folder_of_celeba_sized_photos_center_cropped_to_64(tmp_path, capsys):
+    folder = tmp_path / "faces"
+    folder.mkdir()
+    photos = colour_images(42, 218, 178, seed=7)       # CelebA's aligned size: 178 wide, 218 high
+    for i, p in enumerate(photos):
+        Image.fromarray(p).save(folder / f"{i:03d}.png")
+    out = tmp_path / "celeba"
+    run(capsys, "train", "--model", "gaussian_1", "--dataset", f"folder:{folder}", "--preset", "paper",
+        "--center-crop", "140", "--steps", "2", "--out", str(out), "--quiet")
+    b = rd.load_bundle(out)
+    m = b.model_cfg
+    assert (m.image_channels, m.image_size, m.codebook_size, m.num_rb) == (3, 64, 512, 6)
+    assert sum(p.numel() for p in b.model.parameters()) == 630_532
+    assert b.config["train"]["center_crop"] == 140
+    from sqvae_core.data import load_dataset
+    from sqvae_core.scores import bundle_split
+    test_x, _, _ = bundle_split(b, "test")               # the crop travels with the run
+    name = f"folder:{folder}"
+    assert test_x.equal(load_dataset(name, "test", image_size=64, channels=3, center_crop=140).images)
+    assert not test_x.equal(load_dataset(name, "test", image_size=64, channels=3).images)
+    got = (test_x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
+    assert_explores_in_colour(capsys, out, tmp_path, got[0], grid=16)
