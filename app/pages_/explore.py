@@ -278,7 +278,7 @@ def _edit_tool(v: View):
         orig = np.repeat(imgs[idx], 3, axis=0) if imgs.shape[1] == 1 else imgs[idx]
         arr = image_grid(np.stack([orig, mark_box(before, box), mark_box(edited, box)]), ncol=3, scale=6)
         st.image(arr, caption=f"original · decoded grid · cell ({row}, {col}) set to code {choice} "
-                              f"(red box: pixels this cell can reach)")
+                              f"(red box: pixels this cell can reach)", output_format="PNG")
         st.markdown(f"Edited cell ({row}, {col}): code {cur} → **{choice}**")
         kept = grid.copy()
         kept[row, col] = int(choice)
@@ -289,7 +289,8 @@ def _edit_tool(v: View):
         b3.download_button("PNG", png_bytes(arr), file_name=f"edit_{idx}_{row}_{col}_{choice}.png",
                            mime="image/png", key="dl_edit", on_click="ignore")
         st.markdown("**Candidate previews** (the cell set to each of the nearest codes):")
-        st.image(cache.previews(bundle, grid, row, col, cands[:8]), caption="  ·  ".join(str(c) for c in cands[:8]))
+        st.image(cache.previews(bundle, grid, row, col, cands[:8]), caption="  ·  ".join(str(c) for c in cands[:8]),
+                 output_format="PNG")
 
 
 def gallery_tool(v: View):
@@ -305,7 +306,7 @@ def gallery_tool(v: View):
     hits, patch = cache.gallery(v.bundle, code)
     c1, c2 = st.columns([1, 4])
     with c1:
-        st.image(image_grid(patch[None], scale=8), caption=f"mean patch of code {code}")
+        st.image(image_grid(patch[None], scale=8), caption=f"mean patch of code {code}", output_format="PNG")
         st.metric("usage", usage[code])
     with c2:
         if not hits:
