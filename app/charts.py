@@ -48,21 +48,24 @@ def line_figure(rows: list[dict], keys: list[str], title: str, *, log_y: bool = 
 def panels_figure(rows: list[dict], panels: list[list[str]], title: str, *, log_y: bool = False,
                   names: dict | None = None, height: int = 300) -> go.Figure | None:
     """One panel per list of keys, stacked on a shared step axis, each with its own y axis titled by
-    its first key (two quantities of different scales without a second y axis on the same plot);
+    its first key that has data (two quantities of different scales without a second y axis on the same plot);
     None if no key has data."""
     names = names or {}
     fig = make_subplots(rows=len(panels), cols=1, shared_xaxes=True, vertical_spacing=0.06,
                         row_heights=[2] + [1] * (len(panels) - 1) if len(panels) > 1 else None)
     any_data = False
     for row, keys in enumerate(panels, start=1):
+        drawn = []
         for key in keys:
             xs, ys = series(rows, key)
             if xs:
-                any_data = True
+                drawn.append(key)
                 fig.add_trace(go.Scatter(x=xs, y=ys, mode=_mode(key, len(xs)), name=names.get(key, key)),
                               row=row, col=1)
+        any_data = any_data or bool(drawn)
         if len(panels) > 1:
-            fig.update_yaxes(title_text=names.get(keys[0], keys[0]), row=row, col=1)
+            first = (drawn or keys)[0]
+            fig.update_yaxes(title_text=names.get(first, first), row=row, col=1)
     if not any_data:
         return None
     fig.update_xaxes(title_text="step", row=len(panels), col=1)

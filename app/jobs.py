@@ -240,11 +240,17 @@ class JobManager:
         run_dir = self.run_dir(name)
         if not (run_dir / rd.CONFIG).is_file():
             raise ValueError(f"run {name!r} has no config.json to resume from")
+        if rd.is_logged(run_dir):
+            raise ValueError(f"run {name!r} is a logged run (RunLogger): its loop runs outside the app, "
+                             f"there is no checkpoint to resume")
         return self.submit(name, {"steps": steps} if steps else {}, resume=True)
 
     def stop(self, name: str) -> str:
-        """Dequeue a queued job, or SIGTERM a running one (the trainer saves and marks "stopped")."""
+        """Dequeue a queued job, or SIGTERM a running one (the trainer saves and marks "stopped").
+        A logged run (RunLogger) is never signalled: its loop is someone's own process."""
         check_run_name(name)
+        if rd.is_logged(self.root / name):
+            return "not running"
         with self._lock:
             before = len(self._state["queue"])
             self._state["queue"] = [q for q in self._state["queue"] if q["name"] != name]

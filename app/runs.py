@@ -137,6 +137,24 @@ def read_config(path: Path) -> dict:
     return rd.read_json(Path(path) / rd.CONFIG, rd.CONFIG)
 
 
+LOGGED = "logged"        # the kind the app gives a run written by RunLogger (sqvae_core.runlogger)
+
+
+def run_kind(config: dict) -> str | None:
+    """The model kind of a config.json, "logged" for a RunLogger run (no model), None if unknown."""
+    if config.get("source") == rd.LOGGED_SOURCE:
+        return LOGGED
+    model = config.get("model")
+    return model.get("kind") if isinstance(model, dict) else None
+
+
+def codebook_shape(config: dict) -> tuple[int | None, int | None]:
+    """(K, d) of a config.json: the model's, or what RunLogger logged (d None before its first codebook)."""
+    sizes = config.get("logged") if config.get("source") == rd.LOGGED_SOURCE else config.get("model")
+    sizes = sizes if isinstance(sizes, dict) else {}
+    return sizes.get("codebook_size"), sizes.get("code_dim")
+
+
 def latest_step(path: Path, status: dict | None = None) -> int:
     """The newest step of a run: its last metrics row, or status.json's step (checkpoints)."""
     rows = read_metrics(path)

@@ -21,6 +21,7 @@ from sqvae_core.config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, MODEL_KINDS  # 
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("checkpoints", "runs")          # the two roots the app lists and serves runs from
+UPLOADS = "uploads"                        # the group under the runs root that sidebar uploads go into
 DATASETS = ("fashion-mnist", "mnist", "cifar10", "fashion-mnist-cat8")
 PRESET_CHOICES = ("demo", "none", "paper")  # "none": the trainer's defaults; the others: sqvae_core.train.PRESETS
 SQ_VAE_KINDS = tuple(k for k in GAUSSIAN_KINDS if k != "fixed_var")   # Gaussian SQ-VAE I-IV, learned σ²_φ
@@ -29,6 +30,7 @@ KIND_LABELS = {
     "gaussian_4": "Gaussian SQ-VAE IV", "vmf": "vMF SQ-VAE", "nc": "naive categorical SQ-VAE",
     "vq": "VQ-VAE", "vq_ema": "VQ-VAE (EMA)", "vq_reset": "VQ-VAE (EMA + reset)",
     "fixed_var": "fixed σ²_φ SQ", "vae": "Gaussian VAE",
+    "logged": "logged run (RunLogger)",        # app/runs.LOGGED: a run of your own loop, no model
 }
 
 

@@ -267,6 +267,14 @@ def read_config(run_dir: Path) -> tuple[dict, ModelConfig]:
     return cfg, model_cfg
 
 
+def is_logged(run_dir: str | Path) -> bool:
+    """Was this run written by RunLogger (config.json "source": "runlogger": curves and snapshots, no model)?"""
+    try:
+        return read_json(Path(run_dir) / CONFIG, "config.json").get("source") == LOGGED_SOURCE
+    except BundleError:
+        return False
+
+
 def load_bundle(run_dir: str | Path, device: torch.device | str = "cpu", which: str = "last") -> Bundle:
     """Rebuild the model of a run directory or shipped bundle and load its weights.
 

@@ -358,6 +358,24 @@ class LoggedDecoder:
         """Images (B, C, S, S) of code grids (B, *code_shape), on the CPU."""
         return self._module(indices.to("cpu", torch.long))
 
+    def ranked_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(order, dist): order[c] every code sorted by Euclidean distance to code c in the saved
+        codebook, c itself first (even beside a duplicate); dist (K, K) the distances."""
+        if self.codebook is None:
+            raise rd.BundleError("the run saved no codebook with its decoder (pass codebook= to log() "
+                                 "before save_decoder)")
+        dist = torch.cdist(self.codebook.double(), self.codebook.double())
+        order = dist.clone().fill_diagonal_(-1.0).argsort(dim=1, stable=True)
+        return order, dist
+
+    def neighbour_codes(self, k: int) -> torch.Tensor:
+        """(K,) the k-th nearest code of every code (k = 1: the code itself): the SQ-VAE paper's
+        Neighbor-k edit replaces each code of a grid by it, `decode(neighbour_codes(k)[indices])`."""
+        order, _ = self.ranked_codes()
+        if not 1 <= k <= len(order):
+            raise ValueError(f"k must be in [1, {len(order)}], got {k}")
+        return order[:, k - 1]
+
 
 def load_decoder(run_dir: str | os.PathLike) -> LoggedDecoder:
     """The decoder a logged run saved with RunLogger.save_decoder, ready to decode edited codes.

@@ -55,6 +55,19 @@ def test_panels_figure_puts_dead_codes_on_its_own_panel_below_perplexity():
     assert fig.layout.height == 300 + 90
 
 
+def test_panels_figure_titles_a_panel_by_its_first_key_with_data():
+    """Train live's dead-codes panel lists the window's dead codes (RunLogger) before the validation
+    ones (sqvae train): each run's axis names what it has."""
+    names = {"dead_codes": "dead codes (window)", "val_dead_codes": "dead codes (val)"}
+    panels = [["perplexity", "val_perplexity"], ["dead_codes", "val_dead_codes"]]
+    trained = charts.panels_figure(ROWS, panels, "P", names=names)
+    assert trained.layout.yaxis2.title.text == "dead codes (val)"
+    logged = charts.panels_figure([{"step": s, "perplexity": 3.0, "dead_codes": 8 - s} for s in range(1, 4)], panels,
+                                  "P", names=names)
+    assert logged.layout.yaxis2.title.text == "dead codes (window)"
+    assert [(t.name, t.yaxis, list(t.y)) for t in logged.data][1] == ("dead codes (window)", "y2", [7, 6, 5])
+
+
 def test_runs_figure_one_trace_per_run_with_data():
     fig = charts.runs_figure({"runs/a": ROWS, "runs/b": [{"step": 1, "mse": 2.0}]}, "loss", log_y=True)
     assert [t.name for t in fig.data] == ["runs/a"]

@@ -346,5 +346,109 @@ def test_train_live_shows_a_running_logged_run_growing_and_explore_says_it_has_n
     ex.query_params["run"] = "runs/mine"
     ex.run()
     ex.run()
+    assert not ex.exception and not ex.error, [e.value for e in [*ex.exception, *ex.error]]
+    assert any("logged run: metrics and codebook snapshots only" in i.value for i in ex.info)
+    assert not ex.tabs                                                     # no decoder: nothing to edit
+
+
+def test_saved_decoder_ranks_codes_by_codebook_distance_for_neighbour_k(tmp_path):
+    """Neighbor-k on a logged decoder: k = 1 is the identity (even beside a duplicate code), k = 2 the
+    nearest other code, here on a codebook whose distances are known by hand."""
+    from sqvae_core.runlogger import load_decoder
+    dec = Decoder(k=5, d=2)
+    with torch.no_grad():
+        dec.codebook.copy_(torch.tensor([[0.0, 0], [1, 0], [3, 0], [3, 0], [10, 0]]))   # codes 2 and 3 coincide
+    codes = torch.randint(5, (2, 3, 3))
+    with RunLogger(tmp_path / "r", codebook_size=5) as log:
+        log.log(1, indices=codes, codebook=dec.codebook, loss=1.0)
+        log.save_decoder(dec, codes)
+    loaded = load_decoder(tmp_path / "r")
+    assert loaded.neighbour_codes(1).tolist() == [0, 1, 2, 3, 4]
+    assert loaded.neighbour_codes(2).tolist() == [1, 0, 3, 2, 2]
+    assert loaded.neighbour_codes(5).tolist() == [4, 4, 4, 4, 0]
+    order, dist = loaded.ranked_codes()
+    assert order[4].tolist()[:2] == [4, 2] and float(dist[0, 4]) == 10.0
+    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
+        loaded.neighbour_codes(6)
+
+
+def _app_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "runs"))
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "no_checkpoints"))
+    monkeypatch.setenv("SQVAE_APP_UMAP", "0")
+    monkeypatch.setenv("SQVAE_OFFLINE", "1")
+    return ROOT / "app" / "pages_"
+
+
+def test_train_live_treats_a_finished_logged_run_as_logged_and_compare_reads_its_sizes(tmp_path, monkeypatch):
+    """Kind "logged": no Stop/Resume (the job manager refuses both), the finished message names what
+    there is, the window's dead codes beside perplexity, the other scalars on a panel; Compare's
+    K and d come from the "logged" section."""
+    pytest.importorskip("streamlit")
+    from streamlit.testing.v1 import AppTest
+    from app.jobs import JobManager
+    pages = _app_env(tmp_path, monkeypatch)
+    with RunLogger(tmp_path / "runs" / "mine", codebook_size=8, log_every=5, snapshot_every=10) as log:
+        for s in range(1, 21):
+            log.log(s, indices=torch.full((4,), s % 3), codebook=torch.randn(8, 3), loss=1.0 / s, commit=0.1, lr=3e-4)
+    at = AppTest.from_file(str(pages / "train.py"), default_timeout=120).run()
+    assert not at.exception and not at.error, [e.value for e in [*at.exception, *at.error]]
+    assert any("`mine` — finished · logged run (RunLogger)" in m.value for m in at.markdown)
+    assert [s.value for s in at.success] == ["Finished 20 steps (logged run: curves and snapshots only, "
+                                             "no model to explore)."]
+    assert not [b for b in at.button if b.label in ("Stop", "Resume")]
+    figs = {f["layout"]["title"]["text"]: f for f in _figures(at) if isinstance(f["layout"].get("title"), dict)}
+    dead = [t for t in figs["Perplexity and dead codes"]["data"] if t["name"] == "dead codes (window)"]
+    assert dead and list(dead[0]["y"]) == [5, 5, 5, 5] and dead[0]["yaxis"] == "y2"     # 3 of 8 codes used
+    assert sorted(t["name"] for t in figs["Other logged scalars"]["data"]) == ["commit", "lr"]
+
+    jm = JobManager(tmp_path / "runs", max_jobs=1)
+    with pytest.raises(ValueError, match="'mine' is a logged run .*no checkpoint to resume"):
+        jm.resume("mine")
+    assert jm.stop("mine") == "not running"
+
+    cmp_ = AppTest.from_file(str(pages / "compare.py"), default_timeout=120)
+    cmp_.session_state["cmp_runs"] = ["runs/mine"]
+    cmp_.run()
+    assert not cmp_.exception, [e.value for e in cmp_.exception]
+    row = cmp_.dataframe[0].value.iloc[0]
+    assert (row["kind"], row["K"], row["d"], row["state"], row["step"]) == ("logged", 8, 3, "finished", 20)
+
+
+def test_explore_edits_and_neighbour_k_on_a_logged_decoder_but_never_loads_one_from_an_upload(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    import shutil
+    from streamlit.testing.v1 import AppTest
+    pages = _app_env(tmp_path, monkeypatch)
+    torch.manual_seed(0)
+    dec = Decoder()
+    codes = torch.randint(5, (4, 3, 3))
+    with RunLogger(tmp_path / "runs" / "dec", codebook_size=5) as log:
+        log.log(1, indices=codes, codebook=dec.codebook, loss=1.0)
+        log.save_decoder(dec, codes, images=torch.rand(4, 1, 6, 6))
+    shutil.copytree(tmp_path / "runs" / "dec", tmp_path / "runs" / "uploads" / "dec")
+
+    ex = AppTest.from_file(str(pages / "explore.py"), default_timeout=120)
+    ex.query_params["run"] = "runs/dec"
+    ex.run()
+    assert not ex.exception and not ex.error, [e.value for e in [*ex.exception, *ex.error]]
+    assert [t.label for t in ex.tabs] == ["Neighbor-k", "Edit codes"]
+    assert ex.slider(key="lg_nk_k").value == 2
+    grids = [json.loads(c.proto.spec) for c in ex.get("plotly_chart")]
+    z = next(f["data"][0]["z"] for f in grids if f["data"][0]["type"] == "heatmap")
+    assert z == codes[0].tolist()                                          # the saved grid to edit
+    ex.selectbox(key="lg_edit_img").set_value(0)
+    cell = (int(ex.number_input(key="lg_row").value), int(ex.number_input(key="lg_col").value))
+    choice = ex.selectbox(key=f"lg_code_0_{cell[0]}_{cell[1]}").value
+    order = torch.cdist(dec.codebook.detach(), dec.codebook.detach())[codes[0][cell]].argsort()
+    assert choice == int(order[1])                                         # the nearest other code
+    ex.button(key="lg_edit_keep").click().run()
     assert not ex.exception, [e.value for e in ex.exception]
-    assert any("logged run (RunLogger)" in e.value and "no model" in e.value for e in ex.error)
+    kept = ex.session_state["lg_grid::runs/dec::0"]
+    assert kept[cell] == choice and (kept != codes[0].numpy()).sum() == 1
+
+    up = AppTest.from_file(str(pages / "explore.py"), default_timeout=120)
+    up.query_params["run"] = "runs/uploads/dec"
+    up.run()
+    assert not up.exception and not up.tabs                                # an upload's decoder is never loaded
+    assert any("logged run" in i.value for i in up.info)

@@ -33,11 +33,11 @@ def run_summary(ref) -> dict:
     st_ = runs.read_status(ref.path)
     try:
         cfg = runs.read_config(ref.path)
-        model = cfg.get("model", {})
     except Exception:      # noqa: BLE001
-        cfg, model = {}, {}
-    return {"run": ref.label, "kind": model.get("kind"), "dataset": cfg.get("dataset"),
-            "K": model.get("codebook_size"), "d": model.get("code_dim"), "state": st_.get("state"),
+        cfg = {}
+    k, d = runs.codebook_shape(cfg)       # a logged run's from its "logged" section
+    return {"run": ref.label, "kind": runs.run_kind(cfg), "dataset": cfg.get("dataset"),
+            "K": k, "d": d, "state": st_.get("state"),
             "step": max([r.get("step", 0) for r in rows] + [0]), "val step": val.get("step"),
             "val_mse": val.get("val_mse"), "val_perplexity": val.get("val_perplexity"),
             "val_dead_codes": val.get("val_dead_codes"), "val_entropy": val.get("val_entropy")}

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import streamlit as st
 
-from app import cache, charts, runs, settings, theme, ui
+from app import cache, charts, logged, runs, settings, theme, ui
 from app.images import image_grid, mark_box, png_bytes
-from sqvae_core.rundir import PRIOR, WEIGHTS, BundleError
+from sqvae_core.rundir import PRIOR, WEIGHTS, BundleError, is_logged
 
 ui.page_setup(None, "Explore")
 title_slot = st.container()      # filled after the codebook map: the map is sent first (first paint)
@@ -382,6 +382,94 @@ def metrics_tab(v: View):
         st.json(summary, expanded=False)
 
 
+# ------------------------------------------------------------------------- logged runs
+def logged_view(ref, config: dict):
+    """A run of someone's own loop (RunLogger): no model. A decoder it saved (not in an upload)
+    gets Neighbor-k and code edits on its saved code grids."""
+    st.info(f"`{ref.label}` is a logged run: metrics and codebook snapshots only; see **Train live** / **Compare**.")
+    if not logged.decoder_offered(ref, config):
+        return
+    st.caption("It saved a decoder (RunLogger.save_decoder): its example code grids can be edited and decoded.")
+    nk, ed = st.tabs(["Neighbor-k", "Edit codes"])
+    with nk, ui.guard("Neighbor-k"):
+        logged_neighbour_tool(ref)
+    with ed:
+        logged_edit_tool(ref)
+
+
+def logged_neighbour_tool(ref):
+    dec = logged.decoder(ref.path)
+    k_max = min(len(dec.ranked_codes()[0]), 64)
+    k = st.slider("Neighbor-k: replace every code by its k-th nearest code in the saved codebook "
+                  "(k = 1 is the code itself)", 1, k_max, value=min(2, k_max), key="lg_nk_k")
+    n = min(N_TOOL, len(dec.indices))
+    decoded, edited = logged.neighbour_images(ref.path, int(k), n)
+    orig = logged.originals(dec, n)
+    grids = [g for g in (orig, decoded, edited) if g is not None and g.shape[1:] == decoded.shape[1:]]
+    st.markdown(f"**Neighbor-{k}** on the run's {n} saved code grids: rows are "
+                + ("the saved images, " if len(grids) == 3 else "") + f"their codes decoded and Neighbor-{k}.")
+    ui.show_grid(np.concatenate(grids), n, f"Neighbor-{k} on {n} saved code grids",
+                 f"{runs.safe_filename(ref.name)}_neighbor{k}.png", "dl_lg_nk")
+
+
+@st.fragment
+def logged_edit_tool(ref):
+    with ui.guard("Edit codes"):
+        _logged_edit_tool(ref)
+
+
+def _logged_edit_tool(ref):
+    dec = logged.decoder(ref.path)
+    if dec.indices.ndim != 3 or dec.indices.shape[1] != dec.indices.shape[2]:
+        st.info(f"Code edits need square code grids (B, H, H); this decoder takes {tuple(dec.indices.shape[1:])}.")
+        return
+    n_lat, n = dec.indices.shape[1], min(N_SHOW, len(dec.indices))
+    idx = st.selectbox("Code grid to edit", list(range(n)), key="lg_edit_img", format_func=lambda i: f"saved grid #{i}")
+    base = dec.indices[idx].numpy()
+    gkey = f"lg_grid::{ref.label}::{idx}"
+    if gkey not in st.session_state:
+        st.session_state[gkey] = base.copy()
+    grid = np.asarray(st.session_state[gkey])
+    changed = {(int(r), int(c)) for r, c in zip(*np.nonzero(grid != base))}
+    for k_ in ("lg_row", "lg_col"):
+        if not isinstance(st.session_state.get(k_), int) or not 0 <= st.session_state[k_] < n_lat:
+            st.session_state[k_] = n_lat // 2
+    left, right = st.columns([1, 1])
+    with left:
+        st.markdown(f"**Code grid ({n_lat}×{n_lat})** — click a cell, or pick row/col below.")
+        event = theme.plot(charts.grid_figure(grid, st.session_state["lg_row"], st.session_state["lg_col"], changed),
+                           key=f"lg_grid_chart_{idx}", on_select="rerun", selection_mode="points", modebar=False)
+        cell = clicked_cell(event, n_lat)
+        if cell is not None and cell != st.session_state.get("_lg_grid_sel"):
+            st.session_state["_lg_grid_sel"] = cell
+            st.session_state["lg_row"], st.session_state["lg_col"] = cell
+            st.rerun(scope="fragment")
+        c1, c2 = st.columns(2)
+        row = int(c1.number_input("row", 0, n_lat - 1, key="lg_row", step=1))
+        col = int(c2.number_input("col", 0, n_lat - 1, key="lg_col", step=1))
+    cur = int(grid[row, col])
+    cands, dist = logged.candidates(ref.path, cur, 16)
+    with right:
+        choice = st.selectbox(f"Replacement code for cell ({row}, {col}) — now code {cur}; nearest codes first",
+                              cands, index=min(1, len(cands) - 1), key=f"lg_code_{idx}_{row}_{col}",
+                              format_func=lambda c: f"code {c}  ·  distance {float(dist[c]):.3g}"
+                              + ("  (current)" if c == cur else ""))
+        kept = grid.copy()
+        kept[row, col] = int(choice)
+        shown = [logged.decode_grid(ref.path, grid), logged.decode_grid(ref.path, kept)]
+        orig = logged.originals(dec, idx + 1)
+        if orig is not None and orig.shape[1:] == shown[0].shape:
+            shown.insert(0, orig[idx])
+        arr = image_grid(np.stack(shown), ncol=len(shown), scale=6)
+        st.image(arr, caption=("saved image · " if len(shown) == 3 else "") +
+                 f"decoded grid · cell ({row}, {col}) set to code {choice}")
+        b1, b2, b3 = st.columns(3)
+        b1.button("Keep this edit", key="lg_edit_keep", on_click=st.session_state.__setitem__, args=(gkey, kept))
+        b2.button("Reset grid", key="lg_edit_reset", on_click=st.session_state.__setitem__, args=(gkey, base.copy()))
+        b3.download_button("PNG", png_bytes(arr), file_name=f"edit_{idx}_{row}_{col}_{choice}.png",
+                           mime="image/png", key="dl_lg_edit", on_click="ignore")
+
+
 NAMES = {"val_dead_codes": "dead codes (val)"}
 # One entry per tab, in tab order: the tab names are the keys.
 SECTIONS = {
@@ -431,6 +519,13 @@ if stored is not None:
         bundle_selector(labels)
         model_card(ref, stored["config"], stored["evaluation"], rows, status)
     end_first_paint()
+
+if is_logged(ref.path):
+    title_slot.title("Explore")
+    with head:
+        bundle_selector(labels)
+        logged_view(ref, runs.read_config(ref.path))
+    ui.stop_page()
 
 try:
     bundle = cache.get_bundle(ref.path)

@@ -18,7 +18,16 @@ STATE_ICON = {"queued": ":material/hourglass_top:", "starting": ":material/rocke
               "failed": ":material/error:", "stopped": ":material/stop_circle:",
               "interrupted": ":material/warning:", "unknown": ":material/help:"}
 NAMES = {"sigma2_q": "σ²_φ (quantizer)", "sigma2_x": "σ² (decoder)", "kappa_q": "κ_φ (quantizer)",
-         "kappa_x": "κ (decoder)", "val_dead_codes": "dead codes (val)"}
+         "kappa_x": "κ (decoder)", "val_dead_codes": "dead codes (val)", "dead_codes": "dead codes (window)"}
+PLOTTED = {"step", "wall_time", "elapsed", "loss", "mse", "perplexity", "dead_codes", "entropy", "sigma2_q",
+           "sigma2_x", "kappa_q", "kappa_x", "temperature"}      # keys with a panel of their own (or none)
+MAX_OTHER = 8       # scalars of a logged run shown in its "Other logged scalars" panel
+
+
+def other_scalars(rows: list[dict]) -> list[str]:
+    """Numeric keys of a logged run's rows that no other panel plots (your commit loss, lr, ...), sorted."""
+    keys = {k for r in rows for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return sorted(k for k in keys if k not in PLOTTED and not k.startswith("val_"))[:MAX_OTHER]
 
 
 # ------------------------------------------------------------------------- charts
@@ -29,11 +38,13 @@ def live_figures(run_dir: Path, rows: list[dict], kind: str | None) -> list[tupl
         "Self-annealing: σ²_φ and σ² (log)"
     figs = [charts.line_figure(rows, ["loss", "val_loss"], "Loss", names=NAMES),
             charts.line_figure(rows, ["mse", "val_mse"], "MSE (per image)", names=NAMES),
-            charts.panels_figure(rows, [["perplexity", "val_perplexity"], ["val_dead_codes"]],
+            charts.panels_figure(rows, [["perplexity", "val_perplexity"], ["dead_codes", "val_dead_codes"]],
                                  "Perplexity and dead codes", names=NAMES),
             charts.line_figure(rows, ["entropy", "val_entropy"], "Quantization entropy H(P̂(z_q|z)), nats", names=NAMES),
             charts.line_figure(rows, anneal, anneal_title, log_y=True, names=NAMES),
             charts.line_figure(rows, ["temperature"], "Gumbel-softmax temperature τ", names=NAMES)]
+    if kind == runs.LOGGED:
+        figs.append(charts.line_figure(rows, other_scalars(rows), "Other logged scalars", names=NAMES))
     out = [(f, None) for f in figs if f is not None]
     snaps = cache.snapshots(run_dir)
     if snaps:
@@ -64,9 +75,10 @@ def live_charts(run_dir: Path, rows: list[dict], kind: str | None, key: str):
 
 # -------------------------------------------------------------------------- panel
 def run_kind(run_dir: Path) -> tuple[str | None, int | None]:
+    """(kind, total steps): "logged" for a RunLogger run (its loop's length is unknown)."""
     try:
         cfg = runs.read_config(run_dir)
-        return cfg.get("model", {}).get("kind"), cfg.get("train", {}).get("steps")
+        return runs.run_kind(cfg), cfg.get("train", {}).get("steps")
     except Exception:       # noqa: BLE001 - no config yet (queued / starting)
         return None, None
 
@@ -77,19 +89,21 @@ def watch_panel(name: str) -> str:
     info = jm.job_state(name)
     state = info["state"]
     kind, total = run_kind(run_dir)
+    logged = kind == runs.LOGGED       # its loop runs outside the app: no Stop, no Resume, no model
+    resume_note = "" if logged else " Resume continues from the last checkpoint."
     rows = runs.read_metrics(run_dir)
     step = max([r.get("step", 0) for r in rows] + [info.get("step") or 0])
 
     head = st.columns([4, 1, 1])
     head[0].markdown(f"### {STATE_ICON.get(state, '')} `{name}` — {state}"
                      + (f" · {settings.KIND_LABELS.get(kind, kind)}" if kind else ""))
-    if state in ACTIVE:
+    if state in ACTIVE and not logged:
         if head[1].button("Stop", key=f"stop_{name}", type="primary", icon=":material/stop:"):
             res = jm.stop(name)
             st.toast(f"{name}: {res}")
             info = jm.job_state(name)
             state = info["state"]
-    if state in ("stopped", "interrupted") and (run_dir / CONFIG).is_file():
+    if state in ("stopped", "interrupted") and (run_dir / CONFIG).is_file() and not logged:
         if head[1].button("Resume", key=f"resume_{name}", type="primary", icon=":material/play_arrow:"):
             with ui.guard("Resume"):
                 res = jm.resume(name)
@@ -102,15 +116,17 @@ def watch_panel(name: str) -> str:
                 f"(at most {jm.max_jobs} at a time, env SQVAE_MAX_JOBS).")
     elif state == "starting":
         st.info("Starting: loading the data set and building the model…")
+    elif state == "finished" and logged:
+        st.success(f"Finished {step} steps (logged run: curves and snapshots only, no model to explore).")
     elif state == "finished":
         st.success(f"Finished {step} steps. Open it on the **Explore** page (bundle `runs/{name}`).")
     elif state == "stopped":
         err = info.get("error") or ""
-        st.warning(f"Stopped at step {info.get('step')}. Resume continues from the last checkpoint."
+        st.warning(f"Stopped at step {info.get('step')}.{resume_note}"
                    + (f" ({err})" if err and not err.startswith("stopped by") else ""))
     elif state == "interrupted":
         st.warning(f"Interrupted: status.json says running but process {info.get('pid')} is gone "
-                   f"(killed, or the machine restarted). Resume continues from the last checkpoint.")
+                   f"(killed, or the machine restarted).{resume_note}")
     elif state == "failed":
         st.error(f"Training failed: {info.get('error') or 'see the log below'}")
     if (run_dir / CONFIG).is_file() or rows:
