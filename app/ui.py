@@ -44,6 +44,7 @@ def sidebar_widgets():
         st.toggle("Demo mode (large type, high contrast)", key="demo_mode", on_change=_sync_demo_param)
         st.caption(f"Bundles: `{settings.checkpoints_dir()}`  \nRuns: `{settings.runs_dir()}`")
         upload_bundle()
+        upload_official()
 
 
 def _sync_demo_param():
@@ -65,14 +66,56 @@ def upload_bundle():
         return
     from sqvae_core import rundir as rd
     st.session_state["_uploaded"] = up.file_id
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(up.name).stem).lstrip(".")[:60] or "bundle"
-    name = f"{name}-{int(time.time())}"
+    name = upload_name(up.name)
     try:
-        (settings.runs_dir() / "uploads").mkdir(parents=True, exist_ok=True)
-        dest = rd.import_bundle_zip(up.getvalue(), settings.runs_dir() / "uploads", name)
-        st.success(f"Uploaded as `runs/uploads/{dest.name}`; choose it in the bundle list.")
+        (settings.runs_dir() / settings.UPLOADS).mkdir(parents=True, exist_ok=True)
+        dest = rd.import_bundle_zip(up.getvalue(), settings.runs_dir() / settings.UPLOADS, name)
+        st.success(f"Uploaded as `runs/{settings.UPLOADS}/{dest.name}`; choose it in the bundle list.")
     except (rd.BundleError, OSError) as e:
         st.error(f"Upload refused: {e}")
+
+
+CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES = (".pt", ".pth", ".ckpt"), (".yaml", ".yml", ".json")
+
+
+def upload_name(file_name: str) -> str:
+    """A new run name under RUNS/uploads/ for an uploaded file: its stem made safe, plus the time."""
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(file_name).stem).lstrip(".")[:60] or "bundle"
+    return f"{name}-{int(time.time())}"
+
+
+def upload_official():
+    """Sidebar uploader: a checkpoint of the official SQ-VAE trainer and its YAML (or the configs.json
+    written beside it), imported like `sqvae import-official` (sqvae_core.official: loaded with
+    weights_only=True, checked key by key, written to a temp dir and renamed) into RUNS/uploads/."""
+    ups = st.file_uploader("Import an official SQ-VAE checkpoint (.pt and its .yaml)", key="official_upload",
+                           type=[s.lstrip(".") for s in CHECKPOINT_SUFFIXES + CONFIG_SUFFIXES],
+                           accept_multiple_files=True)
+    if not ups:
+        return
+    files = tuple(sorted(u.file_id for u in ups))
+    if st.session_state.get("_imported") == files:
+        return
+    ckpts = [u for u in ups if Path(u.name).suffix.lower() in CHECKPOINT_SUFFIXES]
+    configs = [u for u in ups if Path(u.name).suffix.lower() in CONFIG_SUFFIXES]
+    if len(ckpts) != 1 or len(configs) != 1:
+        st.info("Add exactly two files: the official checkpoint (.pt) and the YAML of its run.")
+        return
+    from sqvae_core import rundir as rd
+    from sqvae_core.official import import_official
+    st.session_state["_imported"] = files
+    (ckpt,), (config,) = ckpts, configs
+    try:
+        big = [u.name for u in (ckpt, config) if u.size > rd.MAX_UPLOAD_BYTES]
+        if big:
+            raise rd.BundleError(f"{big[0]} is too large (limit {rd.MAX_UPLOAD_BYTES} bytes)")
+        with st.spinner("Importing the official checkpoint…"):
+            dest = import_official(ckpt.getvalue(), config.getvalue(),
+                                   settings.runs_dir() / settings.UPLOADS / upload_name(config.name),
+                                   checkpoint_name=Path(ckpt.name).name)
+        st.success(f"Imported as `runs/{settings.UPLOADS}/{dest.name}`; choose it in the bundle list.")
+    except (rd.BundleError, OSError) as e:
+        st.error(f"Import refused: {e}")
 
 
 # -------------------------------------------------------------------------- errors

@@ -452,6 +452,54 @@ def test_sidebar_upload_of_a_bundle_zip(env):
     assert plotly_count(at2) >= 1                            # the page is still there
 
 
+def test_sidebar_import_of_an_official_checkpoint_and_its_yaml(env, tmp_path):
+    """The second sidebar uploader takes the official trainer's pair (checkpoint + YAML) and imports it
+    like `sqvae import-official` into RUNS/uploads/; one file waits for the other; a pickle is refused
+    without being run and leaves nothing behind."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_import_official import official_yaml, our_equivalent, write_official
+    ckpt, yaml_path = write_official(tmp_path, our_equivalent("FashionMNIST", "gaussian_1", 16, 8, 1),
+                                     official_yaml("FashionMNIST", "gaussian_1", 16, 8, 1))
+    uploads = env["runs"] / "uploads"
+    before = set(uploads.iterdir()) if uploads.is_dir() else set()
+    pair = [("best.pt", ckpt.read_bytes(), "application/octet-stream"),
+            ("fmnist g1.yaml", yaml_path.read_bytes(), "application/x-yaml")]
+    at = app("explore")
+    importer = at.sidebar.file_uploader(key="official_upload")
+    importer.set_value(pair[:1]).run()
+    ok(at)
+    assert any("Add exactly two files" in i.value for i in at.info) and set(uploads.iterdir()) == before
+    at.sidebar.file_uploader(key="official_upload").set_value(pair).run()
+    ok(at)
+    assert any("Imported as `runs/uploads/fmnist_g1-" in s.value for s in at.success), [e.value for e in at.error]
+    new = set(uploads.iterdir()) - before
+    assert len(new) == 1
+    dest = new.pop()
+    doc = rundir.read_json(dest / "config.json", "config.json")
+    assert doc["source"] == "official" and doc["official"]["checkpoint"] == "best.pt"
+    assert rundir.load_bundle(dest).model_cfg.codebook_size == 16
+
+    marker = tmp_path / "pwned"
+    evil = io.BytesIO()
+    torch.save({"x": _Evil(str(marker))}, evil)
+    at2 = app("explore")
+    at2.sidebar.file_uploader(key="official_upload").set_value(
+        [("evil.pt", evil.getvalue(), "application/octet-stream"), pair[1]]).run()
+    ok(at2)
+    assert any("Import refused" in e.value and "weights_only=True" in e.value for e in at2.error), \
+        [e.value for e in at2.error]
+    assert not marker.exists() and set(uploads.iterdir()) - before == {dest}
+    assert not [p for p in uploads.iterdir() if p.name.startswith(".")]       # no temp dir left
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
 def test_hostile_run_labels_are_refused(env):
     from app import runs
     for bad in ("runs/../etc", "runs/a/../../b", "elsewhere/x", "runs/.hidden", "checkpoints/a b"):
