@@ -356,3 +356,70 @@ def test_app_in_browser(servers, browser):
     print(f"screenshots: {sorted(p.name for p in SHOTS.glob('*.png'))}")
     ctx.close()
     assert e <= 1.5 * b + 0.5, f"Explore first paint {e:.2f}s vs baseline {b:.2f}s"
+
+
+LOGGED_LOOP = """
+import sys, time, torch
+from sqvae_core import RunLogger
+g = torch.Generator().manual_seed(0)
+try:
+    with RunLogger(sys.argv[1], codebook_size=16, config={"dataset": "fashion-mnist"}, log_every=2,
+                   snapshot_every=10) as log:
+        for step in range(1, 100_000):
+            cb = torch.randn(16, 4, generator=g)
+            log.log(step, indices=torch.randint(0, 16 if step > 20 else 4, (8, 7, 7), generator=g), codebook=cb,
+                    loss=torch.tensor(1.0 / step), commit=0.01 * step ** 0.5)
+            time.sleep(0.1)
+except KeyboardInterrupt:      # Ctrl-C: RunLogger has marked the run stopped
+    pass
+"""
+
+
+def test_logged_run_grows_in_train_live_while_its_loop_runs(servers, browser):
+    """A RunLogger loop of its own process (not started by the app) appears in Train live as a logged
+    run: no Stop button, its loss curve gains points while the loop runs, dead codes beside
+    perplexity; Ctrl-C of the loop shows "stopped" without any offer to resume."""
+    run = servers["runs"] / "my-loop"
+    loop = subprocess.Popen([sys.executable, "-c", LOGGED_LOOP, str(run)], cwd=str(ROOT),
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)), start_new_session=True)
+    atexit.register(_kill_group, loop)
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1500})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        t0 = time.time()
+        while not (run / "metrics.jsonl").is_file() and time.time() - t0 < 60:
+            time.sleep(0.2)
+        page.goto(servers["app"] + "/train")
+        watch = page.locator("[data-testid='stSelectbox']").filter(has_text="Watch run")
+        watch.get_by_role("button", name="Open").click()     # pick the run even if another one is active
+        page.get_by_role("option", name="my-loop", exact=True).click()
+        header = page.get_by_text("my-loop — running · logged run (RunLogger)", exact=False).first
+        expect(header).to_be_visible(timeout=30_000)
+        page.locator(PLOT).first.wait_for(state="visible", timeout=30_000)
+        seen = []
+        t0 = time.time()
+        while time.time() - t0 < 90 and len(seen) < 3:
+            n = n_points(page, 0)                            # the first chart: the logged loss
+            if n and (not seen or n != seen[-1]):
+                seen.append(n)
+            page.wait_for_timeout(150)
+        print(f"\nlogged run: loss-curve point counts seen while its loop ran: {seen}")
+        assert len(seen) >= 3 and seen[-1] > seen[0], f"the logged run's curve did not grow: {seen}"
+        assert loop.poll() is None                            # it grew while the loop was still running
+        assert page.locator("button[kind='primary']", has_text="Stop").count() == 0
+        titles = page.evaluate("() => [...document.querySelectorAll('.gtitle')].map(t => t.textContent)")
+        assert "Perplexity and dead codes" in titles and "Other logged scalars" in titles, titles
+        axes = page.evaluate("() => [...document.querySelectorAll('.g-y2title')].map(t => t.textContent)")
+        assert "dead codes (window)" in axes, axes
+        shot(page, "train_logged_run.png")
+        loop.send_signal(signal.SIGINT)                      # Ctrl-C: RunLogger marks the run stopped
+        loop.wait(timeout=30)
+        expect(page.get_by_text("Stopped at step", exact=False).first).to_be_visible(timeout=30_000)
+        assert "Resume" not in page.get_by_text("Stopped at step", exact=False).first.inner_text()
+        assert page.get_by_role("button", name="Resume").count() == 0
+        print(f"logged run stopped: {json.loads((run / 'status.json').read_text())['state']}, "
+              f"{len((run / 'metrics.jsonl').read_text().splitlines())} rows")
+    finally:
+        ctx.close()
+        _kill_group(loop)

@@ -44,7 +44,8 @@ def live_figures(run_dir: Path, rows: list[dict], kind: str | None) -> list[tupl
             charts.line_figure(rows, anneal, anneal_title, log_y=True, names=NAMES),
             charts.line_figure(rows, ["temperature"], "Gumbel-softmax temperature τ", names=NAMES)]
     if kind == runs.LOGGED:
-        figs.append(charts.line_figure(rows, other_scalars(rows), "Other logged scalars", names=NAMES))
+        other = charts.line_figure(rows, other_scalars(rows), "Other logged scalars", names=NAMES)
+        figs.append(other.update_layout(showlegend=True) if other else None)     # names even a lone scalar
     out = [(f, None) for f in figs if f is not None]
     snaps = cache.snapshots(run_dir)
     if snaps:
