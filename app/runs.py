@@ -70,22 +70,26 @@ def resolve_label(label: str) -> RunRef:
 
 def default_label(refs: list[RunRef]) -> str:
     """The bundle Explore opens on: the shipped Gaussian SQ-VAE (I-IV) with the lowest test MSE in
-    its eval.json (one without eval.json ranks last), else the first shipped bundle, else the first run."""
+    its eval.json (one without eval.json ranks last), else the first shipped bundle, else the first run.
+    MSEs of different data sets do not compare: only the Gaussian SQ-VAEs of the data set most of them
+    share compete on MSE, the others rank after them (a colour bundle beside the Fashion-MNIST ones)."""
     shipped = [r for r in refs if r.source == "checkpoints"]
 
-    def rank(ref):
+    def facts(ref):
         try:
-            kind = read_config(ref.path).get("model", {}).get("kind")
+            cfg = read_config(ref.path)
         except rd.BundleError:
             return None
-        if kind not in settings.SQ_VAE_KINDS:
+        if cfg.get("model", {}).get("kind") not in settings.SQ_VAE_KINDS:
             return None
-        mse = (read_eval(ref.path) or {}).get("test_mse")
-        return (0, mse) if isinstance(mse, (int, float)) else (1, 0.0)
+        return cfg.get("dataset"), (read_eval(ref.path) or {}).get("test_mse")
 
-    ranked = [(rank(r), i) for i, r in enumerate(shipped)]
-    ranked = [(k, i) for k, i in ranked if k is not None]
-    if ranked:
+    found = [(f, i) for i, r in enumerate(shipped) for f in [facts(r)] if f is not None]
+    if found:
+        sets = [d for (d, _), _ in found]
+        main = max(sets, key=sets.count)        # ties: the first listed
+        ranked = [((d != main, not isinstance(mse, (int, float)), mse if isinstance(mse, (int, float)) else 0.0), i)
+                  for (d, mse), i in found]
         return shipped[min(ranked)[1]].label
     return (shipped or refs)[0].label
 

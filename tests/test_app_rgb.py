@@ -141,3 +141,20 @@ def test_train_live_and_compare_read_a_colour_run(env):
     ok(at)
     assert not at.error, [e.value for e in at.error]
     assert len(at.dataframe[0].value) == 3
+
+
+def test_explore_opens_on_the_best_gaussian_sq_vae_of_the_main_data_set(tmp_path, monkeypatch):
+    """A colour bundle's lower MSE (another data set, another scale) does not make it the landing bundle."""
+    from app import runs
+    for name, ds, mse in (("a_colour", "folder:colour", 1.0), ("g1", "fashion-mnist", 9.0),
+                          ("g4", "fashion-mnist", 8.0)):
+        d = tmp_path / "ck" / name
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps({"model": {"kind": "gaussian_1", "codebook_size": 4}, "dataset": ds}))
+        (d / "eval.json").write_text(json.dumps({"test_mse": mse}))
+    monkeypatch.setenv("SQVAE_CHECKPOINTS", str(tmp_path / "ck"))
+    monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "runs"))
+    assert runs.default_label(runs.list_bundles()) == "checkpoints/g4"
+    shutil.rmtree(tmp_path / "ck" / "g1")               # one against one: the first listed data set
+    shutil.rmtree(tmp_path / "ck" / "g4")
+    assert runs.default_label(runs.list_bundles()) == "checkpoints/a_colour"
