@@ -417,11 +417,8 @@ class GatedPixelCNN(nn.Module):
         leaves the global setting untouched.
         """
         check_int("n", n, 1, 1 << 24)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-            raise ValueError(f"temperature must be a positive float, got {temperature!r}")
+        check_positive("temperature", temperature)
         temperature = float(temperature)
-        if not (math.isfinite(temperature) and temperature > 0.0):
-            raise ValueError(f"temperature must be finite and > 0, got {temperature}")
         dev = self._device()
         cond = self._cond_index(labels, n, dev)
 
