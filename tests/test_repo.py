@@ -56,3 +56,11 @@ def test_dockerfile_lints_clean_and_matches_requirements():
     if hadolint:
         r = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
         assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_checkpoints_fit_their_40_mb_budget():
+    files = [p for p in (ROOT / "checkpoints").rglob("*") if p.is_file()]
+    total = sum(p.stat().st_size for p in files)
+    biggest = sorted(files, key=lambda p: p.stat().st_size)[-3:]
+    assert total <= 40_000_000, (f"checkpoints/ holds {total / 1e6:.1f} MB, over its 40 MB budget; "
+                                 f"largest files: {[(str(p.relative_to(ROOT)), p.stat().st_size) for p in biggest]}")
