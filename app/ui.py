@@ -79,9 +79,14 @@ CHECKPOINT_SUFFIXES, CONFIG_SUFFIXES = (".pt", ".pth", ".ckpt"), (".yaml", ".yml
 
 
 def upload_name(file_name: str) -> str:
-    """A new run name under RUNS/uploads/ for an uploaded file: its stem made safe, plus the time."""
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(file_name).stem).lstrip(".")[:60] or "bundle"
-    return f"{name}-{int(time.time())}"
+    """A new run name under RUNS/uploads/ for an uploaded file: its stem made safe, plus the time
+    (and a counter when two uploads of one name arrive within a second)."""
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(file_name).stem).lstrip(".")[:60] or "bundle"
+    name, n = f"{stem}-{int(time.time())}", 1
+    while (settings.runs_dir() / settings.UPLOADS / name).exists():
+        n += 1
+        name = f"{stem}-{int(time.time())}-{n}"
+    return name
 
 
 def upload_official():

@@ -458,21 +458,25 @@ def test_sidebar_import_of_an_official_checkpoint_and_its_yaml(env, tmp_path):
     without being run and leaves nothing behind."""
     sys.path.insert(0, str(ROOT / "tests"))
     from test_import_official import official_yaml, our_equivalent, write_official
+    from test_prior import _Evil                       # unpickling it would create the marker file
     ckpt, yaml_path = write_official(tmp_path, our_equivalent("FashionMNIST", "gaussian_1", 16, 8, 1),
                                      official_yaml("FashionMNIST", "gaussian_1", 16, 8, 1))
     uploads = env["runs"] / "uploads"
-    before = set(uploads.iterdir()) if uploads.is_dir() else set()
+
+    def listing():
+        return set(uploads.iterdir()) if uploads.is_dir() else set()
+    before = listing()
     pair = [("best.pt", ckpt.read_bytes(), "application/octet-stream"),
             ("fmnist g1.yaml", yaml_path.read_bytes(), "application/x-yaml")]
     at = app("explore")
     importer = at.sidebar.file_uploader(key="official_upload")
     importer.set_value(pair[:1]).run()
     ok(at)
-    assert any("Add exactly two files" in i.value for i in at.info) and set(uploads.iterdir()) == before
+    assert any("Add exactly two files" in i.value for i in at.info) and listing() == before
     at.sidebar.file_uploader(key="official_upload").set_value(pair).run()
     ok(at)
     assert any("Imported as `runs/uploads/fmnist_g1-" in s.value for s in at.success), [e.value for e in at.error]
-    new = set(uploads.iterdir()) - before
+    new = listing() - before
     assert len(new) == 1
     dest = new.pop()
     doc = rundir.read_json(dest / "config.json", "config.json")
@@ -488,16 +492,8 @@ def test_sidebar_import_of_an_official_checkpoint_and_its_yaml(env, tmp_path):
     ok(at2)
     assert any("Import refused" in e.value and "weights_only=True" in e.value for e in at2.error), \
         [e.value for e in at2.error]
-    assert not marker.exists() and set(uploads.iterdir()) - before == {dest}
+    assert not marker.exists() and listing() - before == {dest}
     assert not [p for p in uploads.iterdir() if p.name.startswith(".")]       # no temp dir left
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
 
 
 def test_hostile_run_labels_are_refused(env):

@@ -224,6 +224,28 @@ def clicked_cell(event, n: int) -> tuple[int, int] | None:
     return None
 
 
+def cell_picker(grid: np.ndarray, changed: set, prefix: str, chart_key: str) -> tuple[int, int]:
+    """The clickable code grid (edited cells marked) and its row/col inputs (keys PREFIX_row,
+    PREFIX_col), in the current column: the chosen (row, col). Runs inside an edit fragment."""
+    n_lat = len(grid)
+    rk, ck, sel = f"{prefix}_row", f"{prefix}_col", f"_{prefix}_grid_sel"
+    for k_ in (rk, ck):
+        val = st.session_state.get(k_)
+        if not isinstance(val, int) or not 0 <= val < n_lat:
+            st.session_state[k_] = n_lat // 2
+    st.markdown(f"**Code grid ({n_lat}×{n_lat})** — click a cell, or pick row/col below.")
+    event = theme.plot(charts.grid_figure(grid, st.session_state[rk], st.session_state[ck], changed),
+                       key=chart_key, on_select="rerun", selection_mode="points", modebar=False)
+    cell = clicked_cell(event, n_lat)
+    if cell is not None and cell != st.session_state.get(sel):
+        st.session_state[sel] = cell
+        st.session_state[rk], st.session_state[ck] = cell
+        st.rerun(scope="fragment")
+    c1, c2 = st.columns(2)
+    return (int(c1.number_input("row", 0, n_lat - 1, key=rk, step=1)),
+            int(c2.number_input("col", 0, n_lat - 1, key=ck, step=1)))
+
+
 @st.fragment
 def edit_tool(v: View):
     with ui.guard("Edit codes"):      # a fragment rerun runs outside the page's guard
@@ -247,24 +269,9 @@ def _edit_tool(v: View):
         st.session_state[gkey] = codes_all[idx].copy()
     grid = np.asarray(st.session_state[gkey])
     changed = {(int(r), int(c)) for r, c in zip(*np.nonzero(grid != codes_all[idx]))}
-    for k_ in ("edit_row", "edit_col"):
-        val = st.session_state.get(k_)
-        if not isinstance(val, int) or not 0 <= val < n_lat:
-            st.session_state[k_] = n_lat // 2
-
     left, right = st.columns([1, 1])
     with left:
-        st.markdown(f"**Code grid ({n_lat}×{n_lat})** — click a cell, or pick row/col below.")
-        event = theme.plot(charts.grid_figure(grid, st.session_state["edit_row"], st.session_state["edit_col"], changed),
-                           key=f"grid_chart_{idx}", on_select="rerun", selection_mode="points", modebar=False)
-        cell = clicked_cell(event, n_lat)
-        if cell is not None and cell != st.session_state.get("_grid_sel"):
-            st.session_state["_grid_sel"] = cell
-            st.session_state["edit_row"], st.session_state["edit_col"] = cell
-            st.rerun(scope="fragment")
-        c1, c2 = st.columns(2)
-        row = int(c1.number_input("row", 0, n_lat - 1, key="edit_row", step=1))
-        col = int(c2.number_input("col", 0, n_lat - 1, key="edit_col", step=1))
+        row, col = cell_picker(grid, changed, "edit", f"grid_chart_{idx}")
     cur = int(grid[row, col])
     cands, dist = cache.candidates(bundle, cur, min(cfg.codebook_size, 16))
     usage = (v.ev or {}).get("usage") or [None] * cfg.codebook_size
@@ -431,22 +438,9 @@ def _logged_edit_tool(ref):
         st.session_state[gkey] = base.copy()
     grid = np.asarray(st.session_state[gkey])
     changed = {(int(r), int(c)) for r, c in zip(*np.nonzero(grid != base))}
-    for k_ in ("lg_row", "lg_col"):
-        if not isinstance(st.session_state.get(k_), int) or not 0 <= st.session_state[k_] < n_lat:
-            st.session_state[k_] = n_lat // 2
     left, right = st.columns([1, 1])
     with left:
-        st.markdown(f"**Code grid ({n_lat}×{n_lat})** — click a cell, or pick row/col below.")
-        event = theme.plot(charts.grid_figure(grid, st.session_state["lg_row"], st.session_state["lg_col"], changed),
-                           key=f"lg_grid_chart_{idx}", on_select="rerun", selection_mode="points", modebar=False)
-        cell = clicked_cell(event, n_lat)
-        if cell is not None and cell != st.session_state.get("_lg_grid_sel"):
-            st.session_state["_lg_grid_sel"] = cell
-            st.session_state["lg_row"], st.session_state["lg_col"] = cell
-            st.rerun(scope="fragment")
-        c1, c2 = st.columns(2)
-        row = int(c1.number_input("row", 0, n_lat - 1, key="lg_row", step=1))
-        col = int(c2.number_input("col", 0, n_lat - 1, key="lg_col", step=1))
+        row, col = cell_picker(grid, changed, "lg", f"lg_grid_chart_{idx}")
     cur = int(grid[row, col])
     cands, dist = logged.candidates(ref.path, cur, 16)
     with right:
