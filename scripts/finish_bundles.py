@@ -31,14 +31,10 @@ MAX_SNAPSHOTS = 15
 def compact(dest: Path) -> None:
     """Keep shipped bundles small: the prior in float16 (load_prior casts back to float32;
     its NLL in eval.json was measured in float32) and at most MAX_SNAPSHOTS snapshots."""
-    from safetensors import safe_open
-    from safetensors.torch import save
     prior = dest / PRIOR_WEIGHTS
     if prior.is_file():
-        with safe_open(prior, "pt") as f:
-            meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
-        rd.atomic_write_bytes(prior, save({k: v.half() if v.is_floating_point() else v
-                                           for k, v in tensors.items()}, metadata=meta))
+        tensors, meta = rd.load_weights(prior, "prior")
+        rd.save_weights(prior, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
     snaps = sorted((dest / rd.SNAPSHOTS).glob("step_*.safetensors"))
     stride = max(1, -(-len(snaps) // MAX_SNAPSHOTS))
     keep = set(snaps[::-1][::stride])          # always keep the last one
