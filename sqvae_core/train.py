@@ -460,24 +460,36 @@ def train_step(train_model, optimizer, x: torch.Tensor, tau: float, cfg: TrainCo
 
 class Batches:
     """Training batches by global step. The images live on the device when they fit in a
-    quarter of its free memory (all of CPU RAM counts); otherwise in pinned host memory,
-    gathered into a pinned buffer and copied without blocking."""
+    quarter of its free memory (on a CPU, always); otherwise they stay in host memory and each
+    batch is gathered into one of two pinned buffers and copied to the GPU without blocking
+    (a buffer is reused only once the copy out of it, two steps back, has completed)."""
 
     def __init__(self, images: torch.Tensor, cfg: TrainConfig, dist: Dist, device: torch.device,
                  on_device: bool | None = None):
         self.n, self.cfg, self.dist, self.device = len(images), cfg, dist, device
         if on_device is None:
             on_device = device.type == "cpu" or images.nbytes < _free_device_bytes(device) // 4
-        self.pin = torch.cuda.is_available()
-        self.images = images.to(device) if on_device else (images.pin_memory() if self.pin else images)
         self.on_device = on_device
+        self.images = images.to(device) if on_device else images
+        self.pinned = [] if on_device or device.type != "cuda" else \
+            [torch.empty((cfg.batch_size, *images.shape[1:]), dtype=images.dtype).pin_memory() for _ in range(2)]
+        self.copied = [None, None]     # CUDA events: the copy out of each pinned buffer is done
 
     def __call__(self, step: int) -> torch.Tensor:
         idx = batch_indices(self.n, self.cfg.batch_size, self.cfg.seed, step, self.dist, self.cfg.drop_last)
         if self.on_device:
             return self.images[idx.to(self.device, non_blocking=True)]
-        x = self.images[idx]
-        return (x.pin_memory() if self.pin else x).to(self.device, non_blocking=True)
+        if not self.pinned:
+            return self.images[idx].to(self.device)
+        slot = step % 2
+        if self.copied[slot] is not None:
+            self.copied[slot].synchronize()
+        buf = self.pinned[slot][:len(idx)]
+        torch.index_select(self.images, 0, idx, out=buf)
+        x = buf.to(self.device, non_blocking=True)
+        self.copied[slot] = torch.cuda.Event()
+        self.copied[slot].record()
+        return x
 
 
 def _free_device_bytes(device: torch.device) -> int:
