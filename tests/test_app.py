@@ -558,7 +558,9 @@ def test_train_stop_long_run_and_queue(env):
     ok(at)
     st = wait_state(run, ("stopped", "failed", "finished"), 60)
     assert st["state"] == "stopped", st
-    time.sleep(1.5)                                     # the pump thread reaps the child
+    t0 = time.time()
+    while jm.is_running("long-run") and time.time() - t0 < 20:      # the pump thread reaps the child
+        time.sleep(0.3)                                 # (1.5 s was too short on a loaded 2-core box)
     assert not jm.is_running("long-run")
     pid = st["pid"]
     with pytest.raises(ProcessLookupError):             # reaped: no zombie left behind
