@@ -134,6 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--out", required=True, metavar="RUN_DIR", help="bundle directory to write (new or empty)")
     io_.add_argument("--dataset", default=None, metavar="NAME",
                      help="dataset to evaluate on (default from the YAML; CelebA, CelebAMask_HQ: folder:PATH)")
+    io_.add_argument("--center-crop", type=int, default=None, metavar="N",
+                     help="folder: datasets: crop the centre N x N pixels before the resize (official CelebA: 140)")
     io_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     ls = sub.add_parser("list", help="list runs and bundles")
@@ -328,7 +330,7 @@ def cmd_explore(args) -> int:
 def cmd_import_official(args) -> int:
     from . import rundir as rd
     from .official import import_official
-    out = import_official(args.checkpoint, args.config, args.out, dataset=args.dataset)
+    out = import_official(args.checkpoint, args.config, args.out, dataset=args.dataset, center_crop=args.center_crop)
     doc = rd.read_json(out / rd.CONFIG, "config.json")
     m = doc["model"]
     print(f"imported {m['kind']} ({doc['official']['dataset']}, K={m['codebook_size']}, d={m['code_dim']}) "

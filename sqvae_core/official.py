@@ -298,10 +298,12 @@ def translate_state_dict(state: dict, cfg: ModelConfig) -> dict:
 
 # ------------------------------------------------------------------------ import
 def import_official(checkpoint, config, out: str | Path, dataset: str | None = None, *,
-                    checkpoint_name: str | None = None) -> Path:
+                    center_crop: int | None = None, checkpoint_name: str | None = None) -> Path:
     """Write the run directory `out` (config.json, model.safetensors, status.json finished) from an
     official checkpoint and its YAML, each a path or the file's bytes (an upload; `checkpoint_name`
-    is then the name recorded). `out` must not exist or be an empty directory."""
+    is then the name recorded). `out` must not exist or be an empty directory. `center_crop`
+    (folder: datasets) is stored as the run's crop, as `train --center-crop` does: 140 reads CelebA
+    as the official loader does."""
     import socket
 
     import torch
@@ -311,6 +313,11 @@ def import_official(checkpoint, config, out: str | Path, dataset: str | None = N
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise OfficialImportError(f"{out} already exists and is not empty; choose another RUN_DIR")
     oc = read_official_config(config, dataset)
+    if center_crop is not None:
+        if isinstance(center_crop, bool) or not isinstance(center_crop, int) or center_crop <= 0:
+            raise OfficialImportError(f"center crop must be a positive number of pixels, got {center_crop!r}")
+        if not oc.dataset.startswith("folder:"):
+            raise OfficialImportError(f"a center crop applies to folder: datasets only, not {oc.dataset}")
     ckpt_bytes = _read_text(checkpoint, "checkpoint", MAX_CHECKPOINT_BYTES)
     state = translate_state_dict(load_official_checkpoint(ckpt_bytes), oc.model)
     model = build_model(oc.model)
@@ -325,7 +332,8 @@ def import_official(checkpoint, config, out: str | Path, dataset: str | None = N
                                                           else Path(checkpoint).name),
                         "checkpoint_sha256": hashlib.sha256(ckpt_bytes).hexdigest()},
            # the official loaders validate on the last 10000 training images
-           "train": {"val_size": 10_000, "val_split": "last"},
+           "train": {"val_size": 10_000, "val_split": "last",
+                     **({"center_crop": center_crop} if center_crop is not None else {})},
            "code_version": rd.CODE_VERSION, "torch_version": torch.__version__, "imported": time.time()}
 
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -315,12 +315,35 @@ def test_unknown_dataset_variant_and_bad_configs_are_refused(tmp_path, capsys, f
     assert "unknown dataset" in err
 
 
-def test_celeba_needs_a_dataset_folder(tmp_path, capsys):
+def test_celeba_needs_a_dataset_folder_and_keeps_the_official_crop(tmp_path, capsys):
     model = our_equivalent("CelebA", "gaussian_1", 16, 8, 1)
     ckpt, yaml_path = write_official(tmp_path, model, official_yaml("CelebA", "gaussian_1", 16, 8, 1))
     assert "--dataset folder:PATH" in refused(capsys, tmp_path, ckpt, "--config", yaml_path)
     err = refused(capsys, tmp_path, ckpt, "--config", yaml_path, "--dataset", f"folder:{tmp_path / 'nope'}")
     assert "no such folder" in err
+    err = refused(capsys, tmp_path, ckpt, "--config", yaml_path, "--dataset", f"folder:{tmp_path}", "--center-crop", "0")
+    assert "positive" in err
+    faces = tmp_path / "faces"           # photos of CelebA's 178x218: crop 140, resize to 64, as the official loader
+    faces.mkdir()
+    from PIL import Image
+    for i in range(10):
+        Image.new("RGB", (178, 218), (20 * i, 100, 200)).save(faces / f"{i:06d}.jpg")
+    code, _, err = run_cli(capsys, "import-official", ckpt, "--config", yaml_path, "--out", tmp_path / "run",
+                           "--dataset", f"folder:{faces}", "--center-crop", "140")
+    assert code == 0, err
+    assert rd.load_bundle(tmp_path / "run").config["train"]["center_crop"] == 140
+    code, out, err = run_cli(capsys, "eval", tmp_path / "run", "--json")
+    assert code == 0, err
+    assert '"n_images": 1' in out
+    err = refused(capsys, tmp_path, ckpt, "--config", official_yaml_path(tmp_path), "--center-crop", "140",
+                  out_name="run2")
+    assert "folder: datasets only" in err
+
+
+def official_yaml_path(tmp_path: Path) -> Path:
+    p = tmp_path / "fm.yaml"
+    p.write_text(official_yaml("FashionMNIST", "gaussian_1", 16, 8, 1))
+    return p
 
 
 def test_an_existing_run_dir_is_left_alone(tmp_path, capsys, fmnist_pair):
