@@ -177,6 +177,13 @@ def cmd_train(args) -> int:
         if cfg.model.kind in CATEGORICAL_KINDS and "dataset" not in explicit:
             cfg.dataset = "fashion-mnist-cat8"   # categorical models need categorical data
         preset = explicit.get("preset")
+        if cfg.dataset.startswith("folder:"):
+            # a folder's default shape is data.dataset_shape's, RGB 32x32 (grey for the categorical
+            # kinds), not ModelConfig's 1x28x28; a preset or --channels/--image-size override it
+            from .data import dataset_shape
+            c, s, _ = dataset_shape(cfg.dataset)
+            cfg.model.image_channels = 1 if cfg.model.kind in CATEGORICAL_KINDS else c
+            cfg.model.image_size = s
         if preset:
             apply_preset(cfg, preset, {t.split(".")[-1] for t in explicit})
     for target, v in explicit.items():

@@ -118,3 +118,19 @@ def test_folder_of_celeba_sized_photos_center_cropped_to_64(tmp_path, capsys):
     assert not test_x.equal(load_dataset(name, "test", image_size=64, channels=3).images)
     got = (test_x.numpy().transpose(0, 2, 3, 1) * 255).round().astype(np.uint8)
     assert_explores_in_colour(capsys, out, tmp_path, got[0], grid=16)
+
+
+def test_a_folder_trains_in_colour_at_32_unless_told_otherwise(tmp_path, capsys):
+    """Without --channels/--image-size a folder is RGB 32x32 (data.dataset_shape), not grey 28x28."""
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, p in enumerate(colour_images(24, 40, 40, seed=3)):
+        Image.fromarray(p).save(folder / f"{i}.png")
+    tiny = ["--codebook-size", "8", "--code-dim", "8", "--num-rb", "1", "--batch-size", "8", "--steps", "1", "--quiet"]
+    run(capsys, "train", "--dataset", f"folder:{folder}", "--out", str(tmp_path / "rgb"), *tiny)
+    m = rd.load_bundle(tmp_path / "rgb").model_cfg
+    assert (m.image_channels, m.image_size) == (3, 32)
+    run(capsys, "train", "--dataset", f"folder:{folder}", "--channels", "1", "--image-size", "16",
+        "--out", str(tmp_path / "grey"), *tiny)
+    m = rd.load_bundle(tmp_path / "grey").model_cfg
+    assert (m.image_channels, m.image_size) == (1, 16)
