@@ -22,7 +22,8 @@ from sqvae_core import explore  # noqa: E402
 from sqvae_core import rundir as rd  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.imageio import save_png  # noqa: E402
-from sqvae_core.scores import PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, score_run, train_run_prior  # noqa: E402
+from sqvae_core.scores import (PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, prior_summary, score_run,  # noqa: E402
+                               train_run_prior)
 
 KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMARY]
 MAX_SNAPSHOTS = 15
@@ -51,19 +52,26 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
         train_run_prior(run, steps=prior_steps, max_images=20000, log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
-    scores = score_run(rd.load_bundle(run), n=n_fd)
+    try:
+        scores = score_run(rd.load_bundle(run), n=n_fd)
+    except rd.BundleError as e:        # no feature classifier for this data set: no FD columns
+        print(f"  {run.name}: no Fréchet distances ({e})", flush=True)
+        scores = {"prior_nll_bits": (prior_summary(b) or {}).get("nll_bits_per_code")}
     status = rd.read_status(run)
     cfg = b.config
+    tc = cfg["train"]
     steps = status.get("step")
+    size = f" --image-size {b.model_cfg.image_size}" if b.dataset.startswith("folder:") else ""
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
            "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them
            **{k: v for k, v in scores.items() if k != "mse"},
-           "command": (f"python -m sqvae_core train --model {kind} --dataset {b.dataset} --out runs/ship/{kind} "
-                       f"--preset paper --steps {cfg['train']['steps']} --val-every 500 --snapshot-every 100 "
-                       f"--checkpoint-every 500 --seed {cfg['train']['seed']}")}
-    dest = dest_root / kind
+           "command": (f"python -m sqvae_core train --model {kind} --dataset {b.dataset}{size} --out {run} "
+                       f"--preset {tc['preset']} --steps {tc['steps']} --val-every {tc['val_every']} "
+                       f"--snapshot-every {tc['snapshot_every']} --checkpoint-every {tc['checkpoint_every']} "
+                       f"--seed {tc['seed']}")}
+    dest = dest_root / run.name        # runs/ship/<kind> -> checkpoints/<kind>
     if dest.exists():
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
@@ -94,16 +102,23 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "Bundles trained on this project's 2-core CPU machine and loaded by the app by default. Each folder",
              "is a run directory (../docs/interface.md): config, metrics history, status, weights, the PixelCNN",
              "prior, float16 codebook snapshots, the cached codebook map, 16 test images and `eval.json`.", "",
-             "Test split of the dataset (10,000 images); deterministic quantization. MSE is the per-image sum of",
-             "squared error (pixels in [0, 1]); for vmf/nc it is on grey levels c/7 of the most probable class.",
-             "FD columns are Fréchet distances on the feature classifier (lower is better) against 1,000 test",
-             "images; prior NLL is in bits per code on the test code grids (priors stored in float16).",
+             "Test split of the dataset (its size in the `test images` column); deterministic quantization. MSE is",
+             "the per-image sum of squared error (pixels in [0, 1], every channel); for vmf/nc it is on grey levels",
+             "c/7 of the most probable class. FD columns are Fréchet distances on the feature classifier (lower is",
+             "better) against 1,000 test images (Fashion-MNIST only: – elsewhere); prior NLL is in bits per code on",
+             "the test code grids (priors stored in float16).",
+             "The colour bundle's data is generated, not shipped: `python scripts/make_colour_shapes.py",
+             "runs/rgb/colour-shapes --n 3000 --size 32` writes the same 3,000 images (fixed seed); then its",
+             "train command below and `python scripts/finish_bundles.py runs/rgb --prior-steps 600` (its prior",
+             "overfits the 2,400 training grids after ~600 steps). The bundle carries 16 of its test images in",
+             "samples/ so that the app needs none of them.",
              "Train times are wall-clock on a machine shared with other jobs. What these figures say about",
              "the paper's claims is discussed in ../benchmarks/RESULTS.md.", "",
-             "| model | data | steps | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| bundle | model | data | test images | steps | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in docs:
-        lines.append(f"| `{d['kind']}` | {d['dataset']} | {d['steps']} | {fmt(d['train_seconds'], 0)} | {fmt(d['test_mse'])} | "
+        lines.append(f"| `{d['bundle']}` | `{d['kind']}` | {d['dataset']} | {d['n_test']} | {d['steps']} | "
+                     f"{fmt(d['train_seconds'], 0)} | {fmt(d['test_mse'])} | "
                      f"{fmt(d['test_perplexity'], 1)} | {fmt(d['dead_codes'])} | {fmt(d.get('rfd'), 3)} | "
                      f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
     lines += ["", "Commands (each also in the bundle's `eval.json`):", "", "```bash"]
@@ -139,7 +154,8 @@ def main():
             print(f"skip {run}: not finished", flush=True)
             continue
         finish(run, dest, args.prior_steps, args.n_fd)
-    docs = [json.loads((d / rd.EVAL).read_text()) for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
+    docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
+            for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "vae", "vmf", "nc"]
     docs.sort(key=lambda d: order.index(d["kind"]) if d["kind"] in order else 99)
     clf = dest / "fd_classifier" / "fashion-mnist.json"
