@@ -61,7 +61,8 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
     cfg = b.config
     tc = cfg["train"]
     steps = status.get("step")
-    size = f" --image-size {b.model_cfg.image_size}" if b.dataset.startswith("folder:") else ""
+    size = (f" --image-size {b.model_cfg.image_size} --channels {b.model_cfg.image_channels}"
+            if b.dataset.startswith("folder:") else "")
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
