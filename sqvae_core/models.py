@@ -205,8 +205,10 @@ class _CategoricalSQVAE(_Autoencoder):
         return F.one_hot(self.classes(x), self.cfg.num_classes).permute(0, 3, 1, 2).to(x.dtype)
 
     def to_image(self, logits):
-        """The most probable grey level of each pixel, as an image in [0, 1]."""
-        return (logits.argmax(1, keepdim=True).to(logits.dtype)) / (self.cfg.num_levels - 1)
+        """The most probable grey level of each pixel, as an image in [0, 1]; with an odd C the
+        official nets emit one padding class more, which is never read out."""
+        c = self.cfg.num_levels
+        return (logits[:, :c].argmax(1, keepdim=True).to(logits.dtype)) / (c - 1)
 
 
 class VmfSQVAE(_CategoricalSQVAE):

@@ -38,7 +38,8 @@ def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max
     """The run's dataset split (images, labels), as configured at training time."""
     train_cfg = bundle.config.get("train", {})
     data = load_dataset(bundle.dataset, split, data_dir or train_cfg.get("data_dir"),
-                        val_size=train_cfg.get("val_size", 5000), image_size=bundle.model_cfg.image_size,
+                        val_size=train_cfg.get("val_size", 5000), val_from_end=train_cfg.get("val_split") == "last",
+                        image_size=bundle.model_cfg.image_size,
                         channels=bundle.model_cfg.image_channels, center_crop=train_cfg.get("center_crop"))
     images, labels = data.images, data.labels
     if max_images:

@@ -195,3 +195,30 @@ def test_configs_written_before_the_official_nets_load_as_legacy():
     enc = build_model(cfg).encoder
     assert len(enc.conv) == 7 and isinstance(enc.conv[6], torch.nn.Conv2d)   # the 3x3 conv at 28x28
     assert design_for(ModelConfig()) == "28"
+
+
+def test_vmf_read_out_never_picks_the_padding_class():
+    cfg = paper_model("folder:masks", "vmf")
+    cfg.num_levels = 19
+    model = build_model(cfg)
+    logits = torch.zeros(1, 20, 4, 4)
+    logits[:, 19] = 5.0               # the padding class scores highest everywhere
+    logits[:, 7] = 1.0
+    img = model.to_image(logits)
+    assert img.max() <= 1 and torch.allclose(img, torch.full_like(img, 7 / 18))
+
+
+def test_bundles_of_the_paper_preset_keep_its_validation_split(tmp_path):
+    """Scores and the prior read a run's val split as it was trained: the last val_size images."""
+    from sqvae_core import rundir as rd
+    from sqvae_core.scores import bundle_split
+    cfg = paper_model("fashion-mnist", "gaussian_1")
+    cfg.codebook_size, cfg.code_dim, cfg.num_rb = 8, 8, 1
+    model = build_model(cfg)
+    rd.atomic_write_json(tmp_path / rd.CONFIG, {"model": cfg.to_dict(), "dataset": "fashion-mnist",
+                                                "train": {"val_size": 100, "val_split": "last"}})
+    rd.save_weights(tmp_path / rd.WEIGHTS, model.state_dict())
+    b = rd.load_bundle(tmp_path)
+    val, _, _ = bundle_split(b, "val")
+    train_all = load_dataset("fashion-mnist", "train", val_size=0)
+    assert len(val) == 100 and torch.equal(val, train_all.images[-100:])
