@@ -678,10 +678,11 @@ print(pid)
 
 def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
     """Issue 7: each bundle in checkpoints/ opens from /?run=checkpoints/NAME with its model card,
-    its codebook map (none for the continuous VAE) and its reconstructions, and no error."""
+    its codebook map (none for the continuous VAE) and its reconstructions, and no error; the
+    colour bundle's pictures are RGB, the grey ones' grey."""
     shipped = ROOT / "checkpoints"
     names = sorted(p.name for p in shipped.iterdir() if (p / "config.json").is_file())
-    assert len(names) == 9, names
+    assert len(names) == 10, names
     monkeypatch.setenv("SQVAE_CHECKPOINTS", str(shipped))
     monkeypatch.setenv("SQVAE_RUNS", str(tmp_path / "runs"))
     for name in names:
@@ -695,6 +696,8 @@ def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
         assert card_of(at)["Kind"] == kind, name
         assert plotly_count(at) == (0 if kind == "vae" else 1), name
         assert len(at.get("image")) >= 1, name
+        channels = json.loads((shipped / name / "config.json").read_text())["model"]["image_channels"]
+        assert all((img.ndim == 3 and img.shape[2] == 3) == (channels == 3) for img in images(at)), name
 
 
 FIRST_PAINT = """
