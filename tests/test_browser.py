@@ -26,6 +26,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHOTS = ROOT / "artifacts" / "screenshots"
+COLOUR_BUNDLE = ROOT / "checkpoints" / "colour_gaussian_1"      # the shipped colour model
 CHROMIUM = "/usr/bin/chromium"
 CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
                "--disable-sync", "--no-first-run"]
@@ -423,3 +424,61 @@ def test_logged_run_grows_in_train_live_while_its_loop_runs(servers, browser):
     finally:
         ctx.close()
         _kill_group(loop)
+
+
+def image_modes(page) -> list[tuple[str, bool]]:
+    """(PIL mode, has colour) of every picture on the page, fetched as the browser got it."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+    out = []
+    for src in page.eval_on_selector_all("[data-testid='stImage'] img", "els => els.map(e => e.src)"):
+        with Image.open(io.BytesIO(page.request.get(src).body())) as im:
+            a = np.asarray(im.convert("RGB")).astype(int)
+            out.append((im.mode, bool((np.abs(a[..., 0] - a[..., 1]) > 24).any())))
+    return out
+
+
+@pytest.mark.skipif(not COLOUR_BUNDLE.is_dir(), reason="no shipped colour bundle")
+def test_colour_bundle_in_browser(browser, tmp_path):
+    """The shipped colour bundle on its own server (its own checkpoints/), tab by tab: every picture
+    the browser receives is RGB with colour in it."""
+    import shutil
+    shutil.copytree(COLOUR_BUNDLE, tmp_path / "checkpoints" / COLOUR_BUNDLE.name)
+    env = dict(os.environ, SQVAE_CHECKPOINTS=str(tmp_path / "checkpoints"), SQVAE_RUNS=str(tmp_path / "runs"),
+               SQVAE_OFFLINE="1", PYTHONPATH=str(ROOT))
+    proc, url = start_server(ROOT / "app" / "main.py", env, tmp_path / "app.log")
+    try:
+        seen = _visit_colour_tabs(browser, url)
+    finally:
+        stop_server(proc)
+    print(f"picture modes per tab: {seen}")
+    for tab, modes in seen.items():
+        assert modes, f"{tab}: no pictures"
+        assert all(m == "RGB" for m, _ in modes), (tab, modes)
+        assert any(c for _, c in modes), f"{tab}: every picture is grey"
+
+
+def _visit_colour_tabs(browser, url: str) -> dict:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1500})
+    ctx.add_init_script(PAINT_PROBE)
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    t = first_paint(page, url + f"/?run=checkpoints/{COLOUR_BUNDLE.name}")[0]
+    print(f"\nfirst plotly paint of Explore on {COLOUR_BUNDLE.name}: {t:.2f} s")
+    expect(page.get_by_text("Originals (top) vs reconstructions (bottom)")).to_be_visible(timeout=60_000)
+    shot(page, "explore_colour.png")
+    seen = {"Reconstructions": image_modes(page)}
+    for tab, ready in (("Neighbor-k", "Neighbor-"), ("Interpolate", "Interpolation #"), ("Edit codes", "Edited cell"),
+                       ("Code gallery", "mean patch of code"), ("Prior samples", None)):
+        page.get_by_role("tab", name=tab).click()
+        if ready:
+            expect(page.get_by_text(ready, exact=False).first).to_be_visible(timeout=60_000)
+        page.locator("[data-testid='stTabPanel']:visible [data-testid='stImage'] img").first.wait_for(timeout=60_000)
+        page.wait_for_timeout(500)
+        shot(page, f"explore_colour_{tab.lower().replace(' ', '_').replace('-', '_')}.png")
+        seen[tab] = image_modes(page)
+    ctx.close()
+    return seen
