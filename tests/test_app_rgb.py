@@ -158,3 +158,33 @@ def test_explore_opens_on_the_best_gaussian_sq_vae_of_the_main_data_set(tmp_path
     shutil.rmtree(tmp_path / "ck" / "g1")               # one against one: the first listed data set
     shutil.rmtree(tmp_path / "ck" / "g4")
     assert runs.default_label(runs.list_bundles()) == "checkpoints/a_colour"
+
+
+def test_train_form_starts_a_colour_folder_run(env):
+    """Dataset "folder" with a path and an image size under Advanced trains an RGB run of that size."""
+    from test_app import _jm, wait_state
+    at = app("train")
+    ok(at)
+    at.selectbox(key="f_dataset").set_value("folder")
+    at.selectbox(key="f_kind").set_value("gaussian_1")
+    at.text_input(key="f_name").set_value("colour-form")
+    at.text_input(key="f_folder").set_value(env["dataset"][len("folder:"):])
+    for key, value in (("f_k", 16), ("f_d", 16), ("f_steps", 3), ("f_num_rb", 1), ("f_batch", 8),
+                       ("f_val_max_images", 16), ("f_image_size", 16)):
+        at.number_input(key=key).set_value(value)
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    ok(at)
+    assert any("colour-form" in s.value for s in at.success), [e.value for e in at.error]
+    try:
+        st = wait_state(env["runs"] / "colour-form", ("finished", "failed"), 90)
+        assert st["state"] == "finished", st
+    finally:
+        jm = _jm(env["runs"])
+        if jm is not None:
+            jm.shutdown(grace=10)
+    m = rundir.load_bundle(env["runs"] / "colour-form").model_cfg
+    assert (m.image_channels, m.image_size) == (3, 16)
+    at = app("train")
+    at.selectbox(key="f_dataset").set_value("folder")
+    [b for b in at.button if b.label == "Start training"][0].click().run()
+    assert any("give the image folder's path" in e.value for e in at.error)

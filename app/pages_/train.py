@@ -169,8 +169,9 @@ def start_form(jm):
         c = st.columns(4)
         kind = c[0].selectbox("Model kind", settings.MODEL_KINDS, key="f_kind",
                               format_func=lambda k: f"{k} — {settings.KIND_LABELS.get(k, '')}")
-        dataset = c[1].selectbox("Dataset", ["auto"] + list(settings.DATASETS), key="f_dataset",
-                                 help="auto: fashion-mnist, or fashion-mnist-cat8 for vmf/nc")
+        dataset = c[1].selectbox("Dataset", ["auto"] + list(settings.DATASETS) + ["folder"], key="f_dataset",
+                                 help="auto: fashion-mnist, or fashion-mnist-cat8 for vmf/nc; folder: a folder "
+                                      "of images on this server (path and size under Advanced), RGB")
         preset = c[2].selectbox("Preset", settings.PRESET_CHOICES, key="f_preset",
                                 help="demo: K=128, d=32, 1200 steps (~2 min on a 2-core CPU); paper: the paper's settings")
         name = c[3].text_input("Run name", key="f_name", placeholder="auto",
@@ -193,10 +194,25 @@ def start_form(jm):
                                          placeholder="preset")
             val_max = a[5].number_input("max val images", 16, 100000, value=None, key="f_val_max_images",
                                         placeholder="preset")
+            f = st.columns([4, 1, 1])
+            folder = f[0].text_input("Image folder (dataset folder)", key="f_folder",
+                                     placeholder="/path/to/images (one sub-folder per class optional)")
+            image_size = f[1].number_input("Image size", 8, 256, value=None, step=4, key="f_image_size",
+                                           placeholder="32 / preset", help="folder: images are resized to this")
+            crop = f[2].number_input("Centre crop", 1, 4096, value=None, key="f_center_crop", placeholder="none",
+                                     help="folder: crop the centre N x N pixels first (official CelebA: 140)")
         submitted = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:")
     if not submitted:
         return
+    if dataset == "folder":
+        if not (folder or "").strip():
+            st.error("Dataset *folder*: give the image folder's path under Advanced.")
+            return
+        dataset = f"folder:{folder.strip()}"
+    else:
+        image_size = crop = None          # folder-only settings
     opts = {"model": kind, "dataset": None if dataset == "auto" else dataset,
+            "image_size": image_size, "center_crop": crop,
             "preset": None if preset == "none" else preset, "codebook_size": k, "code_dim": d, "steps": steps,
             "batch_size": batch, "lr": lr, "seed": seed, "num_rb": num_rb, "log_every": log_every,
             "val_every": val_every, "snapshot_every": snap_every, "checkpoint_every": ck_every,
