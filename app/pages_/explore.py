@@ -456,7 +456,7 @@ def _logged_edit_tool(ref):
             shown.insert(0, orig[idx])
         arr = image_grid(np.stack(shown), ncol=len(shown), scale=6)
         st.image(arr, caption=("saved image · " if len(shown) == 3 else "") +
-                 f"decoded grid · cell ({row}, {col}) set to code {choice}")
+                 f"decoded grid · cell ({row}, {col}) set to code {choice}", output_format="PNG")
         b1, b2, b3 = st.columns(3)
         b1.button("Keep this edit", key="lg_edit_keep", on_click=st.session_state.__setitem__, args=(gkey, kept))
         b2.button("Reset grid", key="lg_edit_reset", on_click=st.session_state.__setitem__, args=(gkey, base.copy()))
