@@ -471,8 +471,9 @@ class Batches:
             on_device = device.type == "cpu" or images.nbytes < _free_device_bytes(device) // 4
         self.on_device = on_device
         self.images = images.to(device) if on_device else images
-        self.pinned = [] if on_device or device.type != "cuda" else \
-            [torch.empty((cfg.batch_size, *images.shape[1:]), dtype=images.dtype).pin_memory() for _ in range(2)]
+        pin = not on_device and device.type == "cuda"
+        self.pinned = [torch.empty((cfg.batch_size, *images.shape[1:]), dtype=images.dtype).pin_memory()
+                       for _ in range(2)] if pin else []
         self.copied = [None, None]     # CUDA events: the copy out of each pinned buffer is done
 
     def __call__(self, step: int) -> torch.Tensor:
