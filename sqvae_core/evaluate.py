@@ -7,11 +7,10 @@
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .models import per_image_sq_error
+from .quantizers import perplexity_of_counts
 
 
 @torch.no_grad()
@@ -39,7 +38,5 @@ def evaluate_model(model, images: torch.Tensor, *, device: torch.device | None =
     if not model.discrete:
         return {**res, "perplexity": None, "entropy": None, "dead_codes": None, "codebook_size": None,
                 "usage": None}
-    p = usage.double() / usage.sum()
-    h = float(-(p[p > 0] * p[p > 0].log()).sum())
-    return {**res, "perplexity": math.exp(h), "entropy": ent_sum / n_pos if n_pos else 0.0,
+    return {**res, "perplexity": float(perplexity_of_counts(usage.double())), "entropy": ent_sum / n_pos if n_pos else 0.0,
             "dead_codes": int((usage == 0).sum()), "codebook_size": k, "usage": usage.tolist()}

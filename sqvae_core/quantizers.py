@@ -53,13 +53,19 @@ def shifted_neg_half_distances(rows: torch.Tensor, codebook: torch.Tensor) -> to
     return torch.addmm(codebook.pow(2).sum(1).mul(-0.5), rows, codebook.t())
 
 
-def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
-    """exp(H(ū)), ū the average one-hot usage of the given code indices. Counted with
-    scatter_add: bincount would read the largest index back to the host (a GPU sync)."""
-    idx = indices.reshape(-1)
-    counts = torch.zeros(k, device=idx.device).scatter_add_(0, idx, torch.ones(idx.shape, device=idx.device))
+def perplexity_of_counts(counts: torch.Tensor) -> torch.Tensor:
+    """exp(H(ū)), ū = counts / Σ counts: the perplexity of a code-usage histogram (K,).
+    The one definition: training stats, `evaluate` and RunLogger all use it."""
     p = counts / counts.sum()
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
+
+
+def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """Perplexity of the given code indices' usage. Counted with scatter_add: bincount would
+    read the largest index back to the host (a GPU sync)."""
+    idx = indices.reshape(-1)
+    counts = torch.zeros(k, device=idx.device).scatter_add_(0, idx, torch.ones(idx.shape, device=idx.device))
+    return perplexity_of_counts(counts)
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float,

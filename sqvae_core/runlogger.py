@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
+from .quantizers import perplexity_of_counts
 
 RESERVED = ("step", "wall_time", "elapsed", "perplexity", "dead_codes")
 DECODER, CODES = "decoder.pt2", "codes.safetensors"
@@ -339,8 +340,7 @@ def window_usage_stats(counts: torch.Tensor) -> dict:
     total = float(counts.sum())
     if total <= 0:
         return {"perplexity": None, "dead_codes": int(counts.numel())}
-    p = counts[counts > 0] / total
-    return {"perplexity": math.exp(float(-(p * p.log()).sum())), "dead_codes": int((counts == 0).sum())}
+    return {"perplexity": float(perplexity_of_counts(counts)), "dead_codes": int((counts == 0).sum())}
 
 
 # ----------------------------------------------------------------------------- decoders
