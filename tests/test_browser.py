@@ -286,21 +286,22 @@ def test_app_in_browser(servers, browser):
     assert overlaps(page) == [], overlaps(page)
     shot(page, "train_finished_run.png")
 
-    # ---- Train live: a 30-step run (batch 256: slow enough to watch), new points on the live
+    # ---- Train live: a 300-step run (batch 256: slow enough to watch; 30 steps of the official
+    # 28x28 nets could finish between two looks on an idle machine), new points on the live
     # curves, then Stop -> "stopped". If it finished before Stop could be pressed (a fast, idle
     # machine), a long run is started and stopped instead.
     page.goto(servers["app"] + "/train")
-    page.get_by_label("Run name", exact=True).fill("browser-30")
+    page.get_by_label("Run name", exact=True).fill("browser-300")
     page.get_by_label("K (codes)", exact=True).fill("16")
     page.get_by_label("d (code dim)", exact=True).fill("16")
-    page.get_by_label("Steps", exact=True).fill("30")
+    page.get_by_label("Steps", exact=True).fill("300")
     page.get_by_label("Batch", exact=True).fill("256")
     page.get_by_text("Advanced").click()
     page.get_by_label("Residual blocks", exact=True).fill("1")
     page.get_by_label("log every", exact=True).fill("1")
     page.get_by_label("max val images", exact=True).fill("200")
     page.get_by_role("button", name="Start training").click()
-    expect(page.get_by_text("browser-30", exact=False).first).to_be_visible()
+    expect(page.get_by_text("browser-300", exact=False).first).to_be_visible()
     stop = page.locator("button[kind='primary']", has_text="Stop")
     seen = []
     t0 = time.time()
@@ -308,18 +309,18 @@ def test_app_in_browser(servers, browser):
         n = n_points(page, 0)
         if n and (not seen or n != seen[-1]):
             seen.append(n)
-        if len(seen) >= 3 or page.get_by_text("Finished 30 steps", exact=False).count():
+        if len(seen) >= 3 or page.get_by_text("Finished 300 steps", exact=False).count():
             break
         page.wait_for_timeout(150)
     print(f"loss-curve point counts seen while training: {seen}")
     assert len(seen) >= 2 and seen[-1] > seen[0], f"no new points appeared on the live curve: {seen}"
     shot(page, "train_live.png")
-    stopped_run = "browser-30"
+    stopped_run = "browser-300"
     try:
         stop.click(timeout=3000)
         expect(page.get_by_text("Stopped at step", exact=False).first).to_be_visible(timeout=30_000)
     except Exception:                                # finished first: stop a long run instead
-        print("the 30-step run finished before Stop; stopping a long run instead")
+        print("the 300-step run finished before Stop; stopping a long run instead")
         stopped_run = "browser-long"
         page.get_by_label("Run name", exact=True).fill("browser-long")
         page.get_by_label("Steps", exact=True).fill("1000000")
