@@ -52,14 +52,26 @@ def model_config(size: int, kind: str) -> ModelConfig:
                        var_q_floor=floor, var_q_init=floor + s0)
 
 
-class OfficialStyleGaussianSQVAE(torch.nn.Module):
-    """Gaussian SQ-VAE I as the official code computes it (same nets), written here from its equations."""
+class OfficialStyleNets(torch.nn.Module):
+    """The official nets for cfg, and squared distances written as the official code writes them."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         design = design_for(cfg)
         self.encoder = Encoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
         self.decoder = Decoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
+
+    def distances(self, zf: torch.Tensor) -> torch.Tensor:
+        """‖z‖² + ‖b‖² − 2zbᵀ, (N, K)."""
+        return torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(self.codebook ** 2, dim=1) \
+            - 2 * torch.matmul(zf, self.codebook.t())
+
+
+class OfficialStyleGaussianSQVAE(OfficialStyleNets):
+    """Gaussian SQ-VAE I as the official code computes it (same nets), written here from its equations."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
         self.codebook = torch.nn.Parameter(torch.randn(cfg.codebook_size, cfg.code_dim))
         self.log_param_q = torch.nn.Parameter(torch.tensor(math.log(cfg.var_q_init - 1.0)))
         self.dim_x = cfg.image_channels * cfg.image_size ** 2
@@ -69,9 +81,7 @@ class OfficialStyleGaussianSQVAE(torch.nn.Module):
         bs, d, h, w = z.shape
         var_q = 1.0 + self.log_param_q.exp()
         zf = z.permute(0, 2, 3, 1).contiguous().view(-1, d)
-        dist = torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(self.codebook ** 2, dim=1) \
-            - 2 * torch.matmul(zf, self.codebook.t())
-        logit = -0.5 / var_q * dist
+        logit = -0.5 / var_q * self.distances(zf)
         p, log_p = torch.softmax(logit, -1), torch.log_softmax(logit, -1)
         u = torch.rand(logit.shape)
         g = -torch.log(-torch.log(u + 1e-10) + 1e-10)
@@ -86,14 +96,11 @@ class OfficialStyleGaussianSQVAE(torch.nn.Module):
         return self.dim_x * torch.log(mse) / 2 + kld_d + kld_c, mse, perplexity
 
 
-class OfficialStyleVQVAE(torch.nn.Module):
+class OfficialStyleVQVAE(OfficialStyleNets):
     """VQ-VAE over the same nets, written the same plain way."""
 
     def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        design = design_for(cfg)
-        self.encoder = Encoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
-        self.decoder = Decoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
+        super().__init__(cfg)
         k = cfg.codebook_size
         self.codebook = torch.nn.Parameter(torch.empty(k, cfg.code_dim).uniform_(-1 / k, 1 / k))
 
@@ -101,9 +108,7 @@ class OfficialStyleVQVAE(torch.nn.Module):
         z, _ = self.encoder(x)
         bs, d, h, w = z.shape
         zf = z.permute(0, 2, 3, 1).contiguous().view(-1, d)
-        dist = torch.sum(zf ** 2, dim=1, keepdim=True) + torch.sum(self.codebook ** 2, dim=1) \
-            - 2 * torch.matmul(zf, self.codebook.t())
-        idx = dist.argmin(1)
+        idx = self.distances(zf).argmin(1)
         zq = self.codebook[idx]
         loss_q = F.mse_loss(zq, zf.detach()) + 0.25 * F.mse_loss(zf, zq.detach())
         zq = zf + (zq - zf).detach()
