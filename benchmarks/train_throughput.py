@@ -33,7 +33,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
-from sqvae_core.nets import Decoder, Encoder, design_for  # noqa: E402
+from sqvae_core.nets import Decoder, Encoder  # noqa: E402
 from sqvae_core.train import (Batches, Dist, TrainConfig, Window, make_model, make_optimizer,  # noqa: E402
                               temperature_at, train_step)
 
@@ -57,7 +57,7 @@ class OfficialStyleNets(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        design = design_for(cfg)
+        design = cfg.design
         self.encoder = Encoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
         self.decoder = Decoder(cfg.image_channels, cfg.code_dim, cfg.num_rb, design=design)
 

@@ -74,9 +74,19 @@ class ModelConfig:
         return c + c % 2 if self.net == "official" else c
 
     @property
+    def design(self) -> str:
+        """The net design nets.py builds: "legacy", or with the official nets, by input,
+        "28" (28x28), "64" (64x64 images), "64label" (64x64 label maps), else "32"."""
+        if self.net == "legacy":
+            return "legacy"
+        if self.image_size == 64:
+            return "64label" if self.categorical else "64"
+        return "28" if self.image_size == 28 else "32"
+
+    @property
     def latent_size(self) -> int:
-        from .nets import design_for, downsampling
-        return self.image_size // downsampling(design_for(self))
+        """Side of the code grid: the image side / 8 for "64label" (three stride-2 convs), else / 4."""
+        return self.image_size // (8 if self.design == "64label" else 4)
 
     @property
     def input_channels(self) -> int:

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MODEL_KINDS, ModelConfig
-from .nets import Decoder, Encoder, design_for
+from .nets import Decoder, Encoder
 from .quantizers import GaussianSQ, QuantizerOutput, VectorQuantizer, VmfSQ
 from .vmf_norm import log_cf
 
@@ -88,7 +88,7 @@ class _Autoencoder(nn.Module):
     def __init__(self, cfg: ModelConfig, with_log_var: bool = False, out_channels: int | None = None):
         super().__init__()
         self.cfg = cfg.validate()
-        design = design_for(cfg)
+        design = cfg.design
         self.encoder = Encoder(cfg.input_channels, cfg.code_dim, cfg.num_rb, cfg.batch_norm, with_log_var, design)
         self.decoder = Decoder(out_channels or cfg.image_channels, cfg.code_dim, cfg.num_rb, cfg.batch_norm, design)
         self.quantizer: nn.Module | None = None

@@ -1,7 +1,7 @@
 """Encoder and decoder of the SQ-VAE paper's vision experiments (ResNet-style, width d).
 
 `net="official"` builds the nets of the official SQ-VAE code (github sony/sqvae, vision/
-networks/), one design per input, chosen by `design_for(cfg)`:
+networks/), one design per input, chosen by `ModelConfig.design`:
 
     design    input                         grid   encoder stem                      decoder (after its res blocks)
     "28"      28x28 (MNIST, Fashion-MNIST)  S/4    c4/2 BN R, c4/2                   t4/2 BN R, t4/2
@@ -23,23 +23,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-
-DESIGNS = ("28", "32", "64", "64label", "legacy")
-
-
-def design_for(cfg) -> str:
-    """Which net design a ModelConfig gets (see the table above)."""
-    if cfg.net == "legacy":
-        return "legacy"
-    if cfg.image_size == 64:
-        return "64label" if cfg.categorical else "64"
-    return "28" if cfg.image_size == 28 else "32"
-
-
-def downsampling(design: str) -> int:
-    """Image side / latent grid side."""
-    return 8 if design == "64label" else 4
-
 
 def _norm(ch: int, batch_norm: bool) -> nn.Module:
     """Batch-norm, or an Identity in its place (so parameter names do not shift without it)."""

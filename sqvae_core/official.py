@@ -224,7 +224,6 @@ def _check_dataset(name: str, c: int, s: int) -> None:
 # ---------------------------------------------------------------- the state dict
 def official_name(key: str, cfg: ModelConfig) -> str:
     """The official trainer's name (without `module.`) of one of our state-dict keys."""
-    from .nets import design_for
     fixed = {"quantizer.codebook": "codebook", "quantizer.log_var_q": "log_param_q_scalar",
              "quantizer.log_kappa_q": "log_param_q_scalar", "log_kappa_x": "log_kappa_inv",
              "likelihood.log_var_x": "logvar_x"}
@@ -233,7 +232,7 @@ def official_name(key: str, cfg: ModelConfig) -> str:
     for ours, theirs in (("encoder.res_mean.", "encoder.res_m."), ("encoder.res_log_var.", "encoder.res_v.")):
         if key.startswith(ours):
             return theirs + key[len(ours):]
-    if design_for(cfg) == "64" and key.startswith("encoder.conv.0."):
+    if cfg.design == "64" and key.startswith("encoder.conv.0."):
         return "encoder.conv.0.0." + key[len("encoder.conv.0."):]
     return key
 

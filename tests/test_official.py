@@ -14,7 +14,6 @@ from scipy.special import ive
 from sqvae_core.config import ModelConfig
 from sqvae_core.data import load_dataset
 from sqvae_core.models import build_model
-from sqvae_core.nets import design_for
 from sqvae_core.train import (Dist, Progress, TrainConfig, apply_preset, make_optimizer, make_scheduler,
                               paper_preset, resolve, temperature_at, validate_and_log)
 
@@ -191,10 +190,10 @@ def test_configs_written_before_the_official_nets_load_as_legacy():
     old = ModelConfig(kind="gaussian_1", codebook_size=16, code_dim=16, num_rb=1).to_dict()
     del old["net"], old["kappa_q_floor"]
     cfg = ModelConfig.from_dict(old)
-    assert cfg.net == "legacy" and design_for(cfg) == "legacy"
+    assert cfg.net == "legacy" and cfg.design == "legacy"
     enc = build_model(cfg).encoder
     assert len(enc.conv) == 7 and isinstance(enc.conv[6], torch.nn.Conv2d)   # the 3x3 conv at 28x28
-    assert design_for(ModelConfig()) == "28"
+    assert ModelConfig().design == "28"
 
 
 def test_vmf_read_out_never_picks_the_padding_class():
