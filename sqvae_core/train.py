@@ -510,6 +510,8 @@ def make_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.device) -> torch.nn.Module:
     """The module the loop calls: DDP across ranks, torch.compile on request (same weights)."""
+    if cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--amp uses bf16 autocast, which this GPU does not support; train without --amp")
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -522,11 +524,8 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.de
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    if not cfg.amp:
-        return contextlib.nullcontext()
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp uses bf16 autocast, which this GPU does not support; train without --amp")
-    return torch.autocast(device.type, dtype=torch.bfloat16)
+    """bf16 autocast with --amp (its GPU support is checked once, in _wrap), else nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
 
 
 def validate_and_log(model, val_data: ImageData, cfg: TrainConfig, p: Progress, device, writer, scheduler,
