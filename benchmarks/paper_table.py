@@ -4,6 +4,8 @@
     python benchmarks/paper_table.py --budget paper10   # --preset paper, 11 epochs (17,193 steps); seeds
                                                         # 0-1 for gaussian_1, vq, vq_ema, seed 0 for the rest
     python benchmarks/paper_table.py                    # paper-size models, longer budget (GPU)
+    python benchmarks/paper_table.py --budget paper10 --root runs/paper10   # keep the runs; rerunning
+                                                        # reuses every finished run and fitted prior
 
 Every model gets the same steps, batch, learning rate and seeds. Columns: test MSE, rFD,
 generation FD (PixelCNN prior samples), Neighbor-3/5/10 FD, interpolation FD, perplexity and
@@ -30,7 +32,7 @@ from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.device import resolve_device  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.scores import bundle_split, score_run, train_run_prior  # noqa: E402
-from sqvae_core.train import TrainConfig, apply_preset, train  # noqa: E402
+from sqvae_core.train import TrainConfig, apply_preset, steps_per_epoch, train  # noqa: E402
 
 KINDS = ["gaussian_1", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset"]
 COLUMNS = [("test_mse", "MSE", 2), ("rfd", "rFD", 3), ("fd_generation", "Gen. FD", 3),
@@ -54,6 +56,38 @@ def budget(mode: str) -> dict:
                 vmf_steps=20000)
 
 
+def reusable(out: Path, cfg: TrainConfig) -> bool:
+    """A finished run in `out` that trained what cfg would train: the same model and training
+    fields, except those that change what is saved rather than what is learnt (output path,
+    snapshot/checkpoint/log cadence, device) and those the data fills in (steps from epochs,
+    image shape, grey levels, the VQ data variance)."""
+    if rd.read_status(out).get("state") != "finished" or not (out / rd.CONFIG).is_file():
+        return False
+    saved = rd.read_json(out / rd.CONFIG, "config.json")
+    have_train = saved.get("train", {})
+    per_epoch = steps_per_epoch(saved.get("n_train", 0) or 1, cfg.batch_size, 1, cfg.drop_last) \
+        if saved.get("n_train", 0) >= cfg.batch_size else 0
+    steps = max(1, int(cfg.epochs * per_epoch)) if cfg.epochs else cfg.steps
+    skip = {"out", "snapshot_every", "checkpoint_every", "log_every", "device", "steps", "epochs", "val_every",
+            "model"}
+    model_skip = {"image_size", "image_channels", "num_levels", "data_variance"}
+    want = {k: v for k, v in cfg.to_dict().items() if k not in skip}
+    have = {k: v for k, v in have_train.items() if k not in skip}
+    want_m = {k: v for k, v in cfg.model.to_dict().items() if k not in model_skip}
+    have_m = {k: v for k, v in ModelConfig.from_dict(saved["model"]).to_dict().items() if k not in model_skip}
+    return want == have and want_m == have_m and have_train.get("steps") == steps
+
+
+def prior_fitted(out: Path, steps: int, max_images: int | None) -> bool:
+    """The run holds a prior fitted for `steps` steps on all (or max_images) training grids."""
+    path = out / rd.PRIOR_SUMMARY
+    if not path.is_file():
+        return False
+    s = json.loads(path.read_text())
+    return s.get("steps") == steps and (max_images is None or s.get("n_train_grids") == max_images) \
+        and (max_images is not None or s.get("n_train_grids", 0) >= 40_000)
+
+
 def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     dataset = "fashion-mnist-cat8" if kind in ("vmf", "nc") else "fashion-mnist"
     out = root / f"{kind}_s{seed}"
@@ -68,8 +102,12 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
                           val_every=b["val_every"], snapshot_every=steps, checkpoint_every=steps,
                           val_max_images=1000)
     t0 = time.time()
-    status = train(cfg, progress=False)
-    res = {"kind": kind, "seed": seed, "state": status["state"], "train_s": time.time() - t0}
+    if reusable(out, cfg):
+        status = rd.read_status(out)
+        print(f"reusing {out} (finished, same configuration)", file=sys.stderr, flush=True)
+    else:
+        status = train(cfg, progress=False)
+    res = {"kind": kind, "seed": seed, "state": status["state"], "train_s": status.get("elapsed")}
     if status["state"] == "stopped":     # SIGINT/SIGTERM reached the training: end the whole table
         sys.exit(f"interrupted while training {kind} (seed {seed}); no table printed")
     if status["state"] != "finished":
@@ -89,7 +127,7 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
         res["kappa_q_init"] = bundle.model_cfg.kappa_q_init
         return res
     t0 = time.time()
-    if bundle.model.discrete:
+    if bundle.model.discrete and not prior_fitted(out, b["prior_steps"], b["max_images"]):
         train_run_prior(out, steps=b["prior_steps"], max_images=b["max_images"], device=device)
     res["prior_s"], t0 = time.time() - t0, time.time()
     res.update({k: v for k, v in score_run(bundle, n=b["n_fd"]).items() if k != "mse"})
@@ -149,6 +187,8 @@ def main():
     p.add_argument("--device", default="auto")
     p.add_argument("--kinds", nargs="*", default=KINDS)
     p.add_argument("--json", default=None, help="also write all per-run results here")
+    p.add_argument("--root", default=None, help="keep the runs in ROOT/KIND_sSEED (default: a temporary "
+                   "directory); a finished run with the same configuration is reused, not retrained")
     args = p.parse_args()
     device = str(resolve_device(args.device))
     b = budget(args.budget or ("quick" if args.quick else "long"))
@@ -157,11 +197,12 @@ def main():
     t0 = time.time()
     results = []
     with tempfile.TemporaryDirectory() as tmp:
+        root = Path(args.root) if args.root else Path(tmp)
         for seed in range(seeds):
             for kind in args.kinds + ["vmf", "nc"]:
                 if seed >= seeds_other and kind not in MULTI_SEED_KINDS:
                     continue
-                r = run_one(kind, seed, b, Path(tmp), device)
+                r = run_one(kind, seed, b, root, device)
                 print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()}),
                       file=sys.stderr, flush=True)
                 results.append(r)

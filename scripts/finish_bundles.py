@@ -22,6 +22,7 @@ from sqvae_core import explore  # noqa: E402
 from sqvae_core import rundir as rd  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.imageio import save_png  # noqa: E402
+from sqvae_core.train import steps_per_epoch  # noqa: E402
 from sqvae_core.scores import (PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, prior_summary, score_run,  # noqa: E402
                                train_run_prior)
 
@@ -44,12 +45,27 @@ def compact(dest: Path) -> None:
             p.unlink()
 
 
-def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
+def train_command(b: rd.Bundle, run: Path) -> str:
+    """The `sqvae train` command that made the run (epochs when it validated once per epoch)."""
+    tc, cfg = b.config["train"], b.model_cfg
+    size = f" --image-size {cfg.image_size} --channels {cfg.image_channels}" if b.dataset.startswith("folder:") else ""
+    per_epoch = steps_per_epoch(b.config.get("n_train") or tc["batch_size"], tc["batch_size"], 1,
+                                tc.get("drop_last", True))
+    if tc.get("val_per_epoch") and tc["steps"] % per_epoch == 0:
+        length = f"--epochs {tc['steps'] // per_epoch}"
+    else:
+        length = f"--steps {tc['steps']} --val-every {tc['val_every']}"
+    return (f"python -m sqvae_core train --model {cfg.kind} --dataset {b.dataset}{size} --out {run} "
+            f"--preset {tc['preset']} {length} --snapshot-every {tc['snapshot_every']} "
+            f"--checkpoint-every {tc['checkpoint_every']} --seed {tc['seed']}")
+
+
+def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None) -> dict:
     t0 = time.time()
     b = rd.load_bundle(run)
     kind = b.model_cfg.kind
     if b.model.discrete and not (run / PRIOR_WEIGHTS).is_file():
-        train_run_prior(run, steps=prior_steps, max_images=20000, log=lambda m: print(f"  {kind}: {m}", flush=True))
+        train_run_prior(run, steps=prior_steps, max_images=prior_images, log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
     try:
@@ -58,20 +74,13 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int) -> dict:
         print(f"  {run.name}: no Fréchet distances ({e})", flush=True)
         scores = {"prior_nll_bits": (prior_summary(b) or {}).get("nll_bits_per_code")}
     status = rd.read_status(run)
-    cfg = b.config
-    tc = cfg["train"]
     steps = status.get("step")
-    size = (f" --image-size {b.model_cfg.image_size} --channels {b.model_cfg.image_channels}"
-            if b.dataset.startswith("folder:") else "")
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
            "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them
            **{k: v for k, v in scores.items() if k != "mse"},
-           "command": (f"python -m sqvae_core train --model {kind} --dataset {b.dataset}{size} --out {run} "
-                       f"--preset {tc['preset']} --steps {tc['steps']} --val-every {tc['val_every']} "
-                       f"--snapshot-every {tc['snapshot_every']} --checkpoint-every {tc['checkpoint_every']} "
-                       f"--seed {tc['seed']}")}
+           "command": train_command(b, run)}
     dest = dest_root / run.name        # runs/ship/<kind> -> checkpoints/<kind>
     if dest.exists():
         shutil.rmtree(dest)
@@ -124,7 +133,7 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
                      f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
     lines += ["", "Commands (each also in the bundle's `eval.json`):", "", "```bash"]
     lines += [d["command"] for d in docs]
-    lines += ["python scripts/finish_bundles.py runs/ship   # prior, scores, compact copy into checkpoints/", "```", ""]
+    lines += ["python scripts/finish_bundles.py runs/ship --prior-steps 3000   # prior, scores, compact copy into checkpoints/", "```", ""]
     if clf_info:
         lines += ["## Feature classifier for Fréchet distances", "",
                   f"`fd_classifier/{clf_info['dataset']}.safetensors`: test accuracy "
@@ -139,6 +148,8 @@ def main():
     p.add_argument("--dest", default=str(ROOT / "checkpoints"))
     p.add_argument("--prior-steps", type=int, default=2000)
     p.add_argument("--n-fd", type=int, default=1000)
+    p.add_argument("--prior-images", type=int, default=None,
+                   help="fit the prior on the code grids of at most this many training images (default: all)")
     p.add_argument("--only", nargs="*", default=None)
     p.add_argument("--compact-only", action="store_true", help="only shrink the bundles already in --dest")
     args = p.parse_args()
@@ -154,7 +165,7 @@ def main():
         if rd.read_status(run).get("state") != "finished":
             print(f"skip {run}: not finished", flush=True)
             continue
-        finish(run, dest, args.prior_steps, args.n_fd)
+        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "vae", "vmf", "nc"]
