@@ -40,6 +40,7 @@ ACTIVE = ("queued", "starting", "running")       # states of a job that is not o
 FINAL_STATES = ("finished", "failed", "stopped")
 # option name (as in the form / queue file) -> CLI flag; only flags the CLI knows are accepted
 OPTION_FLAGS = {flag[2:].replace("-", "_"): flag for flag in TRAIN_FLAGS}
+COMPILE_CHOICES = ("auto", "on", "off")      # the one switch option: --compile / --no-compile / neither
 OPTION_FLAGS["model"] = "--model"
 STOP_GRACE = 10.0        # seconds between SIGTERM and SIGKILL at app exit
 
@@ -92,6 +93,11 @@ def train_argv(run_dir: Path, options: dict, resume: bool = False, python: str |
     argv = [python or sys.executable, "-m", "sqvae_core", "train", "--out", str(run_dir)]
     for key, value in options.items():
         if value is None or value == "":
+            continue
+        if key == "compile":             # "auto" (the trainer decides: 5,000+ steps), "on" or "off"
+            if value not in COMPILE_CHOICES:
+                raise ValueError(f"training option compile must be one of {', '.join(COMPILE_CHOICES)}, got {value!r}")
+            argv += {"on": ["--compile"], "off": ["--no-compile"], "auto": []}[value]
             continue
         flag = OPTION_FLAGS.get(key)
         if flag is None:

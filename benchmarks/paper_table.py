@@ -59,7 +59,7 @@ def budget(mode: str) -> dict:
 def reusable(out: Path, cfg: TrainConfig) -> bool:
     """A finished run in `out` that trained what cfg would train: the same model and training
     fields, except those that change what is saved rather than what is learnt (output path,
-    snapshot/checkpoint/log cadence, device) and those the data fills in (steps from epochs,
+    snapshot/checkpoint/log cadence, device, compile: float noise only) and those the data fills in (steps from epochs,
     image shape, grey levels, the VQ data variance)."""
     if rd.read_status(out).get("state") != "finished" or not (out / rd.CONFIG).is_file():
         return False
@@ -68,8 +68,8 @@ def reusable(out: Path, cfg: TrainConfig) -> bool:
     per_epoch = steps_per_epoch(saved.get("n_train", 0) or 1, cfg.batch_size, 1, cfg.drop_last) \
         if saved.get("n_train", 0) >= cfg.batch_size else 0
     steps = max(1, int(cfg.epochs * per_epoch)) if cfg.epochs else cfg.steps
-    skip = {"out", "snapshot_every", "checkpoint_every", "log_every", "device", "steps", "epochs", "val_every",
-            "model"}
+    skip = {"out", "snapshot_every", "checkpoint_every", "log_every", "device", "compile", "steps", "epochs",
+            "val_every", "model"}
     model_skip = {"image_size", "image_channels", "num_levels", "data_variance"}
     want = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     have = {k: v for k, v in have_train.items() if k not in skip}

@@ -282,7 +282,8 @@ class GaussianVAE(_Autoencoder):
     def forward(self, x, *, temperature=1.0, mode=None, generator=None):
         mu, log_var = self.encode(x)
         if self.training or mode == "sample":
-            eps = torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
+            eps = torch.randn_like(mu) if generator is None else \
+                torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + torch.exp(0.5 * log_var) * eps
         else:
             z = mu

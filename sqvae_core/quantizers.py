@@ -68,12 +68,17 @@ def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
     return perplexity_of_counts(counts)
 
 
-def gumbel_softmax(logits: torch.Tensor, temperature: float,
+def gumbel_softmax(logits: torch.Tensor, temperature: float | torch.Tensor,
                    generator: torch.Generator | None = None) -> torch.Tensor:
-    """softmax((logits + g) / τ), g ~ Gumbel(0, 1) (Jang et al. 2017; Maddison et al. 2017)."""
-    if not temperature > 0:
+    """softmax((logits + g) / τ), g ~ Gumbel(0, 1) (Jang et al. 2017; Maddison et al. 2017).
+    τ may be a 0-dim tensor: a compiled training step takes it so, because a new Python float
+    every step would make torch.compile specialise on it and compile again."""
+    if not isinstance(temperature, torch.Tensor) and not temperature > 0:
         raise ValueError(f"Gumbel-softmax temperature must be > 0, got {temperature}")
-    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    # rand_like draws the same numbers as rand(shape) and, unlike it, takes the symbolic batch
+    # size torch.compile gives the epoch's smaller last batch
+    u = torch.rand_like(logits) if generator is None else \
+        torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
     g = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
     return F.softmax((logits + g) / temperature, dim=-1)
 

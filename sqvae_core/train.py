@@ -45,6 +45,10 @@ from .evaluate import evaluate_model
 from .models import build_model
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
+# Compiling costs ~20 s of CPU on a 2-core machine (the step, then again for an epoch's smaller
+# last batch) and saves ~15-30% of each step at the paper preset (benchmarks/train_throughput.py
+# --compile): it pays off after a few thousand steps. Paper-preset runs are 17,000+ steps.
+COMPILE_AUTO_STEPS = 5000
 VAL_SPLITS = ("random", "last")
 
 
@@ -73,7 +77,10 @@ class TrainConfig:
     temperature_min: float = 0.0
     grad_clip: float | None = None
     deterministic: bool = False
-    compile: bool = False              # torch.compile the training forward (pays off after a few hundred steps)
+    # torch.compile the training forward. None = automatic: compiled when the run has at least
+    # COMPILE_AUTO_STEPS steps and the device can compile (CPU: a C++ compiler; CUDA: triton);
+    # config.json records what was decided
+    compile: bool | None = None
     amp: bool = False                  # bf16 autocast (changes the numerics; no preset uses it)
     log_every: int = 10
     val_every: int = 500
@@ -310,10 +317,27 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------- resolving a config
+def compile_unavailable(device: torch.device) -> str | None:
+    """Why torch.compile cannot run on this device, or None if it can."""
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
+        return ("torch.compile on a CPU needs a C++ compiler (it generates C++): install g++ "
+                "(Debian: apt-get install g++)")
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile on a GPU needs triton (pip install triton)"
+    if device.type not in ("cpu", "cuda"):
+        return f"torch.compile is not used on {device.type}"
+    return None
+
+
 def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
-            val_data: ImageData | None = None) -> tuple[TrainConfig, ImageData, ImageData]:
+            val_data: ImageData | None = None,
+            device: torch.device | None = None) -> tuple[TrainConfig, ImageData, ImageData]:
     """A validated copy of cfg with what the data decides filled in: image shape, grey levels,
-    the VQ data variance, steps from epochs, validation every epoch. The caller's cfg is untouched."""
+    the VQ data variance, steps from epochs, validation every epoch, and (given the device)
+    whether an automatic `compile` is on. The caller's cfg is untouched."""
     cfg = copy.deepcopy(cfg).validate()
     if dist.world > 1:
         cfg.drop_last = True       # every rank must see a full batch: the smaller last one is dropped
@@ -339,6 +363,11 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
         cfg.steps, cfg.epochs = max(1, int(cfg.epochs * per_epoch)), None
     if cfg.val_per_epoch:
         cfg.val_every = per_epoch
+    if cfg.compile is None and device is not None:
+        # not vmf: its log C_F is computed on the host in float64, which splits the compiled graph
+        # and leaves no measurable gain
+        cfg.compile = (cfg.steps >= COMPILE_AUTO_STEPS and cfg.model.kind != "vmf"
+                       and compile_unavailable(device) is None)
     return cfg.validate(), data, val_data
 
 
@@ -445,8 +474,10 @@ def make_optimizer(model: torch.nn.Module, lr: float, device: torch.device) -> t
 def train_step(train_model, optimizer, x: torch.Tensor, tau: float, cfg: TrainConfig, device: torch.device,
                step: int):
     """One update: forward at Gumbel temperature tau, backward, (clip), Adam. Returns the output."""
+    # compiled: τ as a tensor, a graph input, rather than a Python float the graph would be specialised on
+    temperature = torch.tensor(tau, dtype=torch.float32, device=device) if cfg.compile else tau
     with _autocast(cfg, device):
-        outp = train_model(x, temperature=tau)
+        outp = train_model(x, temperature=temperature)
     loss = outp.loss
     if device.type == "cpu" and not torch.isfinite(loss):   # free on a CPU; on a GPU, at log points
         raise FloatingPointError(f"loss became {float(loss.detach())} at step {step + 1}")
@@ -516,9 +547,9 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.de
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if cfg.compile:
-        if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-            raise ValueError("--compile on a CPU needs a C++ compiler (torch.compile generates C++): "
-                             "install g++ (Debian: apt-get install g++) or train without --compile")
+        reason = compile_unavailable(device)
+        if reason:
+            raise ValueError(f"{reason}, or train with --no-compile")
         model = torch.compile(model)
     return model
 
@@ -550,7 +581,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
           val_data: ImageData | None = None) -> dict:
     """Train and write cfg.out. Returns the final status dict. cfg itself is not modified."""
     dist, device = init_distributed(cfg.device)
-    cfg, data, val_data = resolve(cfg, dist, data, val_data)
+    cfg, data, val_data = resolve(cfg, dist, data, val_data, device)
     out = Path(cfg.out)
     if dist.main:
         if not resume and (out / rd.CHECKPOINT).exists():

@@ -515,9 +515,10 @@ def test_train_page_lists_failed_and_interrupted_runs(env):
     assert at.button(key="resume_crashed").label == "Resume"
 
 
-def start_training(at: AppTest, name: str, steps: int):
+def start_training(at: AppTest, name: str, steps: int, compile_: str = "auto"):
     """Fill the Train page's form for a tiny gaussian_1 (K=16, d=16, 1 block) and submit it."""
     at.selectbox(key="f_kind").set_value("gaussian_1")
+    at.selectbox(key="f_compile").set_value(compile_)
     at.text_input(key="f_name").set_value(name)
     for key, value in (("f_k", 16), ("f_d", 16), ("f_steps", steps), ("f_num_rb", 1), ("f_val_max_images", 200)):
         at.number_input(key=key).set_value(value)
@@ -543,9 +544,10 @@ def test_train_start_runs_a_real_subprocess_to_finished(env):
 
 def test_train_stop_long_run_and_queue(env):
     at = app("train")
-    start_training(at, "long-run", 1_000_000)
+    start_training(at, "long-run", 1_000_000, compile_="off")   # auto would compile first: this test stops it
     run = env["runs"] / "long-run"
     wait_state(run, ("running",), 60)
+    assert json.loads((run / "config.json").read_text())["train"]["compile"] is False   # the form's "off"
     # a second job waits in the persisted queue (cap 1) and can be removed from it
     jm = _jm(env["runs"])
     assert jm.submit("waiting", {"model": "vq", "steps": 10}) == "queued"
@@ -651,7 +653,7 @@ sys.path.insert(0, {str(ROOT)!r})
 from app.jobs import JobManager
 jm = JobManager({str(runs)!r}, 1)
 jm.submit("orphan", {{"model": "gaussian_1", "codebook_size": 16, "code_dim": 16, "num_rb": 1, "steps": 10**6,
-                      "val_max_images": 100}})
+                      "val_max_images": 100, "compile": "off"}})
 t0 = time.time()
 while time.time() - t0 < 60:
     try:
@@ -783,3 +785,18 @@ def test_stored_results_count_unless_the_weights_are_newer(tmp_path, monkeypatch
     assert view["evaluation"]["dead_codes"] == 13 and len(view["points"]) == 256
     os.utime(b / "model.safetensors", (t + 60, t + 60))               # retrained after the evaluation
     assert runs.read_eval(b) is None and runs.first_view(b) is None
+
+
+def test_train_options_become_a_command_line_with_the_compile_switch():
+    """The form's options become one argv list: numbers and strings as flag values, the one
+    switch `compile` as --compile / --no-compile / nothing (auto); anything else is refused."""
+    from app.jobs import train_argv
+    argv = train_argv(Path("runs/x"), {"model": "vq", "steps": 30000, "lr": 0.001, "compile": "off"}, python="py")
+    assert argv == ["py", "-m", "sqvae_core", "train", "--out", "runs/x", "--model", "vq", "--steps", "30000",
+                    "--lr", "0.001", "--no-compile", "--quiet"]
+    assert "--compile" in train_argv(Path("r"), {"compile": "on"}) and \
+        not any("compile" in a for a in train_argv(Path("r"), {"compile": "auto"}))
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
+        train_argv(Path("r"), {"compile": "yes"})
+    with pytest.raises(ValueError, match="unknown training option"):
+        train_argv(Path("r"), {"amp": "on"})

@@ -169,7 +169,7 @@ def test_cli_reports_a_corrupt_bundle_in_one_line(tmp_path):
 def test_twenty_kill_9_never_lose_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "sqvae_core", "train", "--model", "vq_ema", "--out", str(out),
-            "--steps", "100000", "--codebook-size", "16", "--code-dim", "16", "--num-rb", "1",
+            "--steps", "100000", "--no-compile", "--codebook-size", "16", "--code-dim", "16", "--num-rb", "1",
             "--batch-size", "8", "--checkpoint-every", "3", "--snapshot-every", "2", "--val-every", "50",
             "--val-max-images", "50", "--log-every", "1", "--quiet"]
     rng = random.Random(7)

@@ -125,7 +125,7 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
 def test_sigterm_stops_saves_and_resumes(tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "sqvae_core", "train", "--model", "vq", "--out", str(out),
-                          "--steps", "100000", "--quiet", "--checkpoint-every", "100000", *TINY],
+                          "--steps", "100000", "--no-compile", "--quiet", "--checkpoint-every", "100000", *TINY],
                          cwd=ROOT, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and len([r for r in rd.read_metrics(out) if "loss" in r]) < 2:
@@ -238,3 +238,52 @@ def test_amp_trains_in_bf16_autocast(tmp_path):
     assert r["state"] == "finished", r
     rows = [row for row in rd.read_metrics(tmp_path / "amp") if "loss" in row]
     assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
+
+
+def _synthetic(n: int, split: str, seed: int = 0):
+    from sqvae_core.data import ImageData
+    x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+    return ImageData(images=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
+                     num_labels=None, levels=None)
+
+
+def test_compile_is_on_by_itself_only_for_long_runs_on_a_device_that_can_compile(monkeypatch):
+    """compile=None decides in resolve(): on for >= COMPILE_AUTO_STEPS steps when a C++ compiler
+    exists (not vmf, whose host-side log C_F splits the graph); an explicit choice is kept;
+    config.json gets the decision, not None."""
+    import sqvae_core.train as tr
+    data, val = _synthetic(64, "train"), _synthetic(32, "val")
+    cpu = torch.device("cpu")
+
+    def decided(kind="gaussian_1", steps=tr.COMPILE_AUTO_STEPS, **kw):
+        cfg = TrainConfig(model=ModelConfig(kind=kind), steps=steps, **kw)
+        return tr.resolve(cfg, tr.Dist(), data, val, cpu)[0].compile
+
+    monkeypatch.setattr(tr.shutil, "which", lambda name: "/usr/bin/" + name)
+    assert decided() is True
+    assert decided(steps=tr.COMPILE_AUTO_STEPS - 1) is False
+    assert decided(compile=False) is False and decided(steps=10, compile=True) is True
+    assert decided(kind="vmf") is False and decided(kind="nc") is True
+    monkeypatch.setattr(tr.shutil, "which", lambda name: None)        # no g++ on this machine
+    assert decided() is False
+    with pytest.raises(ValueError, match="needs a C.. compiler.*--no-compile"):
+        tr._wrap(torch.nn.Linear(1, 1), TrainConfig(compile=True), tr.Dist(), cpu)
+
+
+def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_path):
+    """The paper preset keeps each epoch's smaller last batch (drop_last=False): the compiled
+    step must take its new batch size, and a new Gumbel temperature every step, in its stride.
+    (Before the fix, torch.rand over the symbolic batch size of the recompile raised.)"""
+    pytest.importorskip("torch._inductor")
+    import sqvae_core.train as tr
+    if tr.compile_unavailable(torch.device("cpu")):
+        pytest.skip("no C++ compiler for torch.compile")
+    # 40 images, batch 16: steps of 16, 16, 8 per epoch; 5 steps cross one epoch boundary
+    cfg = tiny_cfg(tmp_path / "run", "gaussian_1", steps=5, compile=True, drop_last=False,
+                   log_every=1, val_every=5, snapshot_every=5, checkpoint_every=5)
+    status = train(cfg, progress=False, data=_synthetic(40, "train"), val_data=_synthetic(16, "val", 1))
+    assert status["state"] == "finished", status
+    rows = [r for r in rd.read_metrics(tmp_path / "run") if "loss" in r]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in rows)
+    taus = [r["temperature"] for r in rows]
+    assert taus == [temperature_at(cfg, s) for s in range(5)] and len(set(taus)) == 5

@@ -7,7 +7,7 @@ from pathlib import Path
 import streamlit as st
 
 from app import cache, charts, runs, settings, theme, ui
-from app.jobs import ACTIVE, log_tail
+from app.jobs import ACTIVE, COMPILE_CHOICES, log_tail
 from sqvae_core.rundir import CONFIG
 
 ui.page_setup("Train live", "Train live")
@@ -194,13 +194,16 @@ def start_form(jm):
                                          placeholder="preset")
             val_max = a[5].number_input("max val images", 16, 100000, value=None, key="f_val_max_images",
                                         placeholder="preset")
-            f = st.columns([4, 1, 1])
+            f = st.columns([4, 1, 1, 1])
             folder = f[0].text_input("Image folder (dataset folder)", key="f_folder",
                                      placeholder="/path/to/images (one sub-folder per class optional)")
             image_size = f[1].number_input("Image size", 8, 256, value=None, step=4, key="f_image_size",
                                            placeholder="32 / preset", help="folder: images are resized to this")
             crop = f[2].number_input("Centre crop", 1, 4096, value=None, key="f_center_crop", placeholder="none",
                                      help="folder: crop the centre N x N pixels first (official CelebA: 140)")
+            compile_ = f[3].selectbox("torch.compile", COMPILE_CHOICES, key="f_compile",
+                                      help="auto: compiled for runs of 5,000+ steps (about 20 s of compiling "
+                                           "first, then faster steps); on / off: always / never")
         submitted = st.form_submit_button("Start training", type="primary", icon=":material/play_arrow:")
     if not submitted:
         return
@@ -216,7 +219,7 @@ def start_form(jm):
             "preset": None if preset == "none" else preset, "codebook_size": k, "code_dim": d, "steps": steps,
             "batch_size": batch, "lr": lr, "seed": seed, "num_rb": num_rb, "log_every": log_every,
             "val_every": val_every, "snapshot_every": snap_every, "checkpoint_every": ck_every,
-            "val_max_images": val_max}
+            "val_max_images": val_max, "compile": compile_}
     opts = {key: (int(v) if isinstance(v, float) and key != "lr" and float(v).is_integer() else v)
             for key, v in opts.items() if v is not None}
     with ui.guard("Start"):
