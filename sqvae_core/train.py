@@ -364,10 +364,7 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
     if cfg.val_per_epoch:
         cfg.val_every = per_epoch
     if cfg.compile is None and device is not None:
-        # not vmf: its log C_F is computed on the host in float64, which splits the compiled graph
-        # and leaves no measurable gain
-        cfg.compile = (cfg.steps >= COMPILE_AUTO_STEPS and cfg.model.kind != "vmf"
-                       and compile_unavailable(device) is None)
+        cfg.compile = cfg.steps >= COMPILE_AUTO_STEPS and compile_unavailable(device) is None
     return cfg.validate(), data, val_data
 
 

@@ -196,12 +196,13 @@ def test_ddp_two_gloo_ranks_end_identical(tmp_path):
     assert cfg["world_size"] == 2
 
 
-@pytest.mark.parametrize("kind", ["gaussian_1", "gaussian_4", "nc", "vq", "vq_ema", "vq_reset", "vae"])
+@pytest.mark.parametrize("kind", ["gaussian_1", "gaussian_4", "fixed_var", "vmf", "nc", "vq", "vq_ema", "vq_reset",
+                                  "vae"])
 def test_a_training_step_never_reads_the_device(kind):
     """On the meta device tensors have no data: any .item(), float() or data-dependent shape (as
     torch.bincount's) raises. A step plus the statistics window running there means the loop
-    never waits for a GPU between log points. (vmf is the one exception: its log C_F(κ) is
-    computed in float64 on the host, one scalar per step.)"""
+    never waits for a GPU between log points (vmf included: its log C_F(κ) is computed with
+    torch operations on the device)."""
     from sqvae_core.models import build_model
     from sqvae_core.train import Window, train_step
     meta = torch.device("meta")
@@ -249,8 +250,7 @@ def _synthetic(n: int, split: str, seed: int = 0):
 
 def test_compile_is_on_by_itself_only_for_long_runs_on_a_device_that_can_compile(monkeypatch):
     """compile=None decides in resolve(): on for >= COMPILE_AUTO_STEPS steps when a C++ compiler
-    exists (not vmf, whose host-side log C_F splits the graph); an explicit choice is kept;
-    config.json gets the decision, not None."""
+    exists; an explicit choice is kept; config.json gets the decision, not None."""
     import sqvae_core.train as tr
     data, val = _synthetic(64, "train"), _synthetic(32, "val")
     cpu = torch.device("cpu")
@@ -263,7 +263,7 @@ def test_compile_is_on_by_itself_only_for_long_runs_on_a_device_that_can_compile
     assert decided() is True
     assert decided(steps=tr.COMPILE_AUTO_STEPS - 1) is False
     assert decided(compile=False) is False and decided(steps=10, compile=True) is True
-    assert decided(kind="vmf") is False and decided(kind="nc") is True
+    assert decided(kind="vmf") is True and decided(kind="vq") is True
     monkeypatch.setattr(tr.shutil, "which", lambda name: None)        # no g++ on this machine
     assert decided() is False
     with pytest.raises(ValueError, match="needs a C.. compiler.*--no-compile"):

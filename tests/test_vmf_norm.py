@@ -13,8 +13,9 @@ K_GRID = np.logspace(-3, 5, 15)
 
 
 def _series_switch(F):
-    """kappa where log I_nu switches away from the power series (k^2/4 = 2(nu+1))."""
-    return math.sqrt(8.0 * (F / 2.0))
+    """kappa where log I_nu switches away from the power series: k^2/4 = 2(nu+1) to the Debye
+    expansion for nu >= 30, k = 100 to the Hankel expansion below."""
+    return math.sqrt(8.0 * (F / 2.0)) if F / 2.0 - 1.0 >= 30 else 100.0
 
 
 def _mp_reference(F, k):
@@ -67,7 +68,7 @@ def test_bessel_helpers_match_mpmath():
 def test_gradcheck(F):
     s = _series_switch(F)
     # kappa straddling the series switch point of nu and of nu + 1 (used by the gradient)
-    points = [0.01, s * (1 - 1e-4), s * (1 + 1e-4), math.sqrt(8.0 * (F / 2.0 + 1.0)) * (1 + 1e-4), 50.0, 700.0]
+    points = [0.01, s * (1 - 1e-4), s * (1 + 1e-4), _series_switch(F + 2) * (1 + 1e-4), 50.0, 700.0]
     kap = torch.tensor(points, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda x: log_cf(x, F), (kap,))
     scalar = torch.tensor(s, dtype=torch.float64, requires_grad=True)
@@ -91,7 +92,7 @@ def test_gradient_monotone_no_kink(F):
 
 def test_second_difference_smooth_across_switch():
     # centred finite difference of the value agrees with the autograd gradient at switch points
-    for F in [2, 4, 33, 200]:
+    for F in [2, 4, 33, 61, 62, 200]:
         s = _series_switch(F)
         h = 1e-5 * s
         val, grad = _value_and_grad(F, [s - h, s, s + h])
@@ -142,3 +143,29 @@ def test_bad_kappa_raises(kappa):
         log_cf(torch.tensor(kappa), 8)
     with pytest.raises(ValueError, match="kappa must be > 0"):
         log_cf(torch.tensor([1.0, kappa, 2.0]), 8)
+
+
+def test_every_branch_matches_mpmath_to_1e_12_across_orders():
+    """log I_nu(k) - k from each branch (series, Hankel for nu < 30, Debye for nu >= 30) against
+    40-digit mpmath, for half-integer and integer orders 0 .. 69.5, at k around every switch."""
+    ks = np.unique(np.concatenate([np.logspace(-3, 5, 25), [15.0, 99.999, 100.0, 100.001]]))
+    for nu in np.arange(0.0, 70.0, 2.5):
+        s = _series_switch(2 * nu + 2)
+        k = np.unique(np.concatenate([ks, [s * (1 - 1e-6), s, s * (1 + 1e-6)]]))
+        got = log_bessel_iv(nu, torch.tensor(k)).numpy() - k
+        with mpmath.workdps(40):
+            ref = np.array([float(mpmath.log(mpmath.besseli(nu, mpmath.mpf(float(x)))) - mpmath.mpf(float(x)))
+                            for x in k])
+        np.testing.assert_allclose(got, ref, rtol=1e-12, atol=1e-12, err_msg=f"nu={nu}")
+
+
+def test_log_cf_runs_on_the_device_without_reading_it():
+    """No copy to the host and no value read (meta tensors have no data, any read raises), and
+    it compiles into one graph: a GPU training step does not wait for log C_F."""
+    meta = torch.tensor(5.0, device="meta", requires_grad=True)
+    val = log_cf(meta, 20)
+    val.backward()
+    assert val.device.type == "meta" and meta.grad.device.type == "meta"
+    compiled = torch.compile(lambda k: log_cf(k, 8), fullgraph=True, backend="eager")
+    k = torch.tensor([0.5, 30.0, 3e3], dtype=torch.float64)
+    torch.testing.assert_close(compiled(k), log_cf(k, 8), rtol=1e-12, atol=1e-12)
