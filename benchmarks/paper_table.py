@@ -45,7 +45,7 @@ MULTI_SEED_KINDS = ("gaussian_1", "vq", "vq_ema")   # --budget paper10: the kind
 
 def budget(mode: str) -> dict:
     if mode == "paper10":   # the official setup (train.paper_preset) for 11 epochs: >= 10 epochs, >= 17,190 steps
-        return dict(preset="paper", epochs=11, prior_steps=3000, n_fd=2000, max_images=None,
+        return dict(preset="paper", epochs=11, prior_steps=1500, n_fd=1000, max_images=None,
                     seeds=2, seeds_other=1)
     if mode == "quick":
         return dict(model=dict(codebook_size=128, code_dim=32, num_rb=1), steps=1000, batch_size=32, lr=2e-3,

@@ -133,7 +133,7 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
                      f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
     lines += ["", "Commands (each also in the bundle's `eval.json`):", "", "```bash"]
     lines += [d["command"] for d in docs]
-    lines += ["python scripts/finish_bundles.py runs/ship --prior-steps 3000   # prior, scores, compact copy into checkpoints/", "```", ""]
+    lines += ["python scripts/finish_bundles.py runs/ship --prior-steps 1500   # prior, scores, compact copy into checkpoints/", "```", ""]
     if clf_info:
         lines += ["## Feature classifier for Fréchet distances", "",
                   f"`fd_classifier/{clf_info['dataset']}.safetensors`: test accuracy "
