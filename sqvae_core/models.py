@@ -106,9 +106,6 @@ class _Autoencoder(nn.Module):
                  temperature: float = 1.0, generator: torch.Generator | None = None) -> QuantizerOutput:
         return self.quantizer(z, log_var, mode=mode, temperature=temperature, generator=generator)
 
-    def decode_logits(self, z_q: torch.Tensor) -> torch.Tensor:
-        return self.decoder(z_q)
-
     def to_image(self, logits: torch.Tensor) -> torch.Tensor:
         """Decoder output -> image in [0, 1] (the likelihood's mean or mode)."""
         return torch.sigmoid(logits)
