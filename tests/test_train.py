@@ -91,16 +91,18 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, kind)
     assert steps == list(range(5, 41, 5))
 
 
-def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path):
+@pytest.mark.parametrize("kind", ["vq", "vq_ema"])
+def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, kind):
     """--compile changes how the step runs, not what it computes: after 5 VQ steps (argmin,
-    straight-through, Adam) the codebook and the decoded images match an eager run, and the
+    straight-through, Adam; for vq_ema the EMA codebook updates, which compiled went wrong until
+    they were kept eager) the codebook and the decoded images match an eager run, and the
     saved state_dict has the plain module names (no torch.compile prefixes), so bundles load
     anywhere. (Weights are not compared one by one: a conv bias followed by batch-norm has zero
     true gradient, and Adam turns the float noise in it into ±lr steps in either run.)"""
     pytest.importorskip("torch._inductor")
     kw = dict(steps=5, log_every=5, val_every=5, snapshot_every=5, checkpoint_every=5)
-    eager = train(tiny_cfg(tmp_path / "eager", "vq", **kw), progress=False)
-    comp = train(tiny_cfg(tmp_path / "comp", "vq", compile=True, **kw), progress=False)
+    eager = train(tiny_cfg(tmp_path / "eager", kind, **kw), progress=False)
+    comp = train(tiny_cfg(tmp_path / "comp", kind, compile=True, **kw), progress=False)
     assert eager["state"] == comp["state"] == "finished", comp
     a, _ = rd.load_weights(tmp_path / "eager" / "model.safetensors")
     b, _ = rd.load_weights(tmp_path / "comp" / "model.safetensors")
