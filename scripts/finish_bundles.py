@@ -99,6 +99,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
         explore.cached_codebook_map(dest, b.model, usage, method="umap", seed=0)
         explore.cached_codebook_map(dest, b.model, usage, method="pca", seed=0)
     rd.atomic_write_json(dest / rd.EVAL, doc)
+    rd.atomic_write_json(run / rd.EVAL, doc)     # and beside the run: paper_table.py --root reuses it
     print(f"{kind}: done in {time.time() - t0:.0f}s: " + json.dumps({k: doc[k] for k in ("test_mse", "test_perplexity", "dead_codes")}), flush=True)
     return doc
 
