@@ -45,7 +45,8 @@ MULTI_SEED_KINDS = ("gaussian_1", "vq", "vq_ema")   # --budget paper10: the kind
 
 def budget(mode: str) -> dict:
     if mode == "paper10":   # the official setup (train.paper_preset) for 11 epochs: >= 10 epochs, >= 17,190 steps
-        return dict(preset="paper", epochs=11, prior_steps=1500, n_fd=1000, max_images=None,
+        # evaluated at each run's best-validation weights, as the official code tests its best checkpoint
+        return dict(preset="paper", epochs=11, prior_steps=1500, n_fd=1000, max_images=None, weights="best",
                     seeds=2, seeds_other=1)
     if mode == "quick":
         return dict(model=dict(codebook_size=128, code_dim=32, num_rb=1), steps=1000, batch_size=32, lr=2e-3,
@@ -78,17 +79,19 @@ def reusable(out: Path, cfg: TrainConfig) -> bool:
     return want == have and want_m == have_m and have_train.get("steps") == steps
 
 
-def prior_fitted(out: Path, steps: int, max_images: int | None) -> bool:
-    """The run holds a prior fitted for `steps` steps on all (or max_images) training grids."""
+def prior_fitted(out: Path, steps: int, max_images: int | None, which: str) -> bool:
+    """The run holds a prior fitted for `steps` steps on all (or max_images) training grids of the
+    weights the table evaluates (a prior from before weights_step was recorded: the last ones)."""
     path = out / rd.PRIOR_SUMMARY
     if not path.is_file():
         return False
     s = json.loads(path.read_text())
     return s.get("steps") == steps and (max_images is None or s.get("n_train_grids") == max_images) \
-        and (max_images is not None or s.get("n_train_grids", 0) >= 40_000)
+        and (max_images is not None or s.get("n_train_grids", 0) >= 40_000) \
+        and s.get("weights_step", rd.weights_step(out)) == rd.weights_step(out, which)
 
 
-def stored_scores(out: Path, n_fd: int) -> dict | None:
+def stored_scores(out: Path, n_fd: int, which: str) -> dict | None:
     """The test figures and scores scripts/finish_bundles.py stored in the run's eval.json, if they
     were computed the table's way (FDs on n_fd test images) after the weights and the prior."""
     doc_path = out / rd.EVAL
@@ -97,7 +100,8 @@ def stored_scores(out: Path, n_fd: int) -> dict | None:
     doc = json.loads(doc_path.read_text())
     newer = all(doc_path.stat().st_mtime >= (out / f).stat().st_mtime for f in (rd.WEIGHTS, rd.PRIOR_SUMMARY)
                 if (out / f).is_file())
-    if not newer or doc.get("n_fd_images") != n_fd:
+    if not newer or doc.get("n_fd_images") != n_fd or \
+            doc.get("weights_step", rd.weights_step(out)) != rd.weights_step(out, which):
         return None
     return {"test_mse": doc["test_mse"], "perplexity": doc["test_perplexity"], "dead_codes": doc["dead_codes"],
             "entropy": doc["test_entropy"], **{k: doc[k] for k in ("rfd", "fd_generation", "fd_neighbor_3",
@@ -129,8 +133,10 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if status["state"] != "finished":
         return res
     t0 = time.time()
-    bundle = rd.load_bundle(out, device)
-    stored = stored_scores(out, b["n_fd"]) if b.get("preset") and reusable(out, cfg) else None
+    which = b.get("weights", "last")
+    bundle = rd.load_bundle(out, device, which=which)
+    res["weights_step"] = rd.weights_step(out, which)
+    stored = stored_scores(out, b["n_fd"], which) if b.get("preset") and reusable(out, cfg) else None
     if stored:
         print(f"using {out / rd.EVAL} (scored the same way after training)", file=sys.stderr, flush=True)
         res.update(stored)
@@ -150,8 +156,8 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if stored:
         return res
     t0 = time.time()
-    if bundle.model.discrete and not prior_fitted(out, b["prior_steps"], b["max_images"]):
-        train_run_prior(out, steps=b["prior_steps"], max_images=b["max_images"], device=device)
+    if bundle.model.discrete and not prior_fitted(out, b["prior_steps"], b["max_images"], which):
+        train_run_prior(out, steps=b["prior_steps"], max_images=b["max_images"], device=device, which=which)
     res["prior_s"], t0 = time.time() - t0, time.time()
     res.update({k: v for k, v in score_run(bundle, n=b["n_fd"]).items() if k != "mse"})
     res["score_s"] = time.time() - t0

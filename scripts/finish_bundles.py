@@ -60,22 +60,28 @@ def train_command(b: rd.Bundle, run: Path) -> str:
             f"--checkpoint-every {tc['checkpoint_every']} --seed {tc['seed']}")
 
 
-def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None) -> dict:
+def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
+           which: str = "best") -> dict:
+    """which="best": the bundle ships the run's best-validation weights (as the official trainer
+    tests its best checkpoint), which="last" its last ones."""
     t0 = time.time()
-    b = rd.load_bundle(run)
-    kind = b.model_cfg.kind
-    if b.model.discrete and not (run / PRIOR_WEIGHTS).is_file():
-        train_run_prior(run, steps=prior_steps, max_images=prior_images, log=lambda m: print(f"  {kind}: {m}", flush=True))
+    b = rd.load_bundle(run, which=which)
+    kind, step = b.model_cfg.kind, rd.weights_step(run, which)
+    fitted = (prior_summary(b) or {}) if (run / PRIOR_WEIGHTS).is_file() else {}
+    if b.model.discrete and (not fitted or fitted.get("weights_step", rd.weights_step(run)) != step):
+        train_run_prior(run, steps=prior_steps, max_images=prior_images, which=which,
+                        log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
     try:
-        scores = score_run(rd.load_bundle(run), n=n_fd)
+        scores = score_run(rd.load_bundle(run, which=which), n=n_fd)
     except rd.BundleError as e:        # no feature classifier for this data set: no FD columns
         print(f"  {run.name}: no Fréchet distances ({e})", flush=True)
         scores = {"prior_nll_bits": (prior_summary(b) or {}).get("nll_bits_per_code")}
     status = rd.read_status(run)
     steps = status.get("step")
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
+           "weights": "best validation MSE" if b.weights == rd.BEST else "last", "weights_step": step,
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
            "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them
@@ -86,8 +92,10 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
         shutil.rmtree(dest)
     dest.mkdir(parents=True)
     for name in KEEP:
-        if (run / name).is_file():
+        if (run / name).is_file() and name != rd.WEIGHTS:
             shutil.copy2(run / name, dest / name)
+    tensors, meta = rd.load_weights(run / b.weights)      # the evaluated weights, as the bundle's model
+    rd.save_weights(dest / rd.WEIGHTS, tensors, {**rd.load_weights(run / rd.WEIGHTS)[1], **meta})
     if (run / rd.SNAPSHOTS).is_dir():
         shutil.copytree(run / rd.SNAPSHOTS, dest / rd.SNAPSHOTS)
     compact(dest)
@@ -152,6 +160,8 @@ def main():
     p.add_argument("--dest", default=str(ROOT / "checkpoints"))
     p.add_argument("--prior-steps", type=int, default=2000)
     p.add_argument("--n-fd", type=int, default=1000)
+    p.add_argument("--weights", choices=("best", "last"), default="best",
+                   help="ship each run's best-validation weights (default, as the official code tests) or its last")
     p.add_argument("--prior-images", type=int, default=None,
                    help="fit the prior on the code grids of at most this many training images (default: all)")
     p.add_argument("--only", nargs="*", default=None)
@@ -169,7 +179,7 @@ def main():
         if rd.read_status(run).get("state") != "finished":
             print(f"skip {run}: not finished", flush=True)
             continue
-        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images)
+        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "vae", "vmf", "nc"]

@@ -295,6 +295,14 @@ def load_bundle(run_dir: str | Path, device: torch.device | str = "cpu", which: 
     return Bundle(run_dir, cfg, model_cfg, model.to(device).eval(), path.name)
 
 
+def weights_step(run_dir: str | Path, which: str = "last") -> int | None:
+    """The training step of the weights load_bundle(run_dir, which=which) loads (their metadata)."""
+    run_dir = Path(run_dir)
+    path = run_dir / (BEST if which == "best" and (run_dir / BEST).is_file() else WEIGHTS)
+    step = load_weights(path)[1].get("step") if path.is_file() else None
+    return int(step) if step is not None else None
+
+
 # ------------------------------------------------------------------------- status
 def read_status(run_dir: Path) -> dict:
     """status.json, with state "interrupted" when it says running but its process is gone."""

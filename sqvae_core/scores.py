@@ -52,9 +52,10 @@ def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max
 def train_run_prior(run_dir: str | Path, *, steps: int = 2000, batch_size: int = 64, hidden: int = 64,
                     layers: int = 8, conditional: bool = True, max_images: int | None = None,
                     data_dir: str | None = None, seed: int = 0, device: torch.device | str = "cpu",
-                    log=None) -> dict:
-    """Fit a Gated PixelCNN to the run's training code grids; store it in the run dir."""
-    bundle = rd.load_bundle(run_dir, device)
+                    log=None, which: str = "last") -> dict:
+    """Fit a Gated PixelCNN to the run's training code grids (of its last weights, or with
+    which="best" its best-validation weights); store it in the run dir."""
+    bundle = rd.load_bundle(run_dir, device, which=which)
     _require_discrete(bundle, "prior train")
     t0 = time.time()
     tr_x, tr_y, data = bundle_split(bundle, "train", data_dir, max_images)
@@ -82,6 +83,7 @@ def train_run_prior(run_dir: str | Path, *, steps: int = 2000, batch_size: int =
         "uniform_bits": math.log2(k),
         "split": "test", "n_test_grids": int(te_c.shape[0]), "n_train_grids": int(tr_c.shape[0]),
         "steps": steps, "conditional": bool(use_labels), "config": cfg.to_dict(),
+        "weights_step": rd.weights_step(run_dir, which),      # the autoencoder weights whose codes it models
         "train_seconds": round(time.time() - t0, 1), "history": history,
     }
     save_prior(prior, Path(run_dir) / PRIOR_WEIGHTS)
