@@ -123,7 +123,9 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "prior, float16 codebook snapshots, the cached codebook map, 16 test images and `eval.json`.", "",
              "The Fashion-MNIST and fashion-mnist-cat8 bundles are the official SQ-VAE setup (`--preset paper`,",
              "its nets, K=256, d=64, batch 32, Adam 1e-3 with the plateau rule) trained for 11 epochs (17,193",
-             "steps, seed 0); their PixelCNN priors are fitted for 1,500 steps on all 50,000 training code grids.", "",
+             "steps, seed 0); their PixelCNN priors are fitted for 1,500 steps on all 50,000 training code grids.",
+             "Each bundle holds the run's best-validation weights (`weights step`: the step they are from), as the",
+             "official code tests its best checkpoint; all figures are for those weights.", "",
              "Test split of the dataset (its size in the `test images` column); deterministic quantization. MSE is",
              "the per-image sum of squared error (pixels in [0, 1], every channel); for vmf/nc it is on grey levels",
              "c/7 of the most probable class. FD columns are Fréchet distances on the feature classifier (lower is",
@@ -136,10 +138,11 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "samples/ so that the app needs none of them.",
              "Train times are wall-clock on a machine shared with other jobs. What these figures say about",
              "the paper's claims is discussed in ../benchmarks/RESULTS.md.", "",
-             "| bundle | model | data | test images | steps | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| bundle | model | data | test images | steps | weights step | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for d in docs:
         lines.append(f"| `{d['bundle']}` | `{d['kind']}` | {d['dataset']} | {d['n_test']} | {d['steps']} | "
+                     f"{d.get('weights_step') or d['steps']} | "
                      f"{fmt(d['train_seconds'], 0)} | {fmt(d['test_mse'])} | "
                      f"{fmt(d['test_perplexity'], 1)} | {fmt(d['dead_codes'])} | {fmt(d.get('rfd'), 3)} | "
                      f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
