@@ -170,6 +170,12 @@ def paper_preset(dataset: str, kind: str) -> dict:
         model.update(var_q_floor=1.0, var_q_init=1.0 + p["s0"])
     else:
         model.update(var_q_floor=0.0, var_q_init=p["s0"])
+    if kind == "vae":
+        # Not in the paper: our continuous baseline on Fashion-MNIST's nets, without their batch-norm.
+        # It decodes its posterior mean at evaluation, and batch-norm statistics gathered on sampled
+        # latents make that mean decode off-distribution: after 11 epochs with batch-norm, test MSE
+        # 26.9 from the mean (0.93 from a posterior sample); without, validation MSE 8.5.
+        model.update(batch_norm=False)
     if base == "folder":
         model.update(image_size=64, image_channels=1 if categorical else 3)
     else:

@@ -101,7 +101,9 @@ def test_paper_training_setup():
     assert (cfg.batch_size, cfg.lr, cfg.lr_schedule, cfg.plateau_factor, cfg.plateau_patience) == (32, 1e-3, "plateau", 0.5, 3)
     assert (cfg.epochs, cfg.val_per_epoch, cfg.val_size, cfg.val_split, cfg.drop_last) == (100, True, 10_000, "last", False)
     assert (cfg.temperature_init, cfg.temperature_decay, cfg.temperature_min) == (1.0, 1e-5, 0.0)
-    assert cfg.model.net == "official" and cfg.model.arelbo and not cfg.amp
+    assert cfg.model.net == "official" and cfg.model.arelbo and not cfg.amp and cfg.model.batch_norm
+    vae = apply_preset(TrainConfig(model=ModelConfig(kind="vae"), dataset="fashion-mnist"), "paper")
+    assert not vae.model.batch_norm      # our VAE baseline decodes its posterior mean: no batch-norm
     assert temperature_at(cfg, 0) == math.exp(-1e-5)                  # the official step count starts at 1
     assert paper_preset("folder:x", "gaussian_1")["epochs"] == 70      # CelebA
     with pytest.raises(ValueError, match="paper preset has no setting"):
