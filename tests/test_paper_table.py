@@ -59,3 +59,34 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
     assert pt.stored_scores(out, 2000, "best") is None
     rd.atomic_write_json(out / rd.EVAL, {**doc, "weights_step": best + 100})
     assert pt.stored_scores(out, 1000, "best") is None
+
+
+def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
+    """scripts/finish_bundles.py (which="best"): the bundle's model.safetensors holds the run's
+    best-validation tensors, eval.json says their step and its figures are theirs, and a prior
+    fitted on other weights is fitted again on these."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    import finish_bundles as fb
+    from sqvae_core.evaluate import evaluate_model
+    from sqvae_core.scores import bundle_split
+    run = tmp_path / "runs" / "vq"
+    cfg = TrainConfig(model=ModelConfig(kind="vq", codebook_size=16, code_dim=16, num_rb=1), out=str(run),
+                      steps=8, batch_size=16, val_every=4, snapshot_every=4, checkpoint_every=4,
+                      val_max_images=64, compile=False)
+    assert train(cfg, progress=False)["state"] == "finished"
+    # make the best-validation weights differ from the last ones: those of step 4, perturbed
+    last, _ = rd.load_weights(run / rd.WEIGHTS)
+    best = {k: (v + 0.01 if v.is_floating_point() and "codebook" not in k else v) for k, v in last.items()}
+    rd.save_weights(run / rd.BEST, best, {"step": "4", "val_mse": "1.0"})
+    rd.atomic_write_json(run / rd.PRIOR_SUMMARY, {"steps": 3, "weights_step": 8})   # fitted on the last weights
+    (run / rd.PRIOR).write_bytes(b"stale")
+
+    doc = fb.finish(run, tmp_path / "ck", prior_steps=3, n_fd=40, prior_images=200, which="best")
+    shipped, meta = rd.load_weights(tmp_path / "ck" / "vq" / rd.WEIGHTS)
+    assert all(torch.equal(shipped[k], best[k]) for k in best) and meta["step"] == "4" and "config" in meta
+    assert doc["weights_step"] == 4 and doc["weights"] == "best validation MSE" and doc["steps"] == 8
+    assert json.loads((run / rd.PRIOR_SUMMARY).read_text())["weights_step"] == 4     # refitted
+    b = rd.load_bundle(tmp_path / "ck" / "vq")
+    x, _, _ = bundle_split(b, "test")
+    assert abs(evaluate_model(b.model, x)["mse"] - doc["test_mse"]) < 1e-4 * doc["test_mse"]
+    assert json.loads((run / rd.EVAL).read_text()) == doc                            # beside the run too
