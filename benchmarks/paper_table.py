@@ -81,14 +81,13 @@ def reusable(out: Path, cfg: TrainConfig) -> bool:
 
 def prior_fitted(out: Path, steps: int, max_images: int | None, which: str) -> bool:
     """The run holds a prior fitted for `steps` steps on all (or max_images) training grids of the
-    weights the table evaluates (a prior from before weights_step was recorded: the last ones)."""
+    weights the table evaluates."""
     path = out / rd.PRIOR_SUMMARY
     if not path.is_file():
         return False
     s = json.loads(path.read_text())
     return s.get("steps") == steps and (max_images is None or s.get("n_train_grids") == max_images) \
-        and (max_images is not None or s.get("n_train_grids", 0) >= 40_000) \
-        and s.get("weights_step", rd.weights_step(out)) == rd.weights_step(out, which)
+        and (max_images is not None or s.get("n_train_grids", 0) >= 40_000) and rd.made_from(s, out, which)
 
 
 def stored_scores(out: Path, n_fd: int, which: str) -> dict | None:
@@ -100,8 +99,7 @@ def stored_scores(out: Path, n_fd: int, which: str) -> dict | None:
     doc = json.loads(doc_path.read_text())
     newer = all(doc_path.stat().st_mtime >= (out / f).stat().st_mtime for f in (rd.WEIGHTS, rd.PRIOR_SUMMARY)
                 if (out / f).is_file())
-    if not newer or doc.get("n_fd_images") != n_fd or \
-            doc.get("weights_step", rd.weights_step(out)) != rd.weights_step(out, which):
+    if not newer or doc.get("n_fd_images") != n_fd or not rd.made_from(doc, out, which):
         return None
     return {"test_mse": doc["test_mse"], "perplexity": doc["test_perplexity"], "dead_codes": doc["dead_codes"],
             "entropy": doc["test_entropy"], **{k: doc[k] for k in ("rfd", "fd_generation", "fd_neighbor_3",
@@ -121,7 +119,6 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
                           batch_size=b["batch_size"], lr=b["lr"], seed=seed, device=device,
                           val_every=b["val_every"], snapshot_every=steps, checkpoint_every=steps,
                           val_max_images=1000)
-    t0 = time.time()
     if reusable(out, cfg):
         status = rd.read_status(out)
         print(f"reusing {out} (finished, same configuration)", file=sys.stderr, flush=True)
@@ -136,7 +133,8 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     which = b.get("weights", "last")
     bundle = rd.load_bundle(out, device, which=which)
     res["weights_step"] = rd.weights_step(out, which)
-    stored = stored_scores(out, b["n_fd"], which) if b.get("preset") and reusable(out, cfg) else None
+    # (a run trained just now is newer than any eval.json beside it: stored_scores refuses that)
+    stored = stored_scores(out, b["n_fd"], which) if b.get("preset") else None
     if stored:
         print(f"using {out / rd.EVAL} (scored the same way after training)", file=sys.stderr, flush=True)
         res.update(stored)

@@ -67,14 +67,14 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     t0 = time.time()
     b = rd.load_bundle(run, which=which)
     kind, step = b.model_cfg.kind, rd.weights_step(run, which)
-    fitted = (prior_summary(b) or {}) if (run / PRIOR_WEIGHTS).is_file() else {}
-    if b.model.discrete and (not fitted or fitted.get("weights_step", rd.weights_step(run)) != step):
+    fitted = prior_summary(b) if (run / PRIOR_WEIGHTS).is_file() else None
+    if b.model.discrete and not (fitted and rd.made_from(fitted, run, which)):
         train_run_prior(run, steps=prior_steps, max_images=prior_images, which=which,
                         log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
     try:
-        scores = score_run(rd.load_bundle(run, which=which), n=n_fd)
+        scores = score_run(b, n=n_fd)
     except rd.BundleError as e:        # no feature classifier for this data set: no FD columns
         print(f"  {run.name}: no Fréchet distances ({e})", flush=True)
         scores = {"prior_nll_bits": (prior_summary(b) or {}).get("nll_bits_per_code")}

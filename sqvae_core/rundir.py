@@ -285,7 +285,7 @@ def load_bundle(run_dir: str | Path, device: torch.device | str = "cpu", which: 
     if not run_dir.is_dir():
         raise BundleError(f"not a run directory: {run_dir}")
     cfg, model_cfg = read_config(run_dir)
-    path = run_dir / (BEST if which == "best" and (run_dir / BEST).is_file() else WEIGHTS)
+    path = weights_path(run_dir, which)
     if not path.is_file():
         raise BundleError(f"no trained weights in {run_dir} (expected {WEIGHTS}; has training written a checkpoint yet?)")
     state, _ = load_weights(path)
@@ -295,12 +295,25 @@ def load_bundle(run_dir: str | Path, device: torch.device | str = "cpu", which: 
     return Bundle(run_dir, cfg, model_cfg, model.to(device).eval(), path.name)
 
 
+def weights_path(run_dir: str | Path, which: str = "last") -> Path:
+    """The weights file load_bundle(run_dir, which=which) loads: best.safetensors for "best" when
+    there is one, else model.safetensors."""
+    run_dir = Path(run_dir)
+    return run_dir / (BEST if which == "best" and (run_dir / BEST).is_file() else WEIGHTS)
+
+
 def weights_step(run_dir: str | Path, which: str = "last") -> int | None:
     """The training step of the weights load_bundle(run_dir, which=which) loads (their metadata)."""
-    run_dir = Path(run_dir)
-    path = run_dir / (BEST if which == "best" and (run_dir / BEST).is_file() else WEIGHTS)
+    path = weights_path(run_dir, which)
     step = load_weights(path)[1].get("step") if path.is_file() else None
     return int(step) if step is not None else None
+
+
+def made_from(record: dict, run_dir: str | Path, which: str) -> bool:
+    """Was `record` (prior.json, eval.json: computed from the run's weights, its `weights_step`
+    saying which) made from the weights load_bundle(run_dir, which=which) loads? A record from
+    before weights_step was kept is of the last weights."""
+    return record.get("weights_step", weights_step(run_dir)) == weights_step(run_dir, which)
 
 
 # ------------------------------------------------------------------------- status
