@@ -60,12 +60,17 @@ def perplexity_of_counts(counts: torch.Tensor) -> torch.Tensor:
     return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
-def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
-    """Perplexity of the given code indices' usage. Counted with scatter_add: bincount would
-    read the largest index back to the host (a GPU sync)."""
+def count_codes_(counts: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """Add each code's occurrences in `indices` to the histogram `counts` (K,), in place; returns
+    it. The one way codes are counted while training (quantizer stats, train.Window, RunLogger):
+    index_add_, unlike torch.bincount, never reads the largest index back to the host (a GPU sync)."""
     idx = indices.reshape(-1)
-    counts = torch.zeros(k, device=idx.device).scatter_add_(0, idx, torch.ones(idx.shape, device=idx.device))
-    return perplexity_of_counts(counts)
+    return counts.index_add_(0, idx, torch.ones((), dtype=counts.dtype, device=idx.device).expand(idx.numel()))
+
+
+def perplexity(indices: torch.Tensor, k: int) -> torch.Tensor:
+    """Perplexity of the given code indices' usage."""
+    return perplexity_of_counts(count_codes_(torch.zeros(k, device=indices.device), indices))
 
 
 def gumbel_softmax(logits: torch.Tensor, temperature: float | torch.Tensor,

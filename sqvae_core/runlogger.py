@@ -51,7 +51,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
-from .quantizers import perplexity_of_counts
+from .quantizers import count_codes_, perplexity_of_counts
 
 RESERVED = ("step", "wall_time", "elapsed", "perplexity", "dead_codes")
 DECODER, CODES = "decoder.pt2", "codes.safetensors"
@@ -98,7 +98,6 @@ class RunLogger:
         self._calls = 0                       # log() calls so far
         self._window: dict[str, list] = {}    # key -> [host sum, device sum or None, n]
         self._counts: torch.Tensor | None = None      # (K,) long, on the indices' device
-        self._ones: torch.Tensor | None = None        # (1,) long ones on that device, expanded per call
         self._snap_usage = torch.zeros(self.codebook_size, dtype=torch.long)   # host, since last snapshot
         self._codebook: torch.Tensor | None = None
         self._snapshot_calls = self._row_calls = 0   # _calls at the last snapshot / row
@@ -241,11 +240,10 @@ class RunLogger:
         idx = indices.detach().reshape(-1).long()
         if self._counts is None:
             self._counts = torch.zeros(self.codebook_size, dtype=torch.long, device=idx.device)
-            self._ones = torch.ones(1, dtype=torch.long, device=idx.device)
         elif idx.device != self._counts.device:
             raise ValueError(f"indices moved from {self._counts.device} to {idx.device}; log them on one device")
         try:
-            self._counts.index_add_(0, idx, self._ones.expand(idx.numel()))
+            count_codes_(self._counts, idx)
         except IndexError:        # raised at once on the CPU; a GPU reports it asynchronously
             raise ValueError(f"indices must be codes in [0, {self.codebook_size}) "
                              f"(codebook_size={self.codebook_size})") from None

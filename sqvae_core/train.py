@@ -43,6 +43,7 @@ from .data import ImageData, dataset_shape, load_dataset
 from .device import resolve_device
 from .evaluate import evaluate_model
 from .models import build_model
+from .quantizers import count_codes_
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
 # Compiling costs ~20 s of CPU on a 2-core machine (the step, then again for an epoch's smaller
@@ -451,9 +452,8 @@ class Window:
         for key, v in self.sums.items():
             v += outp.loss.detach().float() if key == "loss" else outp.stats[key].float()
         self.n += 1
-        if outp.indices is not None:   # scatter_add, unlike bincount, never waits for a GPU
-            idx = outp.indices.reshape(-1)
-            self.usage.scatter_add_(0, idx, torch.ones_like(idx))
+        if outp.indices is not None:
+            count_codes_(self.usage, outp.indices)
 
     def means(self) -> dict[str, float]:
         """Window averages (then the window restarts); FloatingPointError if any is not finite."""
