@@ -125,15 +125,16 @@ class _LogCF(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kappa: torch.Tensor, dim: int) -> torch.Tensor:
         nu = dim / 2.0 - 1.0
-        ctx.save_for_backward(kappa)
-        ctx.dim = dim
-        return nu * torch.log(kappa) - (dim / 2.0) * math.log(2.0 * math.pi) - (_log_ive(nu, kappa) + kappa)
+        log_ive = _log_ive(nu, kappa)
+        ctx.save_for_backward(kappa, log_ive)
+        ctx.nu = nu
+        return nu * torch.log(kappa) - (dim / 2.0) * math.log(2.0 * math.pi) - (log_ive + kappa)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        (kappa,) = ctx.saved_tensors
-        return -bessel_ratio(ctx.dim / 2.0 - 1.0, kappa) * grad, None
+        kappa, log_ive = ctx.saved_tensors     # A_F = I_{nu+1} / I_nu, from the forward's log I_nu
+        return -torch.exp(_log_ive(ctx.nu + 1.0, kappa) - log_ive) * grad, None
 
 
 def log_cf(kappa: torch.Tensor, dim: int) -> torch.Tensor:
