@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import gc
 import hashlib
 import json
 import math
@@ -668,7 +669,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         writer.close()
 
     # --- finish
-    extra = _agree_across_ranks(model, dist) if dist.world > 1 else {}
+    extra = {}
+    if dist.world > 1:
+        del train_model   # DDP's reducer holds the process group: free it while the group is still registered
+        gc.collect()      # (DDP has reference cycles; `del` alone would leave its end to a later collection)
+        extra = _agree_across_ranks(model, dist, device)
     writer.status(state, p.step, error, elapsed=round(p.elapsed, 3), **extra)
     return {"state": state, "step": p.step, "error": error, **extra}
 
@@ -712,14 +717,27 @@ def _progress_bar(cfg: TrainConfig, step: int):
     return tqdm(total=cfg.steps, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr)
 
 
-def _agree_across_ranks(model: torch.nn.Module, dist: Dist) -> dict:
+def _agree_across_ranks(model: torch.nn.Module, dist: Dist, device: torch.device) -> dict:
     """Parameters agree through DDP's gradient all-reduce; buffers (batch-norm running stats)
-    follow rank 0, which wrote the checkpoint: make every rank hold exactly what was saved."""
+    follow rank 0, which wrote the checkpoint: make every rank hold exactly what was saved.
+    Then each rank's weight digest goes to every rank, and the process group ends.
+
+    Teardown without a deadlock: gloo's worker thread drops a finished collective's tensors
+    just after the caller sees it finish. If the caller has already let go of a tensor, that
+    drop needs the GIL; and the process group's destructor joins the worker while holding the
+    GIL. Under CPU load one rank hung there in about 1 run in 3 (py-spy: ~ProcessGroupGloo in
+    thread.join, the worker in ~AsyncAllgatherWork waiting for the GIL). So the digests are
+    gathered into tensors held here until after destroy_process_group, never through
+    all_gather_object's temporaries, and the broadcast buffers belong to the model."""
     for b in model.buffers():
         torch.distributed.broadcast(b.data, 0)
-    digests = [None] * dist.world
-    torch.distributed.all_gather_object(digests, weights_digest(model))
+    digest = weights_digest(model)
+    mine = torch.tensor([int(digest[:8], 16), int(digest[8:], 16)], dtype=torch.int64, device=device)
+    every = torch.empty(dist.world * 2, dtype=torch.int64, device=device)
+    torch.distributed.all_gather_into_tensor(every, mine)
     torch.distributed.destroy_process_group()
+    digests = [f"{hi:08x}{lo:08x}" for hi, lo in every.view(dist.world, 2).tolist()]
+    del mine, every   # only now: the group and its worker threads are gone
     return {"rank_weight_digests": digests, "ranks_identical": len(set(digests)) == 1}
 
 
