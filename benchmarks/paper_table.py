@@ -70,13 +70,24 @@ def reusable(out: Path, cfg: TrainConfig) -> bool:
         if saved.get("n_train", 0) >= cfg.batch_size else 0
     steps = max(1, int(cfg.epochs * per_epoch)) if cfg.epochs else cfg.steps
     skip = {"out", "snapshot_every", "checkpoint_every", "log_every", "device", "compile", "steps", "epochs",
-            "val_every", "model"}
+            "val_every", "model", "best_by"}
     model_skip = {"image_size", "image_channels", "num_levels", "data_variance"}
     want = {k: v for k, v in cfg.to_dict().items() if k not in skip}
     have = {k: v for k, v in have_train.items() if k not in skip}
     want_m = {k: v for k, v in cfg.model.to_dict().items() if k not in model_skip}
     have_m = {k: v for k, v in ModelConfig.from_dict(saved["model"]).to_dict().items() if k not in model_skip}
-    return want == have and want_m == have_m and have_train.get("steps") == steps
+    return want == have and want_m == have_m and have_train.get("steps") == steps and keeps_best_by(out, cfg.best_by)
+
+
+def keeps_best_by(out: Path, best_by: str) -> bool:
+    """The run's best.safetensors is the one `best_by` keeps: trained with it, or (a run kept by
+    the other figure, as every run from before --best-by was by MSE) the lowest validation
+    `best_by` falls at the step of the weights it kept (the training is the same either way)."""
+    saved = rd.read_json(out / rd.CONFIG, "config.json").get("train", {}).get("best_by", "mse")
+    if saved == best_by:
+        return True
+    val = [r for r in rd.read_metrics(out) if f"val_{best_by}" in r]
+    return bool(val) and rd.weights_step(out, "best") == min(val, key=lambda r: r[f"val_{best_by}"])["step"]
 
 
 def prior_fitted(out: Path, steps: int, max_images: int | None, which: str) -> bool:

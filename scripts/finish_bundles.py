@@ -60,6 +60,12 @@ def train_command(b: rd.Bundle, run: Path) -> str:
             f"--checkpoint-every {tc['checkpoint_every']} --seed {tc['seed']}")
 
 
+def kept_by(run: Path) -> str:
+    """How the run's best.safetensors was chosen (its metadata; runs from before --best-by: MSE)."""
+    best_by = rd.load_weights(run / rd.BEST)[1].get("best_by", "mse")
+    return "best validation " + ("loss" if best_by == "loss" else "MSE")
+
+
 def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
            which: str = "best") -> dict:
     """which="best": the bundle ships the run's best-validation weights (as the official trainer
@@ -81,7 +87,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     status = rd.read_status(run)
     steps = status.get("step")
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
-           "weights": "best validation MSE" if b.weights == rd.BEST else "last", "weights_step": step,
+           "weights": kept_by(run) if b.weights == rd.BEST else "last", "weights_step": step,
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
            "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them

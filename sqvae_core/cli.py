@@ -34,6 +34,8 @@ TRAIN_FLAGS = {
     "--net": ("model.net", str, "official (the official SQ-VAE nets, default) | legacy (bundles made before)"),
     "--log-every": ("log_every", int, "steps between metrics rows (default 10)"),
     "--val-every": ("val_every", int, "steps between validation passes"),
+    "--best-by": ("best_by", str, "mse | loss: the validation figure whose lowest value picks best.safetensors "
+                  "(paper preset: loss, as the official trainer)"),
     "--snapshot-every": ("snapshot_every", int, "steps between codebook/usage snapshots"),
     "--checkpoint-every": ("checkpoint_every", int, "steps between checkpoints"),
     "--val-max-images": ("val_max_images", int, "cap on validation images (default: whole split)"),

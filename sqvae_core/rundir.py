@@ -5,7 +5,7 @@
       metrics.jsonl        one JSON object per logged step, appended and flushed live
       status.json          {"state": running|finished|failed|stopped, "step", "error", "pid", ...}
       model.safetensors    last weights (the model only; config in the metadata too)
-      best.safetensors     weights with the best validation MSE so far
+      best.safetensors     weights with the lowest validation MSE (or loss: train --best-by) so far
       checkpoint.pt        full training state for --resume (torch.load(weights_only=True)-safe)
       snapshots/step_XXXXXXXX.safetensors   codebook (float16) + per-code usage over a window
       samples.png, umap.json, prior.safetensors, ...  written by other commands

@@ -52,6 +52,7 @@ LR_SCHEDULES = ("constant", "cosine", "plateau")
 # --compile): it pays off after a few thousand steps. Paper-preset runs are 17,000+ steps.
 COMPILE_AUTO_STEPS = 5000
 VAL_SPLITS = ("random", "last")
+BEST_BY = ("mse", "loss")
 
 
 @dataclass
@@ -97,6 +98,9 @@ class TrainConfig:
     val_split: str = "random"          # "random": a fixed-seed random subset; "last": the last val_size images
     val_max_images: int | None = None  # cap validation images (demo preset); None = whole split
     drop_last: bool = True             # False: each epoch ends with a smaller batch (single process only)
+    # the validation figure whose minimum picks best.safetensors: "mse", or "loss" (the official
+    # trainer's choice for its best.pt: the deterministic validation loss)
+    best_by: str = "mse"
     preset: str | None = None
 
     def validate(self) -> "TrainConfig":
@@ -114,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"plateau factor must be in (0, 1), got {self.plateau_factor}")
         if self.val_split not in VAL_SPLITS:
             raise ValueError(f"val split must be one of {', '.join(VAL_SPLITS)}, got {self.val_split!r}")
+        if self.best_by not in BEST_BY:
+            raise ValueError(f"best-by must be one of {', '.join(BEST_BY)}, got {self.best_by!r}")
         if not self.temperature_init > 0:
             raise ValueError("temperature-init must be > 0")
         return self
@@ -151,7 +157,8 @@ def paper_preset(dataset: str, kind: str) -> dict:
 
     Common to all: batch 32, Adam 1e-3 halved after 3 epochs without improvement of the
     (deterministic) validation loss, validation once per epoch on the last 10,000 training
-    images (MNIST-style 50k/10k, CIFAR-10 40k/10k), no dropped last batch, τ = exp(−1e−5·t).
+    images (MNIST-style 50k/10k, CIFAR-10 40k/10k), best weights by that validation loss,
+    no dropped last batch, τ = exp(−1e−5·t).
     Gaussian: σ²_φ = exp(v) + exp(s), v = 0 for variant I (so a floor of 1). vMF: κ_φ = 1 + exp(s),
     code dimension d + 1 (the official code adds one for the sphere), decoder κ = 1/0.01.
     A folder of images gets CelebA's setting (64x64 RGB); vmf/nc on a folder CelebAMask-HQ's.
@@ -185,7 +192,7 @@ def paper_preset(dataset: str, kind: str) -> dict:
         model.update(image_size=size, image_channels=c)
     return dict(model=model, batch_size=32, lr=1e-3, lr_schedule="plateau", plateau_factor=0.5,
                 plateau_patience=3, epochs=float(p["epochs"]), val_per_epoch=True, val_size=10_000,
-                val_split="last", drop_last=False, temperature_init=1.0, temperature_decay=1e-5,
+                val_split="last", drop_last=False, best_by="loss", temperature_init=1.0, temperature_decay=1e-5,
                 temperature_min=0.0, amp=False)
 
 
@@ -381,7 +388,8 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
 class Progress:
     step: int = 0              # optimizer updates done
     elapsed: float = 0.0       # training seconds, over every process that worked on the run
-    best: float = math.inf     # best validation MSE so far
+    best: float = math.inf     # lowest validation figure so far (the one named by best_by)
+    best_by: str = "mse"
 
 
 class Checkpointer:
@@ -406,7 +414,7 @@ class Checkpointer:
         except Exception as e:  # a truncated or foreign file
             raise rd.BundleError(f"cannot resume: checkpoint is unreadable ({e.__class__.__name__}): {self.path}") from None
         set_rng_state(ck["rng"], self.device)
-        return Progress(int(ck["step"]), float(ck["elapsed"]), float(ck["best"]))
+        return Progress(int(ck["step"]), float(ck["elapsed"]), float(ck["best"]), ck.get("best_by", "mse"))
 
     def save(self, p: Progress, temperature: float) -> None:
         if not self.enabled:
@@ -419,7 +427,7 @@ class Checkpointer:
                             {"step": str(p.step), "config": json.dumps(self.model.cfg.to_dict())})
             rd.atomic_torch_save(self.path, {
                 "model": state, "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "step": p.step, "elapsed": p.elapsed, "best": p.best, "rng": rng_state(self.device),
+                "step": p.step, "elapsed": p.elapsed, "best": p.best, "best_by": p.best_by, "rng": rng_state(self.device),
                 "temperature": temperature})
         except OSError as e:   # disk full, file too large, permissions: the old files survive
             raise OSError(f"could not write the checkpoint at step {p.step} to {self.out} ({e.strerror or e}); "
@@ -566,15 +574,17 @@ def _autocast(cfg: TrainConfig, device: torch.device):
 def validate_and_log(model, val_data: ImageData, cfg: TrainConfig, p: Progress, device, writer, scheduler,
                      out: Path, main: bool) -> dict:
     """One validation pass (deterministic quantization, batches of the training size as the
-    official trainer): a metrics row, best.safetensors on a new best MSE, the plateau LR step."""
+    official trainer): a metrics row, best.safetensors on a new lowest cfg.best_by figure, the
+    plateau LR step."""
     res = evaluate_model(model, val_data.images, device=device, batch_size=cfg.batch_size)
     row = {"step": p.step, "wall_time": time.time(), **{f"val_{m}": res[m] for m in
            ("mse", "perplexity", "entropy", "dead_codes", "loss") if res.get(m) is not None}}
     writer.metrics(row)
-    if res["mse"] < p.best:
-        p.best = res["mse"]
+    if res[cfg.best_by] < p.best:
+        p.best = res[cfg.best_by]
         if main:
-            rd.save_weights(out / rd.BEST, model.state_dict(), {"step": str(p.step), "val_mse": str(p.best)})
+            rd.save_weights(out / rd.BEST, model.state_dict(),
+                            {"step": str(p.step), "best_by": cfg.best_by, f"val_{cfg.best_by}": str(p.best)})
     if cfg.lr_schedule == "plateau":
         scheduler.step(res["loss"])
     model.train()
@@ -608,7 +618,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                   "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
                   "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
                   "world_size": dist.world, "device": device.type}
-    p = Progress()
+    p = Progress(best_by=cfg.best_by)
     resume = resume and ckpt.path.exists()   # killed before its first checkpoint: start over
     if resume:
         p = _restore(ckpt, cfg, out, optimizer, scheduler)
@@ -685,6 +695,8 @@ def _restore(ckpt: Checkpointer, cfg: TrainConfig, out: Path, optimizer, schedul
                 if getattr(cfg.model, k) != v}
         raise ValueError(f"--resume with a different model config than the run's: {diff}")
     p = ckpt.restore()
+    if p.best_by != cfg.best_by:   # a new --best-by on resume: the next validation sets the first best
+        p.best, p.best_by = math.inf, cfg.best_by
     old_lr = float(saved_cfg.get("train", {}).get("lr", cfg.lr))
     if old_lr != cfg.lr:   # a new --lr on resume rescales the schedule from here on
         for g in optimizer.param_groups:

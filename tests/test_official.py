@@ -101,6 +101,7 @@ def test_paper_training_setup():
     assert (cfg.batch_size, cfg.lr, cfg.lr_schedule, cfg.plateau_factor, cfg.plateau_patience) == (32, 1e-3, "plateau", 0.5, 3)
     assert (cfg.epochs, cfg.val_per_epoch, cfg.val_size, cfg.val_split, cfg.drop_last) == (100, True, 10_000, "last", False)
     assert (cfg.temperature_init, cfg.temperature_decay, cfg.temperature_min) == (1.0, 1e-5, 0.0)
+    assert cfg.best_by == "loss" and TrainConfig().best_by == "mse"   # the official best.pt: lowest val loss
     assert cfg.model.net == "official" and cfg.model.arelbo and not cfg.amp and cfg.model.batch_norm
     vae = apply_preset(TrainConfig(model=ModelConfig(kind="vae"), dataset="fashion-mnist"), "paper")
     assert not vae.model.batch_norm      # our VAE baseline decodes its posterior mean: no batch-norm
@@ -141,6 +142,30 @@ def test_plateau_halves_the_lr_after_three_validations_without_gain(monkeypatch)
                          sched, None, main=False)
         lrs.append(opt.param_groups[0]["lr"])
     assert lrs == [1e-3] * 5 + [5e-4] * 2
+
+
+@pytest.mark.parametrize("best_by,kept", [("mse", [1, 2]), ("loss", [1, 3])])
+def test_best_weights_are_kept_at_the_lowest_chosen_validation_figure(tmp_path, monkeypatch, best_by, kept):
+    """best.safetensors is written at each new low of the figure best_by names, never at the
+    other's: the MSE falls at validations 1 and 2, the loss at 1 and 3."""
+    import sqvae_core.train as tr
+    from sqvae_core import rundir as rd
+    cfg = TrainConfig(best_by=best_by)
+    model = build_model(ModelConfig(codebook_size=8, code_dim=8, num_rb=1))
+    figures = iter([(5.0, 10.0), (4.0, 11.0), (4.5, 9.0)])
+    monkeypatch.setattr(tr, "evaluate_model", lambda *a, **k: dict(zip(("mse", "loss"), next(figures))))
+    writer, p, written = SimpleNamespace(metrics=lambda row: None), Progress(best_by=best_by), []
+    for step in (1, 2, 3):
+        p.step = step
+        validate_and_log(model, SimpleNamespace(images=None), cfg, p, torch.device("cpu"), writer, None,
+                         tmp_path, main=True)
+        meta = rd.load_weights(tmp_path / rd.BEST)[1]
+        if int(meta["step"]) == step:
+            written.append(step)
+    assert written == kept and meta["best_by"] == best_by
+    assert float(meta[f"val_{best_by}"]) == {"mse": 4.0, "loss": 9.0}[best_by] == p.best
+    with pytest.raises(ValueError, match="best-by must be one of mse, loss"):
+        TrainConfig(best_by="fd").validate()
 
 
 def test_gaussian_sq_vae_loss_is_the_official_equation():

@@ -41,6 +41,15 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
     val = [r for r in rd.read_metrics(out) if "val_mse" in r]
     assert best == min(val, key=lambda r: r["val_mse"])["step"]
 
+    # kept by MSE, wanted by loss (the paper preset): reusable only if the loss keeps the same weights
+    by_loss = TrainConfig(**{**cfg.__dict__, "best_by": "loss"})
+    loss_step = min(val, key=lambda r: r["val_loss"])["step"]
+    tensors, meta = rd.load_weights(out / rd.BEST)
+    for step, same in ((loss_step, True), (12 - loss_step, False)):     # steps 4 and 8
+        rd.save_weights(out / rd.BEST, tensors, {**meta, "step": str(step)})
+        assert pt.reusable(out, by_loss) is same and pt.reusable(out, cfg)    # (cfg: kept by its own rule)
+    rd.save_weights(out / rd.BEST, tensors, meta)
+
     # a prior counts only with the table's steps, all training grids, and the evaluated weights
     summary = {"steps": 1500, "n_train_grids": 50_000, "weights_step": best}
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps(summary))
@@ -85,6 +94,9 @@ def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
     shipped, meta = rd.load_weights(tmp_path / "ck" / "vq" / rd.WEIGHTS)
     assert all(torch.equal(shipped[k], best[k]) for k in best) and meta["step"] == "4" and "config" in meta
     assert doc["weights_step"] == 4 and doc["weights"] == "best validation MSE" and doc["steps"] == 8
+    rd.save_weights(run / rd.BEST, best, {"step": "4", "best_by": "loss", "val_loss": "2.0"})
+    assert fb.kept_by(run) == "best validation loss"
+    rd.save_weights(run / rd.BEST, best, {"step": "4", "val_mse": "1.0"})
     assert json.loads((run / rd.PRIOR_SUMMARY).read_text())["weights_step"] == 4     # refitted
     b = rd.load_bundle(tmp_path / "ck" / "vq")
     x, _, _ = bundle_split(b, "test")
