@@ -80,14 +80,10 @@ def reusable(out: Path, cfg: TrainConfig) -> bool:
 
 
 def keeps_best_by(out: Path, best_by: str) -> bool:
-    """The run's best.safetensors is the one `best_by` keeps: trained with it, or (a run kept by
-    the other figure, as every run from before --best-by was by MSE) the lowest validation
-    `best_by` falls at the step of the weights it kept (the training is the same either way)."""
-    saved = rd.read_json(out / rd.CONFIG, "config.json").get("train", {}).get("best_by", "mse")
-    if saved == best_by:
-        return True
-    val = [r for r in rd.read_metrics(out) if f"val_{best_by}" in r]
-    return bool(val) and rd.weights_step(out, "best") == min(val, key=lambda r: r[f"val_{best_by}"])["step"]
+    """The run's best.safetensors is the one `best_by` keeps: it was kept by that figure, or (a
+    run kept by the other, as every run from before --best-by was by MSE) that figure's lowest
+    validation value falls at the step of the weights it kept: the training is the same either way."""
+    return best_by in rd.best_kept_by(out) or not (out / rd.BEST).is_file()
 
 
 def prior_fitted(out: Path, steps: int, max_images: int | None, which: str) -> bool:

@@ -165,6 +165,24 @@ def load_weights(path: Path, what: str = "weights") -> tuple[dict[str, torch.Ten
     return tensors, meta
 
 
+def weights_metadata(path: Path, what: str = "weights") -> dict[str, str]:
+    """The metadata of a safetensors file (step, config, best_by, ...), read from its header alone:
+    the tensors are not read. Broken files raise BundleError as in load_weights."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{what} not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read(8)
+        n = int.from_bytes(data, "little")
+        data += f.read(min(n, MAX_HEADER_BYTES))
+    _check_header(data, what, path)
+    try:
+        meta = json.loads(data[8:]).get("__metadata__", {}) or {}
+    except (ValueError, AttributeError):
+        raise BundleError(f"{what} file is corrupt or not safetensors (bad header): {path}") from None
+    return {str(k): str(v) for k, v in meta.items()} if isinstance(meta, dict) else {}
+
+
 def check_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
     """Every tensor `model` expects present with the right shape and dtype kind; nothing extra."""
     check_tensors(model.state_dict(), state, source)
@@ -305,8 +323,25 @@ def weights_path(run_dir: str | Path, which: str = "last") -> Path:
 def weights_step(run_dir: str | Path, which: str = "last") -> int | None:
     """The training step of the weights load_bundle(run_dir, which=which) loads (their metadata)."""
     path = weights_path(run_dir, which)
-    step = load_weights(path)[1].get("step") if path.is_file() else None
+    step = weights_metadata(path).get("step") if path.is_file() else None
     return int(step) if step is not None else None
+
+
+def best_kept_by(run_dir: str | Path) -> list[str]:
+    """The validation figures ("mse", "loss") that keep the run's best.safetensors: the rule it was
+    kept by (its metadata; MSE for runs from before `train --best-by`), and the other one too when
+    that figure's lowest value falls at the same step. [] without best weights."""
+    path = Path(run_dir) / BEST
+    if not path.is_file():
+        return []
+    meta = weights_metadata(path)
+    kept, step = meta.get("best_by", "mse"), int(meta.get("step", -1))
+    rules = [kept]
+    for other in {"mse", "loss"} - {kept}:
+        val = [r for r in read_metrics(Path(run_dir)) if f"val_{other}" in r]
+        if val and min(val, key=lambda r: r[f"val_{other}"])["step"] == step:
+            rules.append(other)
+    return rules
 
 
 def made_from(record: dict, run_dir: str | Path, which: str) -> bool:

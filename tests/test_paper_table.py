@@ -88,12 +88,17 @@ def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
     best = {k: (v + 0.01 if v.is_floating_point() and "codebook" not in k else v) for k, v in last.items()}
     rd.save_weights(run / rd.BEST, best, {"step": "4", "val_mse": "1.0"})
     rd.atomic_write_json(run / rd.PRIOR_SUMMARY, {"steps": 3, "weights_step": 8})   # fitted on the last weights
+    rows = [{**r, "val_loss": 2.0 if r["step"] == 4 else 1.0, "val_mse": 2.0 if r["step"] == 4 else 1.0}
+            if "val_loss" in r else r for r in rd.read_metrics(run)]
+    (run / rd.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))       # lowest both at step 8
     (run / rd.PRIOR).write_bytes(b"stale")
 
     doc = fb.finish(run, tmp_path / "ck", prior_steps=3, n_fd=40, prior_images=200, which="best")
     shipped, meta = rd.load_weights(tmp_path / "ck" / "vq" / rd.WEIGHTS)
     assert all(torch.equal(shipped[k], best[k]) for k in best) and meta["step"] == "4" and "config" in meta
     assert doc["weights_step"] == 4 and doc["weights"] == "best validation MSE" and doc["steps"] == 8
+    rd.save_weights(run / rd.BEST, best, {"step": "8", "val_mse": "1.0"})
+    assert fb.kept_by(run) == "best validation loss and MSE"      # kept by MSE, and the loss is lowest there
     rd.save_weights(run / rd.BEST, best, {"step": "4", "best_by": "loss", "val_loss": "2.0"})
     assert fb.kept_by(run) == "best validation loss"
     rd.save_weights(run / rd.BEST, best, {"step": "4", "val_mse": "1.0"})

@@ -292,3 +292,23 @@ def test_one_error_type_for_bad_files_of_runs_priors_and_classifiers(tmp_path):
     with pytest.raises(rd.BundleError, match="format 'sqvae_core.fd.FeatureClassifier', expected 'sqvae_core.prior"):
         load_prior(tmp_path / "c.safetensors")
     assert isinstance(load_classifier(tmp_path / "c.safetensors"), FeatureClassifier)
+
+
+def test_weights_metadata_is_read_from_the_header_alone(tmp_path):
+    """rd.weights_metadata (the step and best_by of a run's weights) equals load_weights' metadata
+    without reading the tensors: a file torn after its header still gives it (load_weights refuses
+    that file); a file torn inside its header, an empty file or a pickle is a BundleError."""
+    import pickle
+    path = tmp_path / "w.safetensors"
+    rd.save_weights(path, {"x": torch.zeros(1000)}, {"step": "7", "best_by": "loss"})
+    data = path.read_bytes()
+    assert rd.weights_metadata(path) == rd.load_weights(path)[1] == {"step": "7", "best_by": "loss"}
+    end = 8 + int.from_bytes(data[:8], "little")
+    path.write_bytes(data[:end + 10])                       # the tensors torn off
+    assert rd.weights_metadata(path)["step"] == "7"
+    with pytest.raises(rd.BundleError):
+        rd.load_weights(path)
+    for bad in (data[:end - 5], b"", pickle.dumps({"step": 7})):
+        path.write_bytes(bad)
+        with pytest.raises(rd.BundleError):
+            rd.weights_metadata(path)
