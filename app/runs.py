@@ -174,13 +174,30 @@ def last_val_row(rows: list[dict]) -> dict | None:
 
 # --------------------------------------------------------- what a bundle already stores
 def read_eval(path: Path) -> dict | None:
-    """A bundle's eval.json (whole test split, deterministic quantization), if current; else None."""
+    """A bundle's eval.json (whole test split, deterministic quantization), if current and made
+    from the weights the app loads (model.safetensors); else None. A run that
+    scripts/finish_bundles.py scored at its best-validation weights has one of other weights."""
     p = Path(path) / rd.EVAL
     if not _current(p, path):
         return None
     try:
-        return rd.read_json(p, rd.EVAL)
+        doc = rd.read_json(p, rd.EVAL)
+        return doc if rd.made_from(doc, path, "last") else None
     except rd.BundleError:
+        return None
+
+
+def prior_mismatch(path: Path) -> str | None:
+    """Why the run's prior does not belong to the weights the app loads (its prior.json names the
+    step of the weights whose code grids it was fitted on), or None when it does or cannot tell."""
+    try:
+        summary = rd.read_json(Path(path) / rd.PRIOR_SUMMARY, rd.PRIOR_SUMMARY)
+        if rd.made_from(summary, path, "last"):
+            return None
+        return (f"This prior was fitted on the code grids of the step-{summary.get('weights_step')} weights, but "
+                f"the model shown has the step-{rd.weights_step(path)} weights: its codebook differs, so these "
+                f"samples are not this model's. Fit a prior for it with `python -m sqvae_core prior train {path}`.")
+    except (rd.BundleError, OSError):
         return None
 
 

@@ -344,6 +344,34 @@ def test_tab_prior_samples_one_column_per_class_and_a_new_seed_changes_them(env)
     assert not np.array_equal(first, cells(images(at)[0], 2, 10))
 
 
+def test_results_of_other_weights_are_not_shown_as_this_models(env):
+    """A run given its eval.json and prior at its best-validation weights (scripts/finish_bundles.py
+    writes both beside the run) while the app loads its last weights: the Prior tab says the samples
+    are not this model's, and eval.json's figures are not shown as this model's. Every shipped
+    bundle's eval.json and prior belong to its weights."""
+    from app import runs
+    b = env["ck"] / "tiny"
+    try:
+        rundir.atomic_write_json(b / "prior.json", {"steps": 10, "weights_step": 40})
+        at = app("explore", explore_tab="Prior samples")
+        ok(at)
+        assert any("step-40 weights" in w.value for w in at.warning)
+        rundir.atomic_write_json(b / "eval.json", {"test_mse": 1.0, "weights_step": 40})
+        assert runs.read_eval(b) is None
+        rundir.atomic_write_json(b / "eval.json", {"test_mse": 1.0})      # no weights_step: the last weights'
+        assert runs.read_eval(b)["test_mse"] == 1.0
+    finally:
+        for name in ("prior.json", "eval.json"):
+            (b / name).unlink(missing_ok=True)
+    at = app("explore", explore_tab="Prior samples")
+    ok(at)
+    assert not at.warning
+    shipped = [d for d in (ROOT / "checkpoints").iterdir() if (d / "eval.json").is_file()]
+    assert len(shipped) >= 10
+    for d in shipped:
+        assert runs.read_eval(d) is not None and runs.prior_mismatch(d) is None, d.name
+
+
 def test_tab_metrics_plots_the_runs_metrics_jsonl(env):
     at = app("explore", explore_tab="Metrics")
     ok(at)

@@ -337,6 +337,9 @@ def prior_tool(v: View):
     except (ValueError, OSError) as e:
         st.error(f"The prior in {ppath.name} cannot be loaded: {e}")
         return
+    mismatch = runs.prior_mismatch(v.bundle.path)
+    if mismatch:
+        st.warning(mismatch, icon=":material/warning:")
     c1, c2, c3 = st.columns([2, 2, 1])
     ui.keep("prior_temp", 1.0)
     temp = c1.slider("Temperature", 0.1, 2.0, step=0.05, key="prior_temp")
