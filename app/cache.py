@@ -31,19 +31,25 @@ def torch_ready():
 
 # ----------------------------------------------------------------------------- bundles
 @st.cache_resource(max_entries=8, show_spinner=False)
-def _load_bundle(path: str, weights_mtime: int, config_mtime: int):
+def _load_bundle(path: str, which: str, weights_mtime: int, config_mtime: int):
     from sqvae_core.rundir import load_bundle
-    return load_bundle(path, "cpu")
+    return load_bundle(path, "cpu", which=which)
 
 
-def get_bundle(path: Path):
-    """The loaded bundle (model in eval mode on the CPU); BundleError for a broken one."""
+def get_bundle(path: Path, which: str = "last"):
+    """The loaded bundle (model in eval mode on the CPU) with its last or best-validation
+    weights; BundleError for a broken one."""
     torch_ready()
-    return _load_bundle(*bundle_key(path))
+    return _load_bundle(*bundle_key(path, which))
 
 
-def _key(bundle) -> tuple[str, int, int]:
-    return bundle_key(bundle.path)
+def which_weights(bundle) -> str:
+    from sqvae_core.rundir import BEST
+    return "best" if bundle.weights == BEST else "last"
+
+
+def _key(bundle) -> tuple[str, str, int, int]:
+    return bundle_key(bundle.path, which_weights(bundle))
 
 
 # ------------------------------------------------------------------------------ images
@@ -108,7 +114,7 @@ def _quick_eval(key: tuple, n: int) -> dict:
 def evaluation(bundle) -> dict:
     """The bundle's test-split numbers and per-code usage: its eval.json when current and complete
     (usage for a discrete model), else a deterministic evaluation on SQVAE_APP_EVAL_IMAGES images."""
-    stored = stored_evaluation(bundle.path, bundle.model_cfg.codebook_size)
+    stored = stored_evaluation(bundle.path, bundle.model_cfg.codebook_size, which_weights(bundle))
     if stored is not None and (stored["usage"] is not None or not bundle.model.discrete):
         return stored
     return _quick_eval(_key(bundle), settings.eval_images())

@@ -110,15 +110,28 @@ def file_sig(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
-def bundle_key(path: Path) -> tuple[str, int, int]:
-    """Cache key of a bundle: path + weights mtime + config mtime (new weights -> new entry)."""
+def bundle_key(path: Path, which: str = "last") -> tuple[str, str, int, int]:
+    """Cache key of a bundle's model: path, which weights ("last": model.safetensors, "best":
+    best.safetensors), their mtime and the config's (new weights -> new entry)."""
     path = Path(path)
-    return str(path), mtime(path / rd.WEIGHTS), mtime(path / rd.CONFIG)
+    return str(path), which, mtime(rd.weights_path(path, which)), mtime(path / rd.CONFIG)
 
 
-def _current(path: Path, run_dir: Path) -> bool:
+def best_weights(path: Path) -> dict | None:
+    """{"last": step, "best": step, "kept_by": figures} when the run keeps best-validation weights
+    from another step than its last ones (a choice worth offering), else None."""
+    try:
+        last, best = rd.weights_step(path), rd.weights_step(path, "best")
+        if not (Path(path) / rd.BEST).is_file() or best is None or best == last:
+            return None
+        return {"last": last, "best": best, "kept_by": rd.best_kept_by(path)}
+    except (rd.BundleError, OSError, ValueError):
+        return None
+
+
+def _current(path: Path, run_dir: Path, which: str = "last") -> bool:
     """A stored result is current unless the weights were written after it (beyond a clone's skew)."""
-    return path.is_file() and mtime(path) >= mtime(Path(run_dir) / rd.WEIGHTS) - CLOCK_SKEW_NS
+    return path.is_file() and mtime(path) >= mtime(rd.weights_path(run_dir, which)) - CLOCK_SKEW_NS
 
 
 # ------------------------------------------------------------------------ run files
@@ -173,38 +186,39 @@ def last_val_row(rows: list[dict]) -> dict | None:
 
 
 # --------------------------------------------------------- what a bundle already stores
-def read_eval(path: Path) -> dict | None:
+def read_eval(path: Path, which: str = "last") -> dict | None:
     """A bundle's eval.json (whole test split, deterministic quantization), if current and made
-    from the weights the app loads (model.safetensors); else None. A run that
-    scripts/finish_bundles.py scored at its best-validation weights has one of other weights."""
+    from the weights shown (`which`); else None. finish_bundles.py scores a run at its
+    best-validation weights, so the eval.json beside it is not that of its last weights."""
     p = Path(path) / rd.EVAL
-    if not _current(p, path):
+    if not _current(p, path, which):
         return None
     try:
         doc = rd.read_json(p, rd.EVAL)
-        return doc if rd.made_from(doc, path, "last") else None
+        return doc if rd.made_from(doc, path, which) else None
     except rd.BundleError:
         return None
 
 
-def prior_mismatch(path: Path) -> str | None:
-    """Why the run's prior does not belong to the weights the app loads (its prior.json names the
-    step of the weights whose code grids it was fitted on), or None when it does or cannot tell."""
+def prior_mismatch(path: Path, which: str = "last") -> str | None:
+    """Why the run's prior does not belong to the weights shown (its prior.json names the step of
+    the weights whose code grids it was fitted on), or None when it does or cannot tell."""
     try:
         summary = rd.read_json(Path(path) / rd.PRIOR_SUMMARY, rd.PRIOR_SUMMARY)
-        if rd.made_from(summary, path, "last"):
+        if rd.made_from(summary, path, which):
             return None
         return (f"This prior was fitted on the code grids of the step-{summary.get('weights_step')} weights, but "
-                f"the model shown has the step-{rd.weights_step(path)} weights: its codebook differs, so these "
-                f"samples are not this model's. Fit a prior for it with `python -m sqvae_core prior train {path}`.")
+                f"the model shown has the step-{rd.weights_step(path, which)} weights: its codebook differs, so "
+                f"these samples are not this model's. Fit a prior for the last weights with "
+                f"`python -m sqvae_core prior train {path}`.")
     except (rd.BundleError, OSError):
         return None
 
 
-def stored_evaluation(path: Path, codebook_size: int) -> dict | None:
+def stored_evaluation(path: Path, codebook_size: int, which: str = "last") -> dict | None:
     """eval.json in the keys of sqvae_core.evaluate.evaluate_model (mse, perplexity, entropy,
     dead_codes, codebook_size, n_images, usage: K counts or None) plus "source"; None without one."""
-    ev = read_eval(path)
+    ev = read_eval(path, which)
     if ev is None or not isinstance(ev.get("test_mse"), (int, float)):
         return None
     usage = ev.get("usage")

@@ -372,6 +372,38 @@ def test_results_of_other_weights_are_not_shown_as_this_models(env):
         assert runs.read_eval(d) is not None and runs.prior_mismatch(d) is None, d.name
 
 
+def test_a_run_is_explored_at_its_last_or_its_best_validation_weights(env):
+    """A run whose best-validation weights are from another step than its last ones: Explore
+    offers both, and the choice loads best.safetensors (other reconstructions; the card names the
+    file). eval.json counts only for the weights it was made from."""
+    from app import runs
+    run = env["ck"] / "tiny_best"
+    try:
+        make_bundle(run, seed=5)
+        last = rundir.load_weights(run / "model.safetensors")[0]
+        rundir.save_weights(run / "model.safetensors", last, {"step": "50"})
+        best = build_model(ModelConfig(kind="gaussian_1", codebook_size=16, code_dim=16, num_rb=1)).state_dict()
+        rundir.save_weights(run / "best.safetensors", best, {"step": "30", "best_by": "loss"})
+        at = app("explore", bundle="checkpoints/tiny_best", explore_tab="Reconstructions")
+        ok(at)
+        radio = at.radio(key="weights")
+        assert radio.value == "last" and radio.options == ["last (step 50)", "lowest validation loss (step 30)"]
+        shown_last = images(at)[0]
+        assert any("`model.safetensors`" in c.value for c in at.caption)
+        radio.set_value("best").run()
+        ok(at)
+        assert not np.array_equal(images(at)[0], shown_last)
+        assert any("`best.safetensors`" in c.value for c in at.caption)
+        rundir.atomic_write_json(run / "eval.json", {"test_mse": 2.5, "weights_step": 30})
+        assert runs.stored_evaluation(run, 16, "best")["mse"] == 2.5 and runs.stored_evaluation(run, 16) is None
+        at = app("explore", bundle="checkpoints/tiny")       # no best.safetensors: nothing to choose
+        ok(at)
+        assert not at.radio
+    finally:
+        import shutil
+        shutil.rmtree(run, ignore_errors=True)
+
+
 def test_tab_metrics_plots_the_runs_metrics_jsonl(env):
     at = app("explore", explore_tab="Metrics")
     ok(at)

@@ -56,9 +56,9 @@ def no_bundles():
                     raise
 
 
-def model_card(ref, config: dict, ev: dict | None, rows: list[dict], status: dict):
+def model_card(ref, config: dict, ev: dict | None, rows: list[dict], status: dict, weights: str = WEIGHTS):
     """Kind, data, size and test numbers: from ev (eval.json or the quick eval), else the last
-    validation row of metrics.jsonl."""
+    validation row of metrics.jsonl. `weights`: the file the model shown was loaded from."""
     model = config.get("model", {})
     val = runs.last_val_row(rows)
     steps = status.get("step") or (val or {}).get("step") or config.get("train", {}).get("steps")
@@ -76,7 +76,7 @@ def model_card(ref, config: dict, ev: dict | None, rows: list[dict], status: dic
              ("Perplexity", ui.fmt(ppl, 4)), ("Dead codes", ui.fmt(dead))]
     st.html(ui.card_html(items))
     state = status.get("state", "unknown")
-    st.caption(f"**{settings.KIND_LABELS.get(kind, kind)}** · `{ref.label}` · weights `{WEIGHTS}` · "
+    st.caption(f"**{settings.KIND_LABELS.get(kind, kind)}** · `{ref.label}` · weights `{weights}` · "
                f"run state: {state} · metrics from {src}. Test MSE: per-image sum of squared error "
                f"(pixels in [0, 1]); perplexity: exp(H) of the code usage; dead codes: codes no position uses.")
     if state == "failed" and status.get("error"):
@@ -129,6 +129,17 @@ def codebook_map_section(bundle, ev: dict):
 def bundle_selector(labels: list[str]) -> str:
     return st.selectbox("Bundle", labels, key="bundle",
                         help="Trained bundles from the checkpoints directory and runs from the runs directory")
+
+
+def weights_selector(choice: dict | None):
+    """For a run whose best-validation weights are from another step than its last ones: which
+    to explore (the official code evaluates its best checkpoint)."""
+    if choice is None:
+        return
+    rule = " and ".join({"loss": "loss", "mse": "MSE"}[r] for r in sorted(choice["kept_by"]))
+    names = {"last": f"last (step {choice['last']:,})", "best": f"lowest validation {rule} (step {choice['best']:,})"}
+    st.radio("Weights", list(names), format_func=names.get, key="weights", horizontal=True,
+             help="model.safetensors holds the run's last weights, best.safetensors those of its best validation")
 
 
 def continue_page():
@@ -337,7 +348,7 @@ def prior_tool(v: View):
     except (ValueError, OSError) as e:
         st.error(f"The prior in {ppath.name} cannot be loaded: {e}")
         return
-    mismatch = runs.prior_mismatch(v.bundle.path)
+    mismatch = runs.prior_mismatch(v.bundle.path, cache.which_weights(v.bundle))
     if mismatch:
         st.warning(mismatch, icon=":material/warning:")
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -498,11 +509,13 @@ if "bundle" not in st.session_state or st.session_state["bundle"] not in labels:
 # container placed below the title, bundle selector and model card, which are filled in
 # afterwards (and main.py draws the sidebar after the page).
 ref = runs.resolve_label(st.session_state["bundle"])
+choice = runs.best_weights(ref.path)
+which = st.session_state.get("weights", "last") if choice else "last"
 head, maps = st.container(), st.container()
 status = runs.read_status(ref.path)
 rows = runs.read_metrics(ref.path)
 first_run = settings.progressive() and not st.session_state.get("_explore_full")
-stored = runs.first_view(ref.path) if first_run else None
+stored = runs.first_view(ref.path) if first_run and which == "last" else None
 if stored is not None:
     # Progressive first paint from the bundle's files, no torch: the map and the card. The
     # browser's fragment timer (it fires once the browser is free again, i.e. after the map is
@@ -514,6 +527,7 @@ if stored is not None:
     title_slot.title("Explore")
     with head:
         bundle_selector(labels)
+        weights_selector(choice)
         model_card(ref, stored["config"], stored["evaluation"], rows, status)
     end_first_paint()
 
@@ -525,7 +539,7 @@ if is_logged(ref.path):
     ui.stop_page()
 
 try:
-    bundle = cache.get_bundle(ref.path)
+    bundle = cache.get_bundle(ref.path, which)
 except BundleError as e:
     title_slot.title("Explore")
     with head:
@@ -553,9 +567,10 @@ elif not bundle.model.discrete:
 title_slot.title("Explore")
 with head:
     bundle_selector(labels)
+    weights_selector(choice)
     with ui.guard("Model card"):
-        model_card(ref, bundle.config, runs.stored_evaluation(ref.path, bundle.model_cfg.codebook_size) or ev,
-                   rows, status)
+        model_card(ref, bundle.config, runs.stored_evaluation(ref.path, bundle.model_cfg.codebook_size, which) or ev,
+                   rows, status, bundle.weights)
 
 if first_run:
     # Progressive first paint with the model (a bundle that stores no eval.json / map): header
