@@ -396,6 +396,10 @@ def test_a_run_is_explored_at_its_last_or_its_best_validation_weights(env):
         assert any("`best.safetensors`" in c.value for c in at.caption)
         rundir.atomic_write_json(run / "eval.json", {"test_mse": 2.5, "weights_step": 30})
         assert runs.stored_evaluation(run, 16, "best")["mse"] == 2.5 and runs.stored_evaluation(run, 16) is None
+        rundir.save_weights(run / "model.safetensors", last)           # weights without a step (imported, old)
+        at = app("explore", bundle="checkpoints/tiny_best")
+        ok(at)
+        assert at.radio(key="weights").options[0] == "last (step not recorded)"
         at = app("explore", bundle="checkpoints/tiny")       # no best.safetensors: nothing to choose
         ok(at)
         assert not at.radio

@@ -137,7 +137,8 @@ def weights_selector(choice: dict | None):
     if choice is None:
         return
     rule = " and ".join({"loss": "loss", "mse": "MSE"}[r] for r in sorted(choice["kept_by"]))
-    names = {"last": f"last (step {choice['last']:,})", "best": f"lowest validation {rule} (step {choice['best']:,})"}
+    step = {k: f"step {n:,}" if isinstance(n, int) else "step not recorded" for k, n in choice.items() if k != "kept_by"}
+    names = {"last": f"last ({step['last']})", "best": f"lowest validation {rule} ({step['best']})"}
     st.radio("Weights", list(names), format_func=names.get, key="weights", horizontal=True,
              help="model.safetensors holds the run's last weights, best.safetensors those of its best validation")
 
