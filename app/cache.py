@@ -43,13 +43,8 @@ def get_bundle(path: Path, which: str = "last"):
     return _load_bundle(*bundle_key(path, which))
 
 
-def which_weights(bundle) -> str:
-    from sqvae_core.rundir import BEST
-    return "best" if bundle.weights == BEST else "last"
-
-
 def _key(bundle) -> tuple[str, str, int, int]:
-    return bundle_key(bundle.path, which_weights(bundle))
+    return bundle_key(bundle.path, bundle.which)
 
 
 # ------------------------------------------------------------------------------ images
@@ -114,7 +109,7 @@ def _quick_eval(key: tuple, n: int) -> dict:
 def evaluation(bundle) -> dict:
     """The bundle's test-split numbers and per-code usage: its eval.json when current and complete
     (usage for a discrete model), else a deterministic evaluation on SQVAE_APP_EVAL_IMAGES images."""
-    stored = stored_evaluation(bundle.path, bundle.model_cfg.codebook_size, which_weights(bundle))
+    stored = stored_evaluation(bundle.path, bundle.model_cfg.codebook_size, bundle.which)
     if stored is not None and (stored["usage"] is not None or not bundle.model.discrete):
         return stored
     return _quick_eval(_key(bundle), settings.eval_images())

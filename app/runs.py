@@ -117,14 +117,17 @@ def bundle_key(path: Path, which: str = "last") -> tuple[str, str, int, int]:
     return str(path), which, mtime(rd.weights_path(path, which)), mtime(path / rd.CONFIG)
 
 
-def best_weights(path: Path) -> dict | None:
+def best_weights(path: Path, rows: list[dict]) -> dict | None:
     """{"last": step, "best": step, "kept_by": figures} when the run keeps best-validation weights
-    from another step than its last ones (a choice worth offering), else None."""
+    from another step than its last ones (a choice worth offering), else None. `rows`: the run's
+    metrics.jsonl, already read by the page."""
+    if not (Path(path) / rd.BEST).is_file():
+        return None
     try:
         last, best = rd.weights_step(path), rd.weights_step(path, "best")
-        if not (Path(path) / rd.BEST).is_file() or best is None or best == last:
+        if best is None or best == last:
             return None
-        return {"last": last, "best": best, "kept_by": rd.best_kept_by(path)}
+        return {"last": last, "best": best, "kept_by": rd.best_kept_by(path, rows)}
     except (rd.BundleError, OSError, ValueError):
         return None
 

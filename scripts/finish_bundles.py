@@ -62,8 +62,7 @@ def train_command(b: rd.Bundle, run: Path) -> str:
 
 def kept_by(run: Path) -> str:
     """Which lowest validation figure(s) the run's best.safetensors sits at."""
-    names = {"loss": "loss", "mse": "MSE"}
-    return "best validation " + " and ".join(names[r] for r in sorted(rd.best_kept_by(run)))
+    return "best validation " + rd.figures_text(rd.best_kept_by(run))
 
 
 def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
@@ -87,7 +86,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     status = rd.read_status(run)
     steps = status.get("step")
     doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
-           "weights": kept_by(run) if b.weights == rd.BEST else "last", "weights_step": step,
+           "weights": kept_by(run) if b.which == "best" else "last", "weights_step": step,
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
            "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them

@@ -267,6 +267,11 @@ class Bundle:
         return self.config.get("dataset", "fashion-mnist")
 
     @property
+    def which(self) -> str:
+        """"best" or "last": the `which` of load_bundle that names the weights file loaded."""
+        return "best" if self.weights == BEST else "last"
+
+    @property
     def name(self) -> str:
         return self.path.name
 
@@ -327,10 +332,11 @@ def weights_step(run_dir: str | Path, which: str = "last") -> int | None:
     return int(step) if step is not None else None
 
 
-def best_kept_by(run_dir: str | Path) -> list[str]:
+def best_kept_by(run_dir: str | Path, rows: list[dict] | None = None) -> list[str]:
     """The validation figures ("mse", "loss") that keep the run's best.safetensors: the rule it was
     kept by (its metadata; MSE for runs from before `train --best-by`), and the other one too when
-    that figure's lowest value falls at the same step. [] without best weights."""
+    that figure's lowest value falls at the same step. [] without best weights. `rows`: the run's
+    metrics.jsonl when the caller has read it already."""
     path = Path(run_dir) / BEST
     if not path.is_file():
         return []
@@ -338,10 +344,15 @@ def best_kept_by(run_dir: str | Path) -> list[str]:
     kept, step = meta.get("best_by", "mse"), int(meta.get("step", -1))
     rules = [kept]
     for other in {"mse", "loss"} - {kept}:
-        val = [r for r in read_metrics(Path(run_dir)) if f"val_{other}" in r]
+        val = [r for r in (read_metrics(Path(run_dir)) if rows is None else rows) if f"val_{other}" in r]
         if val and min(val, key=lambda r: r[f"val_{other}"])["step"] == step:
             rules.append(other)
     return rules
+
+
+def figures_text(rules: list[str]) -> str:
+    """best_kept_by's figures as words: "loss", "MSE", "loss and MSE"."""
+    return " and ".join({"loss": "loss", "mse": "MSE"}[r] for r in sorted(rules))
 
 
 def made_from(record: dict, run_dir: str | Path, which: str) -> bool:

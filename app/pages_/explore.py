@@ -14,7 +14,7 @@ import streamlit as st
 
 from app import cache, charts, logged, runs, settings, theme, ui
 from app.images import image_grid, mark_box, png_bytes
-from sqvae_core.rundir import PRIOR, WEIGHTS, BundleError, is_logged
+from sqvae_core.rundir import PRIOR, WEIGHTS, BundleError, figures_text, is_logged
 
 ui.page_setup(None, "Explore")
 title_slot = st.container()      # filled after the codebook map: the map is sent first (first paint)
@@ -136,7 +136,7 @@ def weights_selector(choice: dict | None):
     to explore (the official code evaluates its best checkpoint)."""
     if choice is None:
         return
-    rule = " and ".join({"loss": "loss", "mse": "MSE"}[r] for r in sorted(choice["kept_by"]))
+    rule = figures_text(choice["kept_by"])
     step = {k: f"step {n:,}" if isinstance(n, int) else "step not recorded" for k, n in choice.items() if k != "kept_by"}
     names = {"last": f"last ({step['last']})", "best": f"lowest validation {rule} ({step['best']})"}
     st.radio("Weights", list(names), format_func=names.get, key="weights", horizontal=True,
@@ -349,7 +349,7 @@ def prior_tool(v: View):
     except (ValueError, OSError) as e:
         st.error(f"The prior in {ppath.name} cannot be loaded: {e}")
         return
-    mismatch = runs.prior_mismatch(v.bundle.path, cache.which_weights(v.bundle))
+    mismatch = runs.prior_mismatch(v.bundle.path, v.bundle.which)
     if mismatch:
         st.warning(mismatch, icon=":material/warning:")
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -510,11 +510,11 @@ if "bundle" not in st.session_state or st.session_state["bundle"] not in labels:
 # container placed below the title, bundle selector and model card, which are filled in
 # afterwards (and main.py draws the sidebar after the page).
 ref = runs.resolve_label(st.session_state["bundle"])
-choice = runs.best_weights(ref.path)
-which = st.session_state.get("weights", "last") if choice else "last"
 head, maps = st.container(), st.container()
 status = runs.read_status(ref.path)
 rows = runs.read_metrics(ref.path)
+choice = runs.best_weights(ref.path, rows)
+which = st.session_state.get("weights", "last") if choice else "last"
 first_run = settings.progressive() and not st.session_state.get("_explore_full")
 stored = runs.first_view(ref.path) if first_run and which == "last" else None
 if stored is not None:
