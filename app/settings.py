@@ -18,20 +18,15 @@ import os
 from pathlib import Path
 
 from sqvae_core.config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, MODEL_KINDS  # noqa: F401  (one list of kinds)
+from sqvae_core.kinds import DATASETS, KINDS, PRESETS  # noqa: F401  (the catalogue: torch-free)
 
 REPO = Path(__file__).resolve().parents[1]
 SOURCES = ("checkpoints", "runs")          # the two roots the app lists and serves runs from
 UPLOADS = "uploads"                        # the group under the runs root that sidebar uploads go into
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "fashion-mnist-cat8")
-PRESET_CHOICES = ("demo", "none", "paper")  # "none": the trainer's defaults; the others: sqvae_core.train.PRESETS
+PRESET_CHOICES = ("demo", "none", *(p for p in PRESETS if p != "demo"))  # "none": the trainer's defaults
 SQ_VAE_KINDS = tuple(k for k in GAUSSIAN_KINDS if k != "fixed_var")   # Gaussian SQ-VAE I-IV, learned σ²_φ
-KIND_LABELS = {
-    "gaussian_1": "Gaussian SQ-VAE I", "gaussian_2": "Gaussian SQ-VAE II", "gaussian_3": "Gaussian SQ-VAE III",
-    "gaussian_4": "Gaussian SQ-VAE IV", "vmf": "vMF SQ-VAE", "nc": "naive categorical SQ-VAE",
-    "vq": "VQ-VAE", "vq_ema": "VQ-VAE (EMA)", "vq_reset": "VQ-VAE (EMA + reset)",
-    "fixed_var": "fixed σ²_φ SQ", "vae": "Gaussian VAE",
-    "logged": "logged run (RunLogger)",        # app/runs.LOGGED: a run of your own loop, no model
-}
+KIND_LABELS = {**{k: v.label for k, v in KINDS.items()},
+               "logged": "logged run (RunLogger)"}      # app/runs.LOGGED: a run of your own loop, no model
 
 
 def checkpoints_dir() -> Path:

@@ -10,13 +10,17 @@ import json
 import sys
 from pathlib import Path
 
-from .config import CATEGORICAL_KINDS, MODEL_KINDS
+from .config import CATEGORICAL_KINDS
+from .kinds import DATASETS, FAMILIES, PRESETS, kinds_of
+
+KINDS_HELP = "; ".join(f"{label}: {', '.join(kinds_of(fam))}" for fam, label in FAMILIES.items())
 
 # flag -> (TrainConfig field or "model.<field>", type, help)
 TRAIN_FLAGS = {
-    "--model": ("model.kind", str, f"model kind: {', '.join(MODEL_KINDS)}"),
-    "--dataset": ("dataset", str, "fashion-mnist | mnist | cifar10 | fashion-mnist-cat8 | folder:PATH"),
-    "--codebook-size": ("model.codebook_size", int, "K, number of codes"),
+    "--model": ("model.kind", str, f"model kind. {KINDS_HELP}"),
+    "--dataset": ("dataset", str, f"{' | '.join(DATASETS)} | folder:PATH"),
+    "--codebook-size": ("model.codebook_size", int, "K, number of codes (fsq: a product of FSQ levels, "
+                        "lfq: a power of two)"),
     "--code-dim": ("model.code_dim", int, "d, code dimension (also the conv width)"),
     "--num-rb": ("model.num_rb", int, "residual blocks in encoder and decoder"),
     "--image-size": ("model.image_size", int, "image size for folder: datasets (multiple of 4)"),
@@ -30,7 +34,8 @@ TRAIN_FLAGS = {
     "--lr-schedule": ("lr_schedule", str, "constant | cosine | plateau (halve after 3 validations without gain)"),
     "--seed": ("seed", int, "random seed"),
     "--device": ("device", str, "auto | cpu | cuda | mps"),
-    "--preset": ("preset", str, "paper (the official SQ-VAE setup for the dataset) | demo (~2 min on a CPU)"),
+    "--preset": ("preset", str, f"{' | '.join(PRESETS)}: paper (the official SQ-VAE setup for the dataset) | "
+                 "demo (~2 min on a CPU)"),
     "--net": ("model.net", str, "official (the official SQ-VAE nets, default) | legacy (bundles made before)"),
     "--log-every": ("log_every", int, "steps between metrics rows (default 10)"),
     "--val-every": ("val_every", int, "steps between validation passes"),
@@ -48,7 +53,7 @@ TRAIN_FLAGS = {
     "--var-q-floor": ("model.var_q_floor", float, "σ²_φ floor (official variant I code: 1.0)"),
     "--kappa-q-init": ("model.kappa_q_init", float, "initial κ_φ (vmf, nc)"),
     "--kappa-q-floor": ("model.kappa_q_floor", float, "κ_φ floor (official: 1.0)"),
-    "--beta": ("model.beta", float, "VQ commitment weight"),
+    "--beta": ("model.beta", float, "VQ commitment weight (also lfq's, vq_rotation's)"),
 }
 
 

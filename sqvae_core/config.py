@@ -8,18 +8,15 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-# Model kinds, as named on the command line (docs/interface.md). The registry in models.py maps
-# each of these to its class; this tuple is the single list of names.
-MODEL_KINDS = (
-    "gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4",  # Gaussian SQ-VAE variants I-IV
-    "vmf", "nc",                                            # categorical SQ-VAEs
-    "vq", "vq_ema", "vq_reset",                             # VQ-VAE baselines
-    "fixed_var",                                            # stochastic quantization, fixed sigma^2_phi
-    "vae",                                                  # continuous Gaussian VAE reference
-)
-GAUSSIAN_KINDS = ("gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var")
-CATEGORICAL_KINDS = ("vmf", "nc")
-VQ_KINDS = ("vq", "vq_ema", "vq_reset")
+from .kinds import KINDS, check_codebook_size, kinds_of
+
+# Model kinds, as named on the command line (docs/interface.md): the catalogue's (kinds.py), which
+# the registry in models.py maps to classes. The groups below are the catalogue's families.
+MODEL_KINDS = tuple(KINDS)
+GAUSSIAN_KINDS = kinds_of("gaussian")          # Gaussian SQ-VAE I-IV and fixed_var
+CATEGORICAL_KINDS = kinds_of("categorical")    # vmf, nc
+VQ_KINDS = kinds_of("vq")                      # the 2017 VQ-VAE baselines
+MODERN_KINDS = kinds_of("modern")              # FSQ, LFQ, SimVQ, rotation trick (vector-quantize-pytorch)
 
 # Hard limits for configs from untrusted files (a K of 10^9 must be refused, not allocated).
 MAX_CODEBOOK_SIZE = 65536
@@ -110,6 +107,10 @@ class ModelConfig:
              f"codebook size K must be in [2, {MAX_CODEBOOK_SIZE}], got {self.codebook_size}")
         need(2 <= self.code_dim <= MAX_CODE_DIM,
              f"code dim d must be an integer in [2, {MAX_CODE_DIM}], got {self.code_dim}")
+        try:
+            check_codebook_size(self.kind, self.codebook_size)
+        except ValueError as e:
+            need(False, str(e))
         need(self.net in NETS, f"net must be one of {', '.join(NETS)}, got {self.net!r}")
         need(1 <= self.num_rb <= MAX_RES_BLOCKS, f"num_rb must be in [1, {MAX_RES_BLOCKS}], got {self.num_rb}")
         need(2 <= self.num_levels <= 256, f"num_levels must be in [2, 256], got {self.num_levels}")

@@ -65,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DATASETS = ("fashion-mnist", "mnist", "cifar10", "fashion-mnist-cat8")  # plus "folder:PATH"
+from .kinds import DATASETS  # noqa: E402  (the catalogue's names; plus "folder:PATH")
 SPLITS = ("train", "val", "test")
 
 #: Environment variable naming a data directory (checked after the data_dir argument).

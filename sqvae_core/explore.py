@@ -18,7 +18,7 @@ Conventions:
     under no_grad (and restores train mode afterwards if it was set).
   * Inputs may live on any device (they are moved to the model's); every result is on the CPU.
   * Codebook distances: Euclidean for the Gaussian SQ-VAE and VQ-VAE kinds, cosine
-    (1 - cos) for the vMF / NC kinds (config.CATEGORICAL_KINDS); ties are broken by code index.
+    (1 - cos) for the vMF / NC kinds (kinds.py: metric "cosine"); ties are broken by code index.
   * Neighbour ranks follow the paper's Neighbor-k: codes are ranked by distance INCLUDING the code
     itself at rank 1, so Neighbor-1 is the identity (the plain reconstruction) and Neighbor-k
     replaces every code by its (k-1)-th nearest OTHER code.
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import CATEGORICAL_KINDS
+from .kinds import KINDS
 from .models import check_images
 from .rundir import MAPS, MAX_JSON_BYTES, BundleError, atomic_write_json, read_json
 
@@ -95,9 +95,11 @@ def _require_codebook(model, what: str) -> None:
 
 
 def code_metric(model_or_kind) -> str:
-    """'cosine' for vMF / NC models (unit-norm codes), else 'euclidean'."""
+    """The catalogue's metric: 'cosine' for vMF / NC models (unit-norm codes), else 'euclidean'
+    (also for a kind the catalogue does not know, such as a RunLogger run's)."""
     kind = model_or_kind if isinstance(model_or_kind, str) else model_or_kind.cfg.kind
-    return "cosine" if kind in CATEGORICAL_KINDS else "euclidean"
+    entry = KINDS.get(kind)
+    return (entry.metric if entry else None) or "euclidean"
 
 
 def _int(value, name: str) -> int:
