@@ -1,4 +1,5 @@
-"""The model family: Gaussian SQ-VAE I-IV, vMF and NC SQ-VAE, VQ-VAE baselines, a VAE.
+"""The model family: Gaussian SQ-VAE I-IV, vMF and NC SQ-VAE, VQ-VAE baselines, the modern
+collapse fixes (FSQ, LFQ, SimVQ, rotation trick), a VAE.
 
 Every model is   encoder -> quantizer -> decoder -> likelihood   and every forward returns a
 `ModelOutput` holding what the app plots: the loss and its named terms, the reconstruction,
@@ -20,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MODEL_KINDS, ModelConfig
+from .modern import LibraryQuantizer
 from .nets import Decoder, Encoder
 from .quantizers import GaussianSQ, QuantizerOutput, VectorQuantizer, VmfSQ
 from .vmf_norm import log_cf
@@ -188,6 +190,16 @@ class VQVAE(_Autoencoder):
         return F.mse_loss(x_rec, x) / self.cfg.data_variance, {}, x_rec
 
 
+class ModernVQVAE(VQVAE):
+    """FSQ, LFQ, SimVQ and VQ with the rotation trick (vector-quantize-pytorch; modern.py) on the
+    same nets as every other kind, with the VQ baselines' reconstruction term (MSE/data_variance)
+    plus the library quantizer's own loss terms."""
+
+    def __init__(self, cfg: ModelConfig):
+        _Autoencoder.__init__(self, cfg)
+        self.quantizer = LibraryQuantizer(cfg.kind, cfg.codebook_size, cfg.code_dim, cfg.beta, cfg.ema_decay)
+
+
 class _CategoricalSQVAE(_Autoencoder):
     """Grey-level classes c = round(x·(C−1)) in, C logits per pixel out; vMF quantization."""
 
@@ -298,6 +310,7 @@ MODELS: dict[str, type[_Autoencoder]] = {
     "fixed_var": GaussianSQVAE,
     "vmf": VmfSQVAE, "nc": NcSQVAE,
     "vq": VQVAE, "vq_ema": VQVAE, "vq_reset": VQVAE,
+    "fsq": ModernVQVAE, "lfq": ModernVQVAE, "simvq": ModernVQVAE, "vq_rotation": ModernVQVAE,
     "vae": GaussianVAE,
 }
 assert set(MODELS) == set(MODEL_KINDS), "every kind in config.MODEL_KINDS needs a class"

@@ -39,10 +39,11 @@ import torch
 
 from . import rundir as rd
 from .rundir import RunWriter
-from .config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, VQ_KINDS, ModelConfig
+from .config import CATEGORICAL_KINDS, ModelConfig
 from .data import ImageData, dataset_shape, load_dataset
 from .device import resolve_device
 from .evaluate import evaluate_model
+from .kinds import KINDS, PRESETS
 from .models import build_model
 from .quantizers import count_codes_
 
@@ -175,16 +176,10 @@ def paper_preset(dataset: str, kind: str) -> dict:
     model = dict(net="official", codebook_size=p["K"], code_dim=p["d"], num_rb=p["num_rb"], arelbo=True)
     if categorical:
         model.update(code_dim=p["d"] + 1, kappa_q_floor=1.0, kappa_q_init=1.0 + p["s0"], kappa_x_init=100.0)
-    elif kind in ("gaussian_1", "fixed_var"):
-        model.update(var_q_floor=1.0, var_q_init=1.0 + p["s0"])
     else:
-        model.update(var_q_floor=0.0, var_q_init=p["s0"])
-    if kind == "vae":
-        # Not in the paper: our continuous baseline on Fashion-MNIST's nets, without their batch-norm.
-        # It decodes its posterior mean at evaluation, and batch-norm statistics gathered on sampled
-        # latents make that mean decode off-distribution: after 11 epochs with batch-norm, test MSE
-        # 26.9 from the mean (0.93 from a posterior sample); without, validation MSE 8.5.
-        model.update(batch_norm=False)
+        floor = KINDS[kind].paper.get("var_q_floor", 0.0)      # variant I (and fixed_var): 1
+        model.update(var_q_floor=floor, var_q_init=floor + p["s0"])
+    model.update(KINDS[kind].paper)                             # the kind's own settings (kinds.py)
     if base == "folder":
         model.update(image_size=64, image_channels=1 if categorical else 3)
     else:
@@ -201,7 +196,6 @@ def paper_preset(dataset: str, kind: str) -> dict:
 DEMO = dict(model=dict(codebook_size=128, code_dim=32, num_rb=1, var_q_init=10.0),
             batch_size=32, lr=2e-3, steps=1200, log_every=10, val_every=200,
             snapshot_every=50, checkpoint_every=200, val_max_images=1000)
-PRESETS = ("paper", "demo")
 
 
 def apply_preset(cfg: TrainConfig, preset: str, explicit: set[str] = frozenset()) -> TrainConfig:
@@ -371,7 +365,7 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
         val_data.images = val_data.images[:cfg.val_max_images]
     if cfg.model.kind in CATEGORICAL_KINDS and data.levels:
         cfg.model.num_levels = data.levels
-    if cfg.model.kind in VQ_KINDS:
+    if KINDS[cfg.model.kind].vq_reconstruction:
         cfg.model.data_variance = float(data.images.var())
     per_epoch = steps_per_epoch(len(data), cfg.batch_size, dist.world, cfg.drop_last)
     if cfg.epochs:
@@ -440,19 +434,7 @@ class Window:
     one host sync of a log point), and the code usage between two snapshots."""
 
     def __init__(self, kind: str, codebook_size: int, device: torch.device):
-        keys = ["loss", "mse"]
-        if kind != "vae":
-            keys.append("perplexity")
-        if kind in GAUSSIAN_KINDS or kind in CATEGORICAL_KINDS:
-            keys.append("entropy")
-        if kind in GAUSSIAN_KINDS:
-            keys += ["sigma2_q", "sigma2_x"]
-        if kind in CATEGORICAL_KINDS:
-            keys.append("kappa_q")
-        if kind == "vmf":
-            keys.append("kappa_x")
-        if kind == "vae":
-            keys += ["sigma2_x", "kl"]
+        keys = ["loss", "mse", *KINDS[kind].stats]    # the catalogue says what each kind logs
         self.sums = {key: torch.zeros((), device=device) for key in keys}
         self.n = 0
         self.usage = torch.zeros(codebook_size, dtype=torch.long, device=device)
