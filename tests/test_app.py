@@ -681,7 +681,7 @@ def test_compare_sweep_validation_and_race_enqueue(env):
     ok(at)
     jm = _jm(env["runs"])
     stamp = at.session_state["race"]
-    names = [f"race-{stamp}-{k}" for k in ("gaussian_1", "vq", "vq_ema")]
+    names = [f"race-{stamp}-{k}" for k in ("gaussian_1", "vq", "fsq")]   # the default: SQ-VAE, VQ-VAE, FSQ
     states = [jm.job_state(n)["state"] for n in names]
     assert states.count("queued") == 2, states
     assert len([m for m in at.metric]) == 3
@@ -691,6 +691,34 @@ def test_compare_sweep_validation_and_race_enqueue(env):
     while jm.is_running(names[0]) and time.time() - t0 < 60:
         time.sleep(0.5)
     assert not jm.is_running(names[0])
+
+
+def test_race_takes_the_kinds_chosen_and_offers_all_kinds(env):
+    at = app("compare", compare_tab="Collapse race")
+    ok(at)
+    assert at.multiselect(key="race_kinds").value == ["gaussian_1", "vq", "fsq"]
+    at.button(key="race_all").click().run()
+    ok(at)
+    every = at.multiselect(key="race_kinds").value
+    assert {"fsq", "lfq", "simvq", "vq_rotation", "gaussian_1", "vmf"} <= set(every) and "vae" not in every
+    at.multiselect(key="race_kinds").set_value(["simvq", "lfq"])
+    at.number_input(key="race_steps").set_value(3)
+    at.button(key="race_start").click().run()
+    ok(at)
+    jm = _jm(env["runs"])
+    stamp = at.session_state["race"]
+    names = [f"race-{stamp}-{k}" for k in ("lfq", "simvq")]      # catalogue order, whatever the pick order
+    assert [jm.job_state(n)["state"] for n in names].count("queued") == 1
+    assert [m.label for m in at.metric] == ["LFQ (lookup-free quantization)", "SimVQ"]
+    assert jm.stop(names[1]) == "dequeued"
+    jm.stop(names[0])
+    t0 = time.time()
+    while jm.is_running(names[0]) and time.time() - t0 < 60:
+        time.sleep(0.5)
+    assert not jm.is_running(names[0])
+    at.multiselect(key="race_kinds").set_value([])
+    at.button(key="race_start").click().run()
+    assert any("at least one kind" in e.value for e in at.error)
 
 
 @pytest.mark.parametrize("label", ["checkpoints/tiny_vmf", "checkpoints/tiny_vae"])

@@ -1,5 +1,5 @@
 """Compare runs: overlaid curves, a table of final metrics, a sweep launcher and the one-click
-codebook-collapse race (Gaussian SQ-VAE vs VQ-VAE vs VQ-VAE EMA, demo preset)."""
+codebook-collapse race (any set of kinds, demo preset; by default Gaussian SQ-VAE vs VQ-VAE vs FSQ)."""
 from __future__ import annotations
 
 import re
@@ -12,8 +12,11 @@ from app.jobs import ACTIVE
 
 ui.page_setup("Compare", "Compare")
 
-RACE_KINDS = ("gaussian_1", "vq", "vq_ema")
-RACE_RE = re.compile(r"^race-(\d{8}-\d{6}(?:-\d+)?)-(gaussian_1|vq|vq_ema)$")
+# The race: every discrete kind may run; the default is small enough for a talk on 2 cores (one
+# run at a time on a CPU, ~1.5 min each at the demo preset): SQ-VAE, the collapsing VQ-VAE, a modern fix.
+RACE_CHOICES = tuple(k for k in settings.MODEL_KINDS if settings.KINDS[k].discrete)
+RACE_DEFAULT = ("gaussian_1", "vq", "fsq")
+RACE_RE = re.compile(rf"^race-(\d{{8}}-\d{{6}}(?:-\d+)?)-({'|'.join(RACE_CHOICES)})$")
 SKIP_KEYS = {"step", "wall_time", "elapsed"}
 SWEEP_PARAMS = {   # option -> (label, parser)
     "model": ("model kind", str),
@@ -118,30 +121,35 @@ def sweep(jm):
 
 
 # ----------------------------------------------------------------------------- race
-def races() -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {}
-    for ref in runs.list_bundles(("runs",)):
-        m = RACE_RE.match(ref.name)
+def races(jm) -> dict[str, list[str]]:
+    """Every race: its stamp -> its kinds (catalogue order), from the run directories and the job queue."""
+    out: dict[str, set[str]] = {}
+    names = [ref.name for ref in runs.list_bundles(("runs",))] + [q["name"] for q in jm.queue()] + \
+        [j["name"] for j in jm.jobs()]
+    for n in names:
+        m = RACE_RE.match(n)
         if m:
-            out.setdefault(m.group(1), []).append(ref.name)
-    return out
+            out.setdefault(m.group(1), set()).add(m.group(2))
+    return {stamp: [k for k in RACE_CHOICES if k in kinds] for stamp, kinds in out.items()}
 
 
-def race_names(stamp: str) -> list[str]:
-    return [f"race-{stamp}-{k}" for k in RACE_KINDS]
+def race_names(stamp: str, kinds) -> list[str]:
+    return [f"race-{stamp}-{k}" for k in kinds]
 
 
-def race_panel(stamp: str):
+def race_panel(stamp: str, kinds: list[str]):
     jm = cache.job_manager()
-    names = race_names(stamp)
+    names = race_names(stamp, kinds)
     states = {n: jm.job_state(n) for n in names}
-    cols = st.columns(3)
-    for col, n, kind in zip(cols, names, RACE_KINDS):
-        s = states[n]
-        col.metric(settings.KIND_LABELS[kind], s["state"], help=n)
-        col.caption(f"step {runs.latest_step(jm.run_dir(n), s)}" + (f" · queue #{s['position']}" if s.get("position") else ""))
-    rows = {n: runs.read_metrics(jm.run_dir(n)) for n in names}
-    race_rows = [(settings.KIND_LABELS[kind], rows[n]) for n, kind in zip(names, RACE_KINDS)]
+    per_row = 5
+    for i in range(0, len(names), per_row):
+        cols = st.columns(per_row)
+        for col, n, kind in zip(cols, names[i:i + per_row], kinds[i:i + per_row]):
+            s = states[n]
+            col.metric(settings.KIND_LABELS[kind], s["state"], help=n)
+            col.caption(f"step {runs.latest_step(jm.run_dir(n), s)}"
+                        + (f" · queue #{s['position']}" if s.get("position") else ""))
+    race_rows = [(settings.KIND_LABELS[kind], runs.read_metrics(jm.run_dir(n))) for n, kind in zip(names, kinds)]
     left, right = st.columns(2)
     with left:
         theme.plot(charts.race_figure(race_rows, "perplexity", "Perplexity (codes in use; higher is better)",
@@ -157,48 +165,57 @@ def race_panel(stamp: str):
         st.rerun()
 
 
-def race_fragment(stamp: str):
+def race_fragment(stamp: str, kinds: list[str]):
     with ui.guard("Race panel"):
-        race_panel(stamp)
+        race_panel(stamp, kinds)
 
 
 def race(jm):
-    st.markdown("**Codebook collapse race** — Gaussian SQ-VAE vs VQ-VAE vs VQ-VAE (EMA), demo preset, "
-                "started together (queued on a CPU, one after the other). What the SQ-VAE paper leads one to "
-                "expect: SQ-VAE keeps many codes in use (high perplexity, few dead codes) while plain VQ-VAE "
-                "collapses onto a few. Dead codes come from the validation passes (every 200 steps in the demo preset).")
-    c1, c2 = st.columns([1, 3])
-    steps = c1.number_input("Steps (empty = demo preset, 1200)", 1, 1_000_000, value=None, key="race_steps",
-                            placeholder="1200")
-    if c2.button("Start the race", type="primary", key="race_start", icon=":material/sports_score:"):
+    st.markdown("**Codebook collapse race** — any set of model kinds on the demo preset, started together "
+                "(queued on a CPU, one after the other). What the SQ-VAE paper leads one to expect: SQ-VAE keeps "
+                "many codes in use (high perplexity, few dead codes) while plain VQ-VAE collapses onto a few; the "
+                "modern fixes (FSQ, LFQ, SimVQ, rotation trick) are built to avoid collapse too. Dead codes come "
+                "from the validation passes (every 200 steps in the demo preset).")
+    if st.session_state.pop("_race_all", False):
+        st.session_state["race_kinds"] = list(RACE_CHOICES)
+    st.session_state.setdefault("race_kinds", list(RACE_DEFAULT))
+    c0, c1, c2, c3 = st.columns([4, 1, 1, 1], vertical_alignment="bottom")
+    kinds = c0.multiselect("Kinds", RACE_CHOICES, key="race_kinds",
+                           format_func=lambda k: f"{k} — {settings.KIND_LABELS[k]}")
+    if c1.button("All kinds", key="race_all", help=f"all {len(RACE_CHOICES)} kinds with a codebook "
+                 "(about 1.5 min each at the demo preset on a 2-core CPU)"):
+        st.session_state["_race_all"] = True
+        st.rerun()
+    steps = c2.number_input("Steps", 1, 1_000_000, value=None, key="race_steps", placeholder="1200",
+                            help="empty: the demo preset's 1,200")
+    if c3.button("Start the race", type="primary", key="race_start", icon=":material/sports_score:"):
         with ui.guard("Race"):
+            if not kinds:
+                raise ValueError("choose at least one kind for the race")
             stamp = time.strftime("%Y%m%d-%H%M%S")
             i = 1
-            while any((settings.runs_dir() / n).exists() for n in race_names(stamp)):
+            while any((settings.runs_dir() / n).exists() for n in race_names(stamp, kinds)):
                 i += 1
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{i}"
-            for n, kind in zip(race_names(stamp), RACE_KINDS):
+            ordered = [k for k in RACE_CHOICES if k in kinds]
+            for n, kind in zip(race_names(stamp, ordered), ordered):
                 jm.submit(n, {"model": kind, "preset": "demo", "steps": steps})
             st.session_state["race"] = stamp
-    known = races()
-    for n in [q["name"] for q in jm.queue()] + [j["name"] for j in jm.jobs()]:
-        m = RACE_RE.match(n)
-        if m:
-            known.setdefault(m.group(1), [])
-    if st.session_state.get("race") and st.session_state["race"] not in known:
-        known[st.session_state["race"]] = []
+    known = races(jm)
     if not known:
-        st.info("No race yet: press **Start the race**.")
+        st.info("No race yet: choose the kinds and press **Start the race**.")
         return
     stamps = sorted(known, reverse=True)
     if st.session_state.get("race_pick") not in stamps or st.session_state.get("race") != st.session_state.get("_race_applied"):
         st.session_state["race_pick"] = st.session_state.get("race") if st.session_state.get("race") in stamps else stamps[0]
         st.session_state["_race_applied"] = st.session_state.get("race")
-    stamp = st.selectbox("Race", stamps, key="race_pick")
-    states = [jm.job_state(n)["state"] for n in race_names(stamp)]
+    stamp = st.selectbox("Race", stamps, key="race_pick",
+                         format_func=lambda s: f"{s} ({', '.join(known[s])})")
+    kinds = known[stamp]
+    states = [jm.job_state(n)["state"] for n in race_names(stamp, kinds)]
     active = any(s in ACTIVE for s in states)
     st.session_state["_race_active"] = active
-    st.fragment(run_every=settings.refresh_seconds() if active else None)(race_fragment)(stamp)
+    st.fragment(run_every=settings.refresh_seconds() if active else None)(race_fragment)(stamp, kinds)
 
 
 # ----------------------------------------------------------------------------- page

@@ -31,18 +31,28 @@ def other_scalars(rows: list[dict]) -> list[str]:
 
 
 # ------------------------------------------------------------------------- charts
+# the catalogue's annealing panels (sqvae_core.kinds.Kind.anneal): keys and title
+ANNEAL = {"gaussian": (["sigma2_q", "sigma2_x"], "Self-annealing: σ²_φ and σ² (log)"),
+          "vmf": (["kappa_q", "kappa_x"], "Self-annealing: κ_φ and κ (log)"),
+          "nc": (["kappa_q"], "κ_φ (log): NC has no decoder κ to anneal with")}
+
+
 def live_figures(run_dir: Path, rows: list[dict], kind: str | None) -> list[tuple[object, str | None]]:
-    """(figure, caption) of each live panel of a run that has data yet."""
-    anneal = ["kappa_q", "kappa_x"] if kind in settings.CATEGORICAL_KINDS else ["sigma2_q", "sigma2_x"]
-    anneal_title = "Self-annealing: κ_φ and κ (log)" if kind in settings.CATEGORICAL_KINDS else \
-        "Self-annealing: σ²_φ and σ² (log)"
+    """(figure, caption) of each live panel of a run that has data yet. The annealing and Gumbel
+    temperature panels are drawn for the kinds that quantize stochastically (the catalogue's
+    `anneal`); a run of an unknown kind (RunLogger) gets the Gaussian panel, which shows what it logs."""
+    entry = settings.KINDS.get(kind)
+    anneal = ANNEAL["gaussian"] if entry is None else ANNEAL.get(entry.anneal)
+    entropy_title = "Quantization entropy H(P̂(z_q|z)), nats" if entry is None or entry.anneal else \
+        "Per-code entropy of the soft assignment, nats"     # LFQ's (its entropy penalty), not an SQ P̂
     figs = [charts.line_figure(rows, ["loss", "val_loss"], "Loss", names=NAMES),
             charts.line_figure(rows, ["mse", "val_mse"], "MSE (per image)", names=NAMES),
             charts.panels_figure(rows, [["perplexity", "val_perplexity"], ["dead_codes", "val_dead_codes"]],
                                  "Perplexity and dead codes", names=NAMES),
-            charts.line_figure(rows, ["entropy", "val_entropy"], "Quantization entropy H(P̂(z_q|z)), nats", names=NAMES),
-            charts.line_figure(rows, anneal, anneal_title, log_y=True, names=NAMES),
-            charts.line_figure(rows, ["temperature"], "Gumbel-softmax temperature τ", names=NAMES)]
+            charts.line_figure(rows, ["entropy", "val_entropy"], entropy_title, names=NAMES)]
+    if anneal:
+        figs += [charts.line_figure(rows, anneal[0], anneal[1], log_y=True, names=NAMES),
+                 charts.line_figure(rows, ["temperature"], "Gumbel-softmax temperature τ", names=NAMES)]
     if kind == runs.LOGGED:
         other = charts.line_figure(rows, other_scalars(rows), "Other logged scalars", names=NAMES)
         figs.append(other.update_layout(showlegend=True) if other else None)     # names even a lone scalar
@@ -231,9 +241,10 @@ def start_form(jm):
 
 def quick_buttons(jm):
     st.markdown("**One click** (demo preset, ~2 min each on a 2-core CPU):")
-    cols = st.columns(4)
-    for col, (kind, label) in zip(cols, [("gaussian_1", "SQ-VAE (Gaussian I)"), ("vq", "VQ-VAE"),
-                                         ("vq_ema", "VQ-VAE (EMA)"), ("vmf", "vMF SQ-VAE")]):
+    choices = [("gaussian_1", "SQ-VAE (Gaussian I)"), ("vq", "VQ-VAE"), ("vq_ema", "VQ-VAE (EMA)"),
+               ("fsq", "FSQ"), ("vmf", "vMF SQ-VAE")]
+    cols = st.columns(len(choices))
+    for col, (kind, label) in zip(cols, choices):
         if col.button(label, key=f"quick_{kind}", width="stretch", icon=":material/bolt:"):
             with ui.guard("Start"):
                 name, state = jm.start_demo(kind)
