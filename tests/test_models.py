@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from sqvae_core.config import MODEL_KINDS, ModelConfig
+from sqvae_core.kinds import KINDS
 from sqvae_core.models import MODELS, GaussianLikelihood, build_model
 from sqvae_core.quantizers import GaussianSQ, VectorQuantizer, VmfSQ, gumbel_softmax, to_rows
 
@@ -253,10 +254,13 @@ def test_each_kind_overfits_one_batch(kind):
 
 
 def test_every_forward_reports_what_the_app_plots():
+    """What the catalogue says a kind logs (train.Window reads it) is in every training forward's stats,
+    and the hand-written expectations below agree with the catalogue."""
     x = torch.rand(2, 1, 28, 28)
     for kind in MODEL_KINDS:
-        out = build_model(small_cfg(kind))(x)
+        out = build_model(small_cfg(kind)).train()(x)
         keys = set(out.stats)
+        assert set(KINDS[kind].stats) <= keys, (kind, set(KINDS[kind].stats) - keys)
         assert "mse" in keys
         if kind != "vae":
             assert {"perplexity"} <= keys and out.indices.shape == (2, 7, 7)
