@@ -2,7 +2,9 @@
 
     python benchmarks/paper_table.py --quick            # < 20 min on a 2-core CPU
     python benchmarks/paper_table.py --budget paper10   # --preset paper, 11 epochs (17,193 steps); seeds
-                                                        # 0-1 for gaussian_1, vq, vq_ema, seed 0 for the rest
+                                                        # 0-1 for gaussian_1, vq, vq_ema, fsq, simvq, seed 0
+                                                        # for the rest
+    python benchmarks/paper_table.py --budget paper10 --kinds fsq simvq   # only these kinds
     python benchmarks/paper_table.py                    # paper-size models, longer budget (GPU)
     python benchmarks/paper_table.py --budget paper10 --root runs/paper10   # keep the runs; rerunning
                                                         # reuses every finished run and fitted prior
@@ -34,13 +36,15 @@ from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.scores import bundle_split, score_run, train_run_prior  # noqa: E402
 from sqvae_core.train import TrainConfig, apply_preset, steps_per_epoch, train  # noqa: E402
 
-KINDS = ["gaussian_1", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset"]
+KINDS = ["gaussian_1", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "fsq", "lfq", "simvq", "vq_rotation"]
+CATEGORICAL = ["vmf", "nc"]     # on fashion-mnist-cat8: the vMF-vs-NC table
 COLUMNS = [("test_mse", "MSE", 2), ("rfd", "rFD", 3), ("fd_generation", "Gen. FD", 3),
            ("fd_neighbor_3", "Nbr-3 FD", 3), ("fd_neighbor_5", "Nbr-5 FD", 3), ("fd_neighbor_10", "Nbr-10 FD", 3),
            ("fd_interpolation", "Interp. FD", 3), ("perplexity", "perplexity", 1), ("dead_codes", "dead codes", 1)]
 
 
-MULTI_SEED_KINDS = ("gaussian_1", "vq", "vq_ema")   # --budget paper10: the kinds that get every seed
+# --budget paper10: the kinds that get every seed
+MULTI_SEED_KINDS = ("gaussian_1", "vq", "vq_ema", "fsq", "simvq")
 
 
 def budget(mode: str) -> dict:
@@ -114,14 +118,14 @@ def stored_scores(out: Path, n_fd: int, which: str) -> dict | None:
 
 
 def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
-    dataset = "fashion-mnist-cat8" if kind in ("vmf", "nc") else "fashion-mnist"
+    dataset = "fashion-mnist-cat8" if kind in CATEGORICAL else "fashion-mnist"
     out = root / f"{kind}_s{seed}"
     if b.get("preset"):
         cfg = apply_preset(TrainConfig(model=ModelConfig(kind=kind), dataset=dataset, out=str(out), seed=seed,
                                        device=device), b["preset"])
         cfg.epochs, cfg.snapshot_every, cfg.checkpoint_every = b["epochs"], 1000, 2000
     else:
-        steps = b["vmf_steps"] if kind in ("vmf", "nc") else b["steps"]
+        steps = b["vmf_steps"] if kind in CATEGORICAL else b["steps"]
         cfg = TrainConfig(model=ModelConfig(kind=kind, **b["model"]), dataset=dataset, out=str(out), steps=steps,
                           batch_size=b["batch_size"], lr=b["lr"], seed=seed, device=device,
                           val_every=b["val_every"], snapshot_every=steps, checkpoint_every=steps,
@@ -155,7 +159,7 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
         if rows and key in rows[0]:
             mid = min(rows, key=lambda r: abs(r["step"] - rows[-1]["step"] / 2))
             res[f"{key}_first"], res[f"{key}_mid"], res[f"{key}_last"] = rows[0][key], mid[key], rows[-1][key]
-    if kind in ("vmf", "nc"):
+    if kind in CATEGORICAL:
         res["kappa_q_init"] = bundle.model_cfg.kappa_q_init
         return res
     if stored:
@@ -217,9 +221,10 @@ def main():
     p.add_argument("--quick", action="store_true", help="same as --budget quick")
     p.add_argument("--budget", choices=("quick", "paper10", "long"), default=None)
     p.add_argument("--seeds", type=int, default=None, help="seeds per kind (default 3; paper10: 2 for "
-                   "gaussian_1, vq, vq_ema and 1 for the others)")
+                   f"{', '.join(MULTI_SEED_KINDS)} and 1 for the others)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--kinds", nargs="*", default=KINDS)
+    p.add_argument("--kinds", nargs="*", default=KINDS + CATEGORICAL,
+                   help="model kinds to train and score (default: all; vmf and nc train on fashion-mnist-cat8)")
     p.add_argument("--json", default=None, help="also write all per-run results here")
     p.add_argument("--root", default=None, help="keep the runs in ROOT/KIND_sSEED (default: a temporary "
                    "directory); a finished run with the same configuration is reused, not retrained")
@@ -233,7 +238,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.root) if args.root else Path(tmp)
         for seed in range(seeds):
-            for kind in args.kinds + ["vmf", "nc"]:
+            for kind in args.kinds:
                 if seed >= seeds_other and kind not in MULTI_SEED_KINDS:
                     continue
                 r = run_one(kind, seed, b, root, device)
@@ -247,7 +252,7 @@ def main():
           f"Date: {datetime.date.today()}  \nBudget: {json.dumps(b)}, seeds 0..{seeds - 1}  \n"
           f"Wall time: {(time.time() - t0) / 60:.1f} min\n")
     print("## Table 2 layout (Fashion-MNIST, mean ± std over seeds)\n")
-    print(table(results, args.kinds))
+    print(table(results, [k for k in args.kinds if k not in CATEGORICAL]))
     print("\n## vMF vs NC on fashion-mnist-cat8 (self-annealing of κ_φ)\n")
     print(vmf_table(results))
 
