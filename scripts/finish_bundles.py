@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from sqvae_core import explore  # noqa: E402
 from sqvae_core import rundir as rd  # noqa: E402
+from sqvae_core.config import MODEL_KINDS  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.imageio import save_png  # noqa: E402
 from sqvae_core.train import steps_per_epoch  # noqa: E402
@@ -193,7 +194,7 @@ def main():
         finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
-    order = ["gaussian_1", "gaussian_2", "gaussian_3", "gaussian_4", "fixed_var", "vq", "vq_ema", "vq_reset", "vae", "vmf", "nc"]
+    order = list(MODEL_KINDS)           # the catalogue's order
     docs.sort(key=lambda d: order.index(d["kind"]) if d["kind"] in order else 99)
     clf = dest / "fd_classifier" / "fashion-mnist.json"
     write_readme(docs, dest, json.loads(clf.read_text()) if clf.is_file() else None)

@@ -6,7 +6,7 @@
 # Then: python scripts/finish_bundles.py runs/ship --prior-steps 1500 (priors, scores, compact bundles in checkpoints/).
 set -euo pipefail
 out=${1:-runs/ship}; epochs=${2:-11}; shift 2 || true
-kinds=("$@"); [ ${#kinds[@]} -eq 0 ] && kinds=(gaussian_1 vq vq_ema vmf nc gaussian_4 vq_reset fixed_var vae)
+kinds=("$@"); [ ${#kinds[@]} -eq 0 ] && kinds=(gaussian_1 vq vq_ema vmf nc gaussian_4 vq_reset fixed_var vae fsq simvq)
 common=(--preset paper --epochs "$epochs" --snapshot-every 500 --checkpoint-every 1000 --seed 0 --quiet)
 for kind in "${kinds[@]}"; do
   ds=fashion-mnist; case $kind in vmf|nc) ds=fashion-mnist-cat8;; esac

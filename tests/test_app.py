@@ -10,6 +10,7 @@ import io
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from sqvae_core import rundir  # noqa: E402
 from sqvae_core.config import ModelConfig  # noqa: E402
+from sqvae_core.kinds import KINDS  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
 
 TIMEOUT = 60
@@ -733,6 +735,26 @@ def test_explore_other_model_families(env, label):
         assert not at.error, (tab, [e.value for e in at.error])
     if label.endswith("vae"):
         assert any("continuous VAE has no codebook" in i.value for i in at.info)
+
+
+@pytest.mark.parametrize("kind", ["fsq", "simvq"])
+def test_explore_every_tab_of_a_modern_kind(env, kind):
+    """FSQ and SimVQ bundles: every Explore tab works on their effective codebook (FSQ's projected grid
+    of levels, SimVQ's transformed codebook), and the card names the kind by its catalogue label."""
+    run = env["ck"] / f"tiny_{kind}"
+    try:
+        make_bundle(run, kind=kind, seed=6)
+        at = app("explore", bundle=f"checkpoints/tiny_{kind}")
+        ok(at)
+        assert not at.error, [e.value for e in at.error]
+        assert any(KINDS[kind].label in c.value for c in at.caption)
+        for tab in ("Codebook usage", "Neighbor-k", "Interpolate", "Edit codes", "Code gallery", "Metrics"):
+            at.session_state["explore_tab"] = tab
+            at.run()
+            ok(at)
+            assert not at.error, (tab, [e.value for e in at.error])
+    finally:
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def test_jobs_are_stopped_when_the_app_exits(tmp_path):
