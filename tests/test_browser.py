@@ -360,6 +360,64 @@ def test_app_in_browser(servers, browser):
     assert e <= 1.5 * b + 0.5, f"Explore first paint {e:.2f}s vs baseline {b:.2f}s"
 
 
+def race_traces(page) -> list[dict[str, int]]:
+    """{trace name: points} of each chart on the page, in page order (the race: perplexity, dead codes)."""
+    return page.evaluate(
+        """() => [...document.querySelectorAll("[data-testid='stPlotlyChart'] .js-plotly-plot")]
+              .map(p => Object.fromEntries((p.data || []).map(t => [t.name, t.x ? t.x.length : 0])))""")
+
+
+def test_collapse_race_of_four_kinds_runs_to_the_end(servers, browser):
+    """Compare -> Collapse race with gaussian_1, vq, fsq and simvq (the default three plus one picked
+    in the browser), 30 steps each: every run finishes, one after the other, and the live charts
+    carry each kind's perplexity and its validation dead codes."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1500})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(servers["app"] + "/compare")
+    page.get_by_role("tab", name="Collapse race").click()
+    box = page.locator("[data-testid='stMultiSelect']").first
+    box.wait_for(state="visible")
+    box.locator("input").click()
+    box.locator("input").fill("simvq")
+    page.keyboard.press("Enter")
+    page.keyboard.press("Escape")
+    steps = page.get_by_label("Steps", exact=True).and_(page.locator("input"))
+    steps.fill("30")
+    steps.press("Enter")
+    page.wait_for_timeout(500)
+    page.get_by_role("button", name="Start the race").click()
+    labels = ["Gaussian SQ-VAE I", "VQ-VAE", "FSQ (finite scalar quantization)", "SimVQ"]
+    stamp = None
+    t0 = time.time()
+    while time.time() - t0 < 420:
+        races = sorted(p.name for p in servers["runs"].glob("race-*"))
+        stamp = races[0].rsplit("-", 1)[0] if races else None
+        done = [servers["runs"] / f"{stamp}-{k}" / "status.json" for k in ("gaussian_1", "vq", "fsq", "simvq")]
+        if stamp and all(f.is_file() and json.loads(f.read_text())["state"] == "finished" for f in done):
+            break
+        time.sleep(2)
+    else:
+        shot(page, "race_timeout.png")
+        raise AssertionError(f"race did not finish in 420 s: {sorted(p.name for p in servers['runs'].glob('race-*'))}")
+    page.wait_for_timeout(3000)          # the last refresh of the live panel
+    charts = []
+    t1 = time.time()
+    while time.time() - t1 < 60:
+        charts = race_traces(page)
+        if len(charts) == 2 and all(charts[0].get(lab, 0) >= 3 and charts[1].get(lab, 0) >= 1 for lab in labels):
+            break
+        page.wait_for_timeout(1000)
+    assert len(charts) == 2, charts
+    per, dead = charts
+    assert all(per.get(lab, 0) >= 3 for lab in labels), per          # log rows at steps 10, 20, 30
+    assert all(dead.get(lab, 0) >= 1 for lab in labels), dead       # a validation at the last step
+    for lab in labels:
+        expect(page.get_by_text(lab, exact=True).first).to_be_visible()
+    shot(page, "race_four_kinds.png")
+    ctx.close()
+
+
 LOGGED_LOOP = """
 import sys, time, torch
 from sqvae_core import RunLogger

@@ -180,8 +180,8 @@ def race(jm):
         st.session_state["race_kinds"] = list(RACE_CHOICES)
     st.session_state.setdefault("race_kinds", list(RACE_DEFAULT))
     c0, c1, c2, c3 = st.columns([4, 1, 1, 1], vertical_alignment="bottom")
-    kinds = c0.multiselect("Kinds", RACE_CHOICES, key="race_kinds",
-                           format_func=lambda k: f"{k} — {settings.KIND_LABELS[k]}")
+    kinds = c0.multiselect("Kinds", RACE_CHOICES, key="race_kinds",       # chips by name; labels in the help
+                           help="; ".join(f"{k}: {settings.KIND_LABELS[k]}" for k in RACE_CHOICES))
     if c1.button("All kinds", key="race_all", help=f"all {len(RACE_CHOICES)} kinds with a codebook "
                  "(about 1.5 min each at the demo preset on a 2-core CPU)"):
         st.session_state["_race_all"] = True
