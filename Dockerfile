@@ -8,11 +8,14 @@ FROM python:3.11-slim-bookworm
 ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
+# SQVAE_READ_ONLY=1 (docker run -e SQVAE_READ_ONLY=1 ...): visitors explore and compare only; no control
+# starts, stops or resumes trainings or sweeps, uploads bundles or imports checkpoints (README, "Deployment").
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    SQVAE_RUNS=/data/runs
+    SQVAE_RUNS=/data/runs \
+    SQVAE_READ_ONLY=0
 
 # Fashion-MNIST from Debian, so training works offline inside the container.
 RUN apt-get update \

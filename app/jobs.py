@@ -30,6 +30,7 @@ import threading
 import time
 from pathlib import Path
 
+from app.settings import refuse_if_read_only
 from sqvae_core import rundir as rd
 from sqvae_core.cli import TRAIN_FLAGS
 
@@ -209,6 +210,7 @@ class JobManager:
 
     def submit(self, name: str, options: dict, *, resume: bool = False) -> str:
         """Start a training now if a slot is free, else queue it. Returns "running" or "queued"."""
+        refuse_if_read_only("starting or resuming a training")
         check_run_name(name)
         options = {k: v for k, v in dict(options).items() if v is not None and v != ""}
         run_dir = self.root / name
@@ -243,6 +245,7 @@ class JobManager:
 
     def resume(self, name: str, steps: int | None = None) -> str:
         """Continue a stopped/interrupted run from its checkpoint (optionally to a new total of steps)."""
+        refuse_if_read_only("resuming a training")
         run_dir = self.run_dir(name)
         if not (run_dir / rd.CONFIG).is_file():
             raise ValueError(f"run {name!r} has no config.json to resume from")
@@ -254,6 +257,7 @@ class JobManager:
     def stop(self, name: str) -> str:
         """Dequeue a queued job, or SIGTERM a running one (the trainer saves and marks "stopped").
         A logged run (RunLogger) is never signalled: its loop is someone's own process."""
+        refuse_if_read_only("stopping a training")
         check_run_name(name)
         if rd.is_logged(self.root / name):
             return "not running"

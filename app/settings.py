@@ -9,6 +9,9 @@
     SQVAE_APP_REFRESH   seconds between live refreshes of running trainings (default 2)
     SQVAE_APP_THREADS   torch intra-op threads for the app's own model calls (default 1)
     SQVAE_APP_PROGRESSIVE  0 = no progressive first paint on Explore (default 1)
+    SQVAE_READ_ONLY     1 = visitors only look: no control starts, stops, resumes or deletes trainings
+                        or sweeps, uploads bundles or imports checkpoints, and the functions behind them
+                        refuse (default 0)
 
 Read on every call (tests and benchmarks change them between runs). No Streamlit, no torch.
 """
@@ -50,6 +53,21 @@ def _number(name: str, default, kind, lo, hi):
         return min(hi, max(lo, kind(os.environ.get(name, default))))
     except ValueError:
         return kind(default)
+
+
+class ReadOnlyError(PermissionError):
+    """An action a read-only dashboard does not allow."""
+
+
+def read_only() -> bool:
+    """SQVAE_READ_ONLY set to 1/true/yes/on (anything else, or unset: the full app)."""
+    return os.environ.get("SQVAE_READ_ONLY", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def refuse_if_read_only(action: str) -> None:
+    """The one check behind every control that changes what the server runs or stores."""
+    if read_only():
+        raise ReadOnlyError(f"this dashboard is read-only (SQVAE_READ_ONLY=1): {action} is turned off")
 
 
 def umap_enabled() -> bool:

@@ -43,6 +43,10 @@ def sidebar_widgets():
     with st.sidebar:
         st.toggle("Demo mode (large type, high contrast)", key="demo_mode", on_change=_sync_demo_param)
         st.caption(f"Bundles: `{settings.checkpoints_dir()}`  \nRuns: `{settings.runs_dir()}`")
+        if settings.read_only():
+            st.caption(":material/visibility: Read-only dashboard: explore and compare; uploads, imports and "
+                       "training controls are off (SQVAE_READ_ONLY).")
+            return
         upload_bundle()
         upload_official()
 
@@ -68,10 +72,11 @@ def upload_bundle():
     st.session_state["_uploaded"] = up.file_id
     name = upload_name(up.name)
     try:
+        settings.refuse_if_read_only("uploading a bundle")
         (settings.runs_dir() / settings.UPLOADS).mkdir(parents=True, exist_ok=True)
         dest = rd.import_bundle_zip(up.getvalue(), settings.runs_dir() / settings.UPLOADS, name)
         st.success(f"Uploaded as `runs/{settings.UPLOADS}/{dest.name}`; choose it in the bundle list.")
-    except (rd.BundleError, OSError) as e:
+    except (rd.BundleError, OSError) as e:       # ReadOnlyError is an OSError (PermissionError)
         st.error(f"Upload refused: {e}")
 
 
@@ -111,6 +116,7 @@ def upload_official():
     st.session_state["_imported"] = files
     (ckpt,), (config,) = ckpts, configs
     try:
+        settings.refuse_if_read_only("importing a checkpoint")
         big = [u.name for u in (ckpt, config) if u.size > rd.MAX_UPLOAD_BYTES]
         if big:
             raise rd.BundleError(f"{big[0]} is too large (limit {rd.MAX_UPLOAD_BYTES} bytes)")

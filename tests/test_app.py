@@ -757,6 +757,36 @@ def test_explore_every_tab_of_a_modern_kind(env, kind):
         shutil.rmtree(run, ignore_errors=True)
 
 
+def test_read_only_dashboard_draws_no_control_and_its_functions_refuse(env, monkeypatch, tmp_path):
+    """SQVAE_READ_ONLY=1: Train live shows runs but no start form, one-click runs, Stop or Resume; the
+    race no start; the sidebar no uploader; and JobManager and the upload path refuse by themselves."""
+    from app import settings, ui
+    from app.jobs import JobManager
+    monkeypatch.setenv("SQVAE_READ_ONLY", "1")
+    at = app("train", watch="crashed")          # an interrupted run: Resume would be offered
+    ok(at)
+    labels = {b.label for b in at.button}
+    assert not labels & {"Start training", "Stop", "Resume", "SQ-VAE (Gaussian I)", "FSQ"}, labels
+    assert any("Read-only dashboard" in i.value for i in at.info)
+    assert len(at.sidebar.file_uploader) == 0 and any("Read-only" in c.value for c in at.sidebar.caption)
+    at = app("compare", compare_tab="Collapse race")
+    ok(at)
+    assert not {"Start the race", "All kinds"} & {b.label for b in at.button}
+    jm = JobManager(tmp_path / "runs", 1, start_thread=False)
+    for action in (lambda: jm.submit("x", {"model": "vq"}), lambda: jm.start_demo("fsq"),
+                   lambda: jm.resume("crashed"), lambda: jm.stop("crashed")):
+        with pytest.raises(settings.ReadOnlyError, match=r"read-only \(SQVAE_READ_ONLY=1\)"):
+            action()
+    assert not (tmp_path / "runs" / "x").exists()
+    with pytest.raises(settings.ReadOnlyError, match="uploading a bundle"):
+        settings.refuse_if_read_only("uploading a bundle")
+    monkeypatch.setenv("SQVAE_READ_ONLY", "0")
+    assert not settings.read_only() and ui.settings.read_only() is False
+    at = app("train")
+    ok(at)
+    assert {"Start training", "FSQ"} <= {b.label for b in at.button}
+
+
 def test_jobs_are_stopped_when_the_app_exits(tmp_path):
     """A JobManager's atexit handler SIGTERMs its running trainings: they end "stopped", no orphans.
     The trainings run under nice 10 (SQVAE_JOB_NICE)."""

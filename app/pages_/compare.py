@@ -176,6 +176,31 @@ def race(jm):
                 "many codes in use (high perplexity, few dead codes) while plain VQ-VAE collapses onto a few; the "
                 "modern fixes (FSQ, LFQ, SimVQ, rotation trick) are built to avoid collapse too. Dead codes come "
                 "from the validation passes (every 200 steps in the demo preset).")
+    if settings.read_only():
+        st.caption(":material/visibility: Read-only dashboard: races already run can be watched; starting "
+                   "one is turned off (SQVAE_READ_ONLY).")
+    else:
+        race_controls(jm)
+    known = races(jm)
+    if not known:
+        st.info("No race yet: choose the kinds and press **Start the race**." if not settings.read_only()
+                else "No race has been run here.")
+        return
+    stamps = sorted(known, reverse=True)
+    if st.session_state.get("race_pick") not in stamps or st.session_state.get("race") != st.session_state.get("_race_applied"):
+        st.session_state["race_pick"] = st.session_state.get("race") if st.session_state.get("race") in stamps else stamps[0]
+        st.session_state["_race_applied"] = st.session_state.get("race")
+    stamp = st.selectbox("Race", stamps, key="race_pick",
+                         format_func=lambda s: f"{s} ({', '.join(known[s])})")
+    kinds = known[stamp]
+    states = [jm.job_state(n)["state"] for n in race_names(stamp, kinds)]
+    active = any(s in ACTIVE for s in states)
+    st.session_state["_race_active"] = active
+    st.fragment(run_every=settings.refresh_seconds() if active else None)(race_fragment)(stamp, kinds)
+
+
+def race_controls(jm):
+    """Kinds, steps and the start button of a new race."""
     if st.session_state.pop("_race_all", False):
         st.session_state["race_kinds"] = list(RACE_CHOICES)
     st.session_state.setdefault("race_kinds", list(RACE_DEFAULT))
@@ -201,21 +226,6 @@ def race(jm):
             for n, kind in zip(race_names(stamp, ordered), ordered):
                 jm.submit(n, {"model": kind, "preset": "demo", "steps": steps})
             st.session_state["race"] = stamp
-    known = races(jm)
-    if not known:
-        st.info("No race yet: choose the kinds and press **Start the race**.")
-        return
-    stamps = sorted(known, reverse=True)
-    if st.session_state.get("race_pick") not in stamps or st.session_state.get("race") != st.session_state.get("_race_applied"):
-        st.session_state["race_pick"] = st.session_state.get("race") if st.session_state.get("race") in stamps else stamps[0]
-        st.session_state["_race_applied"] = st.session_state.get("race")
-    stamp = st.selectbox("Race", stamps, key="race_pick",
-                         format_func=lambda s: f"{s} ({', '.join(known[s])})")
-    kinds = known[stamp]
-    states = [jm.job_state(n)["state"] for n in race_names(stamp, kinds)]
-    active = any(s in ACTIVE for s in states)
-    st.session_state["_race_active"] = active
-    st.fragment(run_every=settings.refresh_seconds() if active else None)(race_fragment)(stamp, kinds)
 
 
 # ----------------------------------------------------------------------------- page

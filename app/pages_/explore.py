@@ -44,7 +44,7 @@ def no_bundles():
         "(env `SQVAE_RUNS`). Train one from a terminal:\n\n"
         f"```bash\npython -m sqvae_core train --model gaussian_1 --preset demo --out {settings.runs_dir()}/demo\n```\n\n"
         "(about two minutes on a 2-core CPU), or start the same demo training here and watch it live:")
-    if st.button("Train a demo model", type="primary", key="train_demo"):
+    if not settings.read_only() and st.button("Train a demo model", type="primary", key="train_demo"):
         with ui.guard("Starting the demo training"):
             name, state = cache.job_manager().start_demo()
             st.success(f"Demo training `{name}` {state}. Open **Train live** to watch it.")

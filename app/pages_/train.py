@@ -108,13 +108,14 @@ def watch_panel(name: str) -> str:
     head = st.columns([4, 1, 1])
     head[0].markdown(f"### {STATE_ICON.get(state, '')} `{name}` — {state}"
                      + (f" · {settings.KIND_LABELS.get(kind, kind)}" if kind else ""))
-    if state in ACTIVE and not logged:
+    controls = not logged and not settings.read_only()   # read-only: visitors watch, nothing more
+    if state in ACTIVE and controls:
         if head[1].button("Stop", key=f"stop_{name}", type="primary", icon=":material/stop:"):
             res = jm.stop(name)
             st.toast(f"{name}: {res}")
             info = jm.job_state(name)
             state = info["state"]
-    if state in ("stopped", "interrupted") and (run_dir / CONFIG).is_file() and not logged:
+    if state in ("stopped", "interrupted") and (run_dir / CONFIG).is_file() and controls:
         if head[1].button("Resume", key=f"resume_{name}", type="primary", icon=":material/play_arrow:"):
             with ui.guard("Resume"):
                 res = jm.resume(name)
@@ -262,12 +263,16 @@ def run_names(jm) -> list[str]:
 
 # ---------------------------------------------------------------------------- page
 jm = cache.job_manager()
-quick_buttons(jm)
-start_form(jm)
+if settings.read_only():
+    st.info("Read-only dashboard: the trainings below can be watched; starting, stopping and resuming "
+            "them is turned off (SQVAE_READ_ONLY).", icon=":material/visibility:")
+else:
+    quick_buttons(jm)
+    start_form(jm)
 
 names = run_names(jm)
 if not names:
-    st.info(f"No runs yet in `{settings.runs_dir()}`. Start one above.")
+    st.info(f"No runs yet in `{settings.runs_dir()}`." + ("" if settings.read_only() else " Start one above."))
     ui.stop_page()
 
 states = {n: jm.job_state(n) for n in names}
