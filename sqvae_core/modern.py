@@ -11,7 +11,7 @@
                  the library's EMA codebook update
 
 The quantization math is the library's: this module only builds its classes with the keyword
-arguments below (README, "Model kinds", says why each is not the default), calls them, and turns
+arguments below (the README's table of the modern kinds says why each is not the default), calls them, and turns
 what they return into a `QuantizerOutput`. Code usage (perplexity, dead codes) is counted from the
 indices the library returns, the same way as for every other kind.
 
