@@ -5,7 +5,7 @@ between encoder and decoder, trained on the Fashion-MNIST subset shipped inside 
 offline). vector-quantize-pytorch reports no perplexity or code usage of its own; RunLogger
 derives them from the indices it returns and writes a run directory the app reads live.
 
-    pip install vector-quantize-pytorch        # optional dependency (requirements-dev.txt)
+    pip install -r requirements.txt            # vector-quantize-pytorch comes with it
     python examples/own_loop_vector_quantize.py --out runs/own_vq --steps 600    # ~25 s on an idle 2-core CPU
     sqvae list runs                            # runs/own_vq   logged   fashion-mnist  K=64 ...
     streamlit run app/main.py                  # Train live / Compare: pick own_vq

@@ -2,7 +2,6 @@
 right by hand; its status is honest; its writes are atomic; it reads device values only at log points."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -226,8 +225,6 @@ def test_never_overwrites_a_trained_run_and_replaces_a_logged_one_only_when_aske
 
 
 # ------------------------------------------------------------------------------ example
-@pytest.mark.skipif(importlib.util.find_spec("vector_quantize_pytorch") is None,
-                    reason="vector-quantize-pytorch is not installed (optional: requirements-dev.txt)")
 def test_example_vector_quantize_loop_writes_a_listed_logged_run(tmp_path):
     out = tmp_path / "runs" / "own_vq"
     res = subprocess.run([sys.executable, "examples/own_loop_vector_quantize.py", "--out", str(out), "--steps", "20",
