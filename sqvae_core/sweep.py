@@ -163,6 +163,7 @@ def parse_grid(items: list[str]) -> dict[str, list]:
             except ValueError:
                 raise ValueError(f"--grid {flag}: {v!r} is not {'an' if typ is int else 'a'} "
                                  f"{ {int: 'integer', float: 'number', str: 'string'}[typ]}") from None
+        check_grid_values(flag, parsed)
         grid[flag] = parsed
     return grid
 
@@ -229,10 +230,11 @@ def _trial(config: dict) -> None:
     cfg = trial_config(config["_shared"], params, run_dir)
     torch.set_num_threads(max(1, int(config["_cpus"])))
     node = ray.get_runtime_context().get_node_id()
-    tune_ended = []
+    tune_ended, reported = [], []
 
     def on_validation(row: dict):
         try:
+            reported.append(row["step"])
             report({**row, "node": node, "run": name})
         except SystemExit:                    # Tune stops the trial inside report
             tune_ended.append(row["step"])
@@ -244,6 +246,14 @@ def _trial(config: dict) -> None:
         raise RuntimeError(result["error"])
     if tune_ended:
         raise SystemExit(0)                   # Tune's own way out of a stopped trial
+    if not reported:                          # it had finished before (a driver killed before it knew)
+        from . import rundir as rd
+        rows = [r for r in rd.read_metrics(run_dir) if spec_metric(config) in r]
+        report({**(rows[-1] if rows else {"step": result["step"]}), "node": node, "run": name})
+
+
+def spec_metric(config: dict) -> str:
+    return config.get("_metric", "val_mse")
 
 
 # ----------------------------------------------------------------------------- sweep.json
@@ -424,7 +434,7 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log=print) -> dict:
     n_new = spec.samples - len(doc["trials"]) if spec.search == "optuna" else 0
     if kept:
         log(f"continuing the sweep in {out}: {kept} trial(s) already over are kept")
-    base = {"_out": str(out), "_shared": spec.train_flags, "_cpus": spec.cpus_per_trial}
+    base = {"_out": str(out), "_shared": spec.train_flags, "_cpus": spec.cpus_per_trial, "_metric": spec.metric}
     interrupted = False
     if todo or n_new > 0:
         started_ray = False
