@@ -116,13 +116,15 @@ def _number(v) -> bool:
 def parallel_figure(trials: list[dict], metric: str) -> go.Figure | None:
     """Sweep trials from their params to a final metric (parallel coordinates), coloured by it.
 
-    trials: sweep.json entries ({"name", "params", "metrics"}). A param whose values are all
-    numbers gets a numeric axis; any other (model kind, dataset) one tick per value. Trials
-    without the metric yet are left out; None if none has it."""
+    trials: sweep.json entries ({"name", "params", "metrics"}). One axis per param that varies
+    among them: numeric if all its values are numbers, else one tick per value (model kind,
+    dataset). Trials without the metric yet are left out; None if none has it."""
     done = [t for t in trials if _number((t.get("metrics") or {}).get(metric))]
     if not done:
         return None
     names = list(dict.fromkeys(k for t in done for k in (t.get("params") or {})))
+    varying = [n for n in names if len({str((t.get("params") or {}).get(n)) for t in done}) > 1]
+    names = varying or names          # a value every trial shares says nothing here
     dims = []
     for name in names:
         vals = [(t.get("params") or {}).get(name) for t in done]
@@ -138,8 +140,8 @@ def parallel_figure(trials: list[dict], metric: str) -> go.Figure | None:
     fig = go.Figure(go.Parcoords(
         line=dict(color=ys, colorscale=SCALE, showscale=True, colorbar=dict(title=dict(text=metric))),
         dimensions=[{k: v for k, v in d.items() if v is not None} for d in dims]))
-    _layout(fig, 360, f"Params → final {metric} ({len(done)} trials)")
-    fig.update_layout(margin=dict(l=60, r=40, t=70, b=30))
+    _layout(fig, 360, f"Params → final {metric} ({len(done)} trial{'s' if len(done) > 1 else ''})")
+    fig.update_layout(margin=dict(l=60, r=40, t=90, b=30))
     return fig
 
 

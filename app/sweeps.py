@@ -4,7 +4,7 @@
                                            launch the command in its own session, log in OUT/sweep.log
     list_sweeps(root)                      directories under the runs root that hold a sweep.json
     view(out)                              sweep.json + each trial's metrics rows and run status
-    stop(out)                              SIGINT to the sweep's process group: Tune stops every trial,
+    stop(out)                              SIGINT to the sweep command (Ctrl-C): Tune stops every trial,
                                            each run directory stays resumable
 
 The app never runs Ray trials in its own process: the command does (on the local Ray, or on
@@ -125,7 +125,7 @@ def _is_our_sweep(pid: int) -> bool:
 
 
 def stop(out: Path) -> str:
-    """SIGINT to the sweep's process group (Tune stops its trials, the command writes sweep.json)."""
+    """SIGINT to the sweep's driver, as Ctrl-C: Tune stops its trials, the command writes sweep.json."""
     doc = read_sweep(out)
     if not doc or not is_running(doc) or doc.get("host") not in (None, os.uname().nodename):
         return "not running"
@@ -133,7 +133,7 @@ def stop(out: Path) -> str:
     if not _is_our_sweep(pid):
         return "not running"
     try:
-        os.killpg(os.getpgid(pid), signal.SIGINT)
+        os.kill(pid, signal.SIGINT)           # the driver only: Tune then stops the trials itself
     except (ProcessLookupError, PermissionError):
         return "not running"
     return "stopping"

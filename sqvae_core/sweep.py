@@ -465,13 +465,24 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log=print) -> dict:
         except KeyboardInterrupt:
             interrupted = True
         finally:
-            if started_ray:
-                ray.shutdown()
+            with _no_interrupts():   # a second Ctrl-C (or Ray's own on shutdown) must not skip the wrap-up
+                if started_ray:
+                    ray.shutdown()
+                interrupted = _wrap_up(doc, out, recorder, interrupted)
+    else:
+        interrupted = _wrap_up(doc, out, recorder, interrupted)
+    counts = {s: sum(t["state"] == s for t in doc["trials"]) for s in TRIAL_STATES}
+    return {"state": doc["state"], "counts": counts}
+
+
+def _wrap_up(doc: dict, out: Path, recorder, interrupted: bool) -> bool:
+    """After Tune: trials not over were stopped by a Ctrl-C (or the driver's end); their run
+    directories say "stopped" at their checkpoint, which a re-run of the command resumes."""
+    from . import rundir as rd
     unfinished = [t for t in doc["trials"] if t["state"] in ("pending", "running")]
     interrupted = interrupted or bool(unfinished)
-    for t in unfinished:   # Ctrl-C (Tune stopped them): resumable from their checkpoints by a re-run
+    for t in unfinished:
         run = out / t["name"]
-        from . import rundir as rd
         if (run / rd.STATUS).is_file() and rd.read_status(run).get("state") in ("running", "interrupted"):
             step = _run_step(run)
             _write_run_status(run, "stopped", step, f"the sweep was interrupted; its checkpoint at step {step} "
@@ -479,8 +490,24 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log=print) -> dict:
         t.update(state="pending", error="interrupted: run the sweep command again to continue")
     doc.update(state="interrupted" if interrupted else "finished", finished=time.time())
     recorder.save()
-    counts = {s: sum(t["state"] == s for t in doc["trials"]) for s in TRIAL_STATES}
-    return {"state": doc["state"], "counts": counts}
+    return interrupted
+
+
+class _no_interrupts:
+    """SIGINT ignored inside the block (main thread only; elsewhere nothing changes)."""
+
+    def __enter__(self):
+        import signal
+        import threading
+        self.old = None
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def __exit__(self, *exc):
+        import signal
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        return False
 
 
 def _trial_entry(config: dict) -> None:

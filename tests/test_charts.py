@@ -154,6 +154,8 @@ SWEEP_TRIALS = [
     {"name": "t002", "params": {"lr": 0.004, "model": "vq"}, "metrics": {"step": 20, "val_mse": 50.0}},
     {"name": "t003", "params": {"lr": 0.008, "model": "vq"}, "metrics": None},          # no validation yet
 ]
+for _t in SWEEP_TRIALS:
+    _t["params"]["num-rb"] = 1                        # shared by all: no axis
 
 
 def test_parallel_figure_numeric_and_categorical_axes_to_the_metric():
