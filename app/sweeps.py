@@ -6,6 +6,7 @@
     view(out)                              sweep.json + each trial's metrics rows and run status
     stop(out)                              SIGINT to the sweep command (Ctrl-C): Tune stops every trial,
                                            each run directory stays resumable
+    resume(out)                            the same command again, rebuilt from sweep.json's spec
 
 The app never runs Ray trials in its own process: the command does (on the local Ray, or on
 the cluster at $RAY_ADDRESS, which the command joins by itself), and the Sweep tab reads
@@ -77,8 +78,44 @@ def start(out: Path, grid: dict, options: dict, **kw) -> int:
     doc = read_sweep(out) if (out / SWEEP_FILE).is_file() else None
     if doc and is_running(doc):
         raise ValueError(f"the sweep in {out.name} is still running")
+    return _launch(out, sweep_argv(out, grid, options, **kw))
+
+
+def spec_argv(spec: dict, out: Path, python: str | None = None) -> list[str]:
+    """The command line of the sweep a sweep.json's spec describes: running it again continues it."""
+    from sqvae_core.cli import SWITCH_FLAGS
+    argv = [python or sys.executable, "-m", "sqvae_core", "sweep", "--out", str(out)]
+    for flag, values in spec["grid"].items():
+        argv += ["--grid", f"{flag}={','.join(str(v) for v in values)}"]
+    for key in ("samples", "search", "scheduler", "metric", "mode", "grace", "cpus_per_trial", "gpus_per_trial",
+                "max_failures", "max_concurrent"):
+        if spec.get(key) is not None:
+            argv += [f"--{key.replace('_', '-')}", str(spec[key])]
+    for dest, value in spec.get("train_flags", {}).items():
+        if dest in SWITCH_FLAGS:
+            argv += [f"--{dest.replace('_', '-')}"] if value else []
+        elif dest == "compile":
+            argv.append("--compile" if value else "--no-compile")
+        else:
+            argv += [f"--{dest.replace('_', '-')}", str(value)]
+    return argv
+
+
+def resume(out: Path) -> int:
+    """Run an interrupted sweep's command again (it keeps the trials that are over); returns the pid."""
+    doc = read_sweep(out)
+    if not doc or "spec" not in doc:
+        raise ValueError(f"{Path(out).name} holds no sweep.json to resume")
+    if is_running(doc):
+        raise ValueError(f"the sweep in {Path(out).name} is still running")
+    return _launch(Path(out), spec_argv(doc["spec"], Path(out)))
+
+
+def _launch(out: Path, argv: list[str]) -> int:
+    _reap()
+    if str(out.resolve()) in _PROCS:
+        raise ValueError(f"a sweep in {out.name} was just started from here and is still running")
     out.mkdir(parents=True, exist_ok=True)
-    argv = sweep_argv(out, grid, options, **kw)
     shown = " ".join(argv[1:])
     nice, nice_bin = job_nice(), shutil.which("nice")
     if nice and nice_bin:

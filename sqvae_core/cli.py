@@ -401,7 +401,8 @@ def cmd_sweep(args) -> int:
     spec = SweepSpec.from_args(args).validate()     # a bad grid: one line, before Ray starts
     summary = run_sweep(spec, address=args.address, log=lambda msg: print(msg, file=sys.stderr))
     counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items() if n)
-    print(f"sweep {summary['state']}: {counts} -> {spec.out}/sweep.json", file=sys.stderr)
+    hint = "; run the same command again to continue it" if summary["state"] == "interrupted" else ""
+    print(f"sweep {summary['state']}: {counts} -> {spec.out}/sweep.json{hint}", file=sys.stderr)
     return 130 if summary["state"] == "interrupted" else (1 if summary["counts"].get("failed") else 0)
 
 

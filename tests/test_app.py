@@ -719,6 +719,23 @@ def make_sweep(out: Path) -> None:
     (out / "sweep.json").write_text(json.dumps(doc))
 
 
+def test_sweep_resume_command_is_the_same_sweep(tmp_path):
+    """Compare's Resume rebuilds the command from sweep.json's spec: the same sweep (identity), so
+    `sqvae sweep` continues it instead of refusing it as another one."""
+    from dataclasses import asdict
+
+    from app import sweeps
+    from sqvae_core.cli import build_parser
+    from sqvae_core.sweep import SweepSpec
+    argv = ["sweep", "--out", str(tmp_path / "s"), "--grid", "lr=0.0005,0.002", "--grid", "model=vq,gaussian_1",
+            "--scheduler", "asha", "--grace", "2", "--samples", "2", "--steps", "40", "--no-arelbo", "--no-compile",
+            "--data-dir", str(tmp_path), "--max-concurrent", "3"]
+    spec = SweepSpec.from_args(build_parser().parse_args(argv)).validate()
+    doc_spec = json.loads(json.dumps(asdict(spec)))
+    again = SweepSpec.from_args(build_parser().parse_args(sweeps.spec_argv(doc_spec, tmp_path / "s")[3:]))
+    assert again.identity() == spec.identity() and again.max_concurrent == 3
+
+
 def test_compare_sweep_tab_shows_a_sweep_directory(env):
     make_sweep(env["runs"] / "sw-demo")
     at = app("compare", compare_tab="Sweep", sw_pick="sw-demo")

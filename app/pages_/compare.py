@@ -136,6 +136,12 @@ def sweep_view(out):
         col.metric(s.capitalize(), counts[s])
     if state == "running" and c[5].button("Stop sweep", key="sw_stop", icon=":material/stop:"):
         st.toast(f"{out.name}: {sweeps.stop(out)}")
+    if state == "interrupted" and c[5].button("Resume sweep", key="sw_resume", icon=":material/play_arrow:",
+                                              help="Run the sweep's command again: finished trials are kept, the "
+                                                   "others continue from their checkpoints"):
+        sweeps.resume(out)
+        st.session_state["_sw_running"] = True
+        st.rerun()
     spec = doc.get("spec") or {}
     if spec:
         st.caption(f"{spec.get('search')} search · {spec.get('scheduler')} scheduler · metric {spec.get('metric')} "
