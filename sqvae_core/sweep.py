@@ -327,7 +327,12 @@ class SweepRecorder:
                                   f"stopped by the {self.spec.scheduler} scheduler at step {step}")
             self.set(trial, state="stopped", error=f"stopped by the {self.spec.scheduler} scheduler at step {step}")
         else:
-            self.set(trial, state="finished")
+            from . import rundir as rd
+            run_state = rd.read_status(self.out / e["name"]).get("state")
+            if run_state == "finished":
+                self.set(trial, state="finished")
+            else:       # Tune ended it without a scheduler's decision (the sweep's end): not over
+                self.set(trial, state="pending", error=f"ended {run_state} before its last step")
 
     def on_trial_recover(self, iteration, trials, trial, **info):
         self.set(trial, state="pending", failures=trial.num_failures, error=_error_line(trial))
@@ -440,6 +445,8 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log=print) -> dict:
         started_ray = False
         if not ray.is_initialized():
             env = {k: os.environ[k] for k in ("PYTHONPATH", "SQVAE_DATA", "SQVAE_OFFLINE") if k in os.environ}
+            if "SQVAE_DATA" in env:        # trials run in Ray's working directory
+                env["SQVAE_DATA"] = os.path.abspath(env["SQVAE_DATA"])
             local = address is None and not os.environ.get("RAY_ADDRESS")
             kwargs = dict(include_dashboard=False, object_store_memory=200 << 20) if local else {}
             ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,

@@ -260,6 +260,7 @@ def test_asha_stops_the_bad_trial_which_stays_resumable(cluster, tmp_path):
 @pytest.mark.slow
 def test_ctrl_c_leaves_runs_resumable_and_rerun_continues(tmp_path):
     """The command on its own local Ray: SIGINT mid-sweep, then the same command finishes it."""
+    pytest.importorskip("ray")
     out = tmp_path / "cc"
     argv = ["--out", str(out), "--grid", "seed=0,1", "--steps", "400", "--max-concurrent", "1", *TINY_ARGS]
     env = {**os.environ, "RAY_DEDUP_LOGS": "0"}
