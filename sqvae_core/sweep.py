@@ -448,9 +448,11 @@ def run_sweep(spec: SweepSpec, address: str | None = None, log=print) -> dict:
             if "SQVAE_DATA" in env:        # trials run in Ray's working directory
                 env["SQVAE_DATA"] = os.path.abspath(env["SQVAE_DATA"])
             local = address is None and not os.environ.get("RAY_ADDRESS")
-            kwargs = dict(include_dashboard=False, object_store_memory=200 << 20) if local else {}
-            ray.init(address=address, runtime_env={"env_vars": env} if env else None, log_to_driver=True,
-                     logging_level="WARNING", **kwargs)
+            # "local": a new Ray of our own, never a cluster ray.init would find running on this machine
+            kwargs = dict(address="local", include_dashboard=False, object_store_memory=200 << 20) if local \
+                else dict(address=address)
+            ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True, logging_level="WARNING",
+                     **kwargs)
             started_ray = True
         try:
             if spec.search == "optuna":
