@@ -530,9 +530,9 @@ def _trial_entry(config: dict) -> None:
 def _optuna(spec: SweepSpec, doc: dict, todo: list[dict]):
     """OptunaSearch (TPE) over the grid's values as categorical choices, told the trials already
     over and proposing the unfinished ones first (they resume under their names: _resume_names)."""
-    from ray import tune
+    from optuna.distributions import CategoricalDistribution
     from ray.tune.search.optuna import OptunaSearch
-    search = OptunaSearch(space={k: tune.choice(v) for k, v in spec.grid.items()}, metric=spec.metric,
+    search = OptunaSearch(space={k: CategoricalDistribution(v) for k, v in spec.grid.items()}, metric=spec.metric,
                           mode=spec.mode, seed=RANDOM_SEED,
                           points_to_evaluate=[t["params"] for t in todo] or None)
     for t in doc["trials"]:

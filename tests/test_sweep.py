@@ -294,3 +294,17 @@ def test_ctrl_c_leaves_runs_resumable_and_rerun_continues(tmp_path):
     assert doc["state"] == "finished" and all(t["state"] == "finished" for t in doc["trials"])
     cfg = json.loads((out / first / rd.CONFIG).read_text())
     assert cfg["resumed_from_step"] == st["step"]
+
+
+@pytest.mark.slow
+def test_optuna_search_names_its_trials_and_a_rerun_keeps_them(cluster, tmp_path):
+    pytest.importorskip("optuna")
+    out = tmp_path / "tpe"
+    spec = spec_for(out, {"lr": [0.0005, 0.001, 0.002, 0.004], "code-dim": [4, 8]}, search="optuna", samples=3)
+    assert run_sweep(spec)["counts"]["finished"] == 3
+    doc = read_sweep(out)
+    assert len(doc["trials"]) == 3 and all(t["name"].startswith("optuna_") for t in doc["trials"])
+    for t in doc["trials"]:
+        assert t["params"]["lr"] in spec.grid["lr"] and t["params"]["code-dim"] in spec.grid["code-dim"]
+        assert json.loads((out / t["name"] / rd.CONFIG).read_text())["model"]["code_dim"] == t["params"]["code-dim"]
+    assert run_sweep(spec)["counts"]["finished"] == 3 and len(read_sweep(out)["trials"]) == 3
