@@ -529,6 +529,7 @@ def test_sweep_tab_live_while_a_sweep_runs(servers, browser):
         shot_page = page.screenshot
         page.set_viewport_size({"width": 1440, "height": 1900})
         page.wait_for_timeout(1000)
+        page.locator(PLOT).first.wait_for(state="visible")          # not between two live refreshes
         shot_page(path=str(shots / "sweep_tab_running.png"))
         page.get_by_role("button", name="Stop sweep").click()
         sweep_state = page.locator("[data-testid='stMetric']").filter(has=page.get_by_text("Sweep", exact=True))
