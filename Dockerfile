@@ -1,6 +1,8 @@
 # SQ-VAE Explorer: the Streamlit app on the shipped checkpoints, CPU by default.
 #   docker build -t sqvae-explorer .
 #   docker run -p 8501:8501 sqvae-explorer          # then open http://localhost:8501
+# Sweeps started from the app run a local Ray (requirements.txt: ray[tune]); give it shared memory:
+#   docker run --shm-size=512m -p 8501:8501 sqvae-explorer
 # CUDA wheels instead of the CPU build:
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t sqvae-explorer:cuda .
 FROM python:3.11-slim-bookworm

@@ -108,6 +108,67 @@ def race_figure(runs: list[tuple[str, list[dict]]], key: str, title: str, val_ke
     return fig
 
 
+# ------------------------------------------------------------------------------ sweeps
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
+def parallel_figure(trials: list[dict], metric: str) -> go.Figure | None:
+    """Sweep trials from their params to a final metric (parallel coordinates), coloured by it.
+
+    trials: sweep.json entries ({"name", "params", "metrics"}). One axis per param that varies
+    among them: numeric if all its values are numbers, else one tick per value (model kind,
+    dataset). Trials without the metric yet are left out; None if none has it."""
+    done = [t for t in trials if _number((t.get("metrics") or {}).get(metric))]
+    if not done:
+        return None
+    names = list(dict.fromkeys(k for t in done for k in (t.get("params") or {})))
+    varying = [n for n in names if len({str((t.get("params") or {}).get(n)) for t in done}) > 1]
+    names = varying or names          # a value every trial shares says nothing here
+    dims = []
+    for name in names:
+        vals = [(t.get("params") or {}).get(name) for t in done]
+        if all(_number(v) for v in vals):
+            dims.append(dict(label=name, values=vals))
+        else:
+            cats = sorted({str(v) for v in vals})
+            dims.append(dict(label=name, values=[cats.index(str(v)) for v in vals],
+                             tickvals=list(range(len(cats))), ticktext=cats,
+                             range=[-0.5, len(cats) - 0.5] if len(cats) == 1 else None))
+    ys = [t["metrics"][metric] for t in done]
+    dims.append(dict(label=metric, values=ys))
+    fig = go.Figure(go.Parcoords(
+        line=dict(color=ys, colorscale=SCALE, showscale=True, colorbar=dict(title=dict(text=metric))),
+        dimensions=[{k: v for k, v in d.items() if v is not None} for d in dims]))
+    _layout(fig, 360, f"Params → final {metric} ({len(done)} trial{'s' if len(done) > 1 else ''})")
+    fig.update_layout(margin=dict(l=60, r=40, t=90, b=30))
+    return fig
+
+
+def trial_curves_figure(runs: dict[str, list[dict]], metric: str, stopped: set[str] = frozenset(),
+                        *, log_y: bool = False) -> go.Figure:
+    """One metric of every trial of a sweep; a trial the scheduler stopped is dashed, ends in an
+    x and says "(stopped)" in its legend entry."""
+    fig = go.Figure()
+    for i, (name, rows) in enumerate(runs.items()):
+        xs, ys = series(rows, metric)
+        if not xs:
+            continue
+        color = PALETTE[i % len(PALETTE)]
+        if name in stopped:
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=f"{name} (stopped)", mode="lines+markers",
+                                     line=dict(color=color, dash="dash"),
+                                     marker=dict(color=color, size=[6] * (len(xs) - 1) + [13],
+                                                 symbol=["circle"] * (len(xs) - 1) + ["x"])))
+        else:
+            fig.add_trace(go.Scatter(x=xs, y=ys, name=name, mode=_mode(metric, len(xs)), line=dict(color=color)))
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title=metric, type="log" if log_y else "linear")
+    _layout(fig, 400, f"{metric} of every trial")
+    fig.update_layout(legend=LEGEND_BELOW)
+    return fig
+
+
 # ------------------------------------------------------------------------ the codebook
 def map_figure(points: list[dict], title: str) -> go.Figure:
     """Codebook map: live codes coloured by log10(1+usage), dead codes as ✕ (clickable points)."""

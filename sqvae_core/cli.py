@@ -57,6 +57,20 @@ TRAIN_FLAGS = {
 }
 
 
+def add_train_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that make a TrainConfig (train_config): `sqvae train`'s and every sweep trial's."""
+    for flag, (_, typ, help_) in TRAIN_FLAGS.items():
+        p.add_argument(flag, type=typ, default=None, help=help_)
+    p.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the training step (~20 s of compiling first). Default: on for runs "
+                        "of 5,000+ steps where the device can compile (CPU: g++), off otherwise")
+    p.add_argument("--amp", action="store_true", default=None,
+                   help="bf16 autocast (faster on recent GPUs; changes the numerics, off in every preset)")
+    p.add_argument("--no-arelbo", action="store_true", default=None, help="learn σ² instead of ARELBO")
+    p.add_argument("--no-batch-norm", action="store_true", default=None, help="nets without batch-norm")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="sqvae", description="SQ-VAE Explorer: train, evaluate and explore "
                                 "stochastically quantized VAEs and their VQ-VAE baselines.")
@@ -65,19 +79,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model and write a run directory")
     t.add_argument("--out", required=True, help="run directory to write")
-    for flag, (_, typ, help_) in TRAIN_FLAGS.items():
-        t.add_argument(flag, type=typ, default=None, help=help_)
+    add_train_flags(t)
     t.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    t.add_argument("--deterministic", action="store_true", default=None, help="deterministic algorithms")
-    t.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the training step (~20 s of compiling first). Default: on for runs "
-                        "of 5,000+ steps where the device can compile (CPU: g++), off otherwise")
-    t.add_argument("--amp", action="store_true", default=None,
-                   help="bf16 autocast (faster on recent GPUs; changes the numerics, off in every preset)")
-    t.add_argument("--no-arelbo", action="store_true", default=None, help="learn σ² instead of ARELBO")
-    t.add_argument("--no-batch-norm", action="store_true", default=None, help="nets without batch-norm")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
     t.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
+
+    sw = sub.add_parser("sweep", help="hyperparameter sweep on Ray Tune (local or a cluster); trials are runs",
+                        description="Train one run per trial on Ray Tune and write DIR/<trial>/ run directories "
+                                    "and DIR/sweep.json. Every train flag not in a --grid is shared by all trials.")
+    sw.add_argument("--out", required=True, metavar="DIR", help="sweep directory (shared by every node and the app)")
+    sw.add_argument("--grid", action="append", default=[], metavar="FLAG=V1,V2",
+                    help="a train flag without its dashes and its values, e.g. lr=0.001,0.002 (repeatable)")
+    sw.add_argument("--samples", type=int, default=1,
+                    help="grid: repeats of every grid point; random/optuna: number of trials")
+    sw.add_argument("--search", default="grid", help="grid | random | optuna (TPE; needs `pip install optuna`)")
+    sw.add_argument("--scheduler", default="fifo", help="fifo (every trial to its end) | asha (early stopping)")
+    sw.add_argument("--metric", default="val_mse", help="validation figure for asha/optuna (default val_mse)")
+    sw.add_argument("--mode", default="min", help="min | max")
+    sw.add_argument("--grace", type=int, default=1,
+                    help="asha: validation passes every trial gets before it can be stopped")
+    sw.add_argument("--address", default=None,
+                    help="Ray cluster to join (auto = the running one, also via $RAY_ADDRESS); default: a local Ray")
+    sw.add_argument("--cpus-per-trial", type=float, default=1.0)
+    sw.add_argument("--gpus-per-trial", type=float, default=0.0)
+    sw.add_argument("--max-failures", type=int, default=2, help="retries of a trial whose worker or node dies")
+    sw.add_argument("--max-concurrent", type=int, default=None, help="cap on trials running at once")
+    add_train_flags(sw)
+    sw.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     e = sub.add_parser("eval", help="evaluate a run with deterministic quantization")
     e.add_argument("run_dir")
@@ -153,29 +181,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------- commands
-def cmd_train(args) -> int:
+SWITCH_FLAGS = {   # argparse dest -> (TrainConfig field or "model.<field>", value when given)
+    "deterministic": ("deterministic", True),
+    "amp": ("amp", True),
+    "no_arelbo": ("model.arelbo", False),
+    "no_batch_norm": ("model.batch_norm", False),
+}
+
+
+def flag_dest(flag: str) -> str:
+    """"--codebook-size" -> "codebook_size" (argparse's attribute name)."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def train_config(flags: dict, out: str | Path, resume: bool = False):
+    """The TrainConfig of `sqvae train` for its flags, shared by `sqvae sweep`'s trials.
+
+    flags: argparse dests of TRAIN_FLAGS and SWITCH_FLAGS plus "compile" -> value; None (or
+    absent) = not given. Defaults, then the preset for the dataset and kind, then the explicit
+    flags on top (they win over a preset). With resume and a config.json in `out`, the run's
+    saved config replaces defaults and preset."""
     from . import rundir as rd
-    from .train import TrainConfig, apply_preset, train
-    explicit_model, explicit = set(), {}
+    from .train import TrainConfig, apply_preset
+    explicit = {}
     for flag, (target, _, _) in TRAIN_FLAGS.items():
-        v = getattr(args, flag.lstrip("-").replace("-", "_"))
+        v = flags.get(flag_dest(flag))
         if v is not None:
             explicit[target] = v
-    if args.deterministic:
-        explicit["deterministic"] = True
-    if args.compile is not None:
-        explicit["compile"] = args.compile
-    if args.amp:
-        explicit["amp"] = True
-    if args.no_arelbo:
-        explicit["model.arelbo"] = False
-    if args.no_batch_norm:
-        explicit["model.batch_norm"] = False
-    out = Path(args.out)
+    for dest, (target, value) in SWITCH_FLAGS.items():
+        if flags.get(dest):
+            explicit[target] = value
+    if flags.get("compile") is not None:
+        explicit["compile"] = flags["compile"]
+    out = Path(out)
     if (out / rd.CONFIG).is_file() and rd.read_json(out / rd.CONFIG, "config.json").get("source") == rd.LOGGED_SOURCE:
         raise ValueError(f"{out} holds a logged run (RunLogger), which sqvae train can neither resume nor "
                          f"replace; choose another --out")
-    if args.resume and (out / rd.CONFIG).is_file():
+    if resume and (out / rd.CONFIG).is_file():
         saved = rd.read_json(out / rd.CONFIG, "config.json")
         cfg = TrainConfig.from_dict({**saved.get("train", {}), "model": saved["model"]})
     else:
@@ -196,11 +238,17 @@ def cmd_train(args) -> int:
             apply_preset(cfg, preset, {t.split(".")[-1] for t in explicit})
     for target, v in explicit.items():
         if target.startswith("model."):
-            explicit_model.add(target)
             setattr(cfg.model, target[6:], v)
         else:
             setattr(cfg, target, v)
     cfg.out = str(out)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .train import train
+    out = Path(args.out)
+    cfg = train_config(vars(args), out, resume=args.resume)
     result = train(cfg, resume=args.resume, progress=not args.quiet)
     if result["state"] == "failed":
         print(f"error: training failed: {result['error']}", file=sys.stderr)
@@ -353,7 +401,17 @@ def cmd_import_official(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "list": cmd_list, "prior": cmd_prior, "explore": cmd_explore,
+def cmd_sweep(args) -> int:
+    from .sweep import SweepSpec, run_sweep
+    spec = SweepSpec.from_args(args).validate()     # a bad grid: one line, before Ray starts
+    summary = run_sweep(spec, address=args.address, log=lambda msg: print(msg, file=sys.stderr))
+    counts = ", ".join(f"{n} {s}" for s, n in summary["counts"].items() if n)
+    hint = "; run the same command again to continue it" if summary["state"] == "interrupted" else ""
+    print(f"sweep {summary['state']}: {counts} -> {spec.out}/sweep.json{hint}", file=sys.stderr)
+    return 130 if summary["state"] == "interrupted" else (1 if summary["counts"].get("failed") else 0)
+
+
+COMMANDS = {"train": cmd_train, "sweep": cmd_sweep, "eval": cmd_eval, "list": cmd_list, "prior": cmd_prior, "explore": cmd_explore,
             "import-official": cmd_import_official}
 
 

@@ -31,6 +31,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -264,11 +265,17 @@ def init_distributed(device_name: str) -> tuple[Dist, torch.device]:
 
 # ----------------------------------------------------------------------- helpers
 class StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step."""
+    """SIGINT/SIGTERM set a flag; the loop checkpoints and exits at the next step.
+
+    Signal handlers can only be installed from the main thread; a loop run in another thread
+    (a Ray Tune trial runs its function in one) keeps its host's handlers and is stopped
+    through `on_validation` instead."""
 
     def __init__(self):
         self.signal: str | None = None
         self._old = {}
+        if threading.current_thread() is not threading.main_thread():
+            return
         for s in (signal.SIGINT, signal.SIGTERM):
             self._old[s] = signal.signal(s, self._handler)
 
@@ -574,8 +581,14 @@ def validate_and_log(model, val_data: ImageData, cfg: TrainConfig, p: Progress, 
 
 
 def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data: ImageData | None = None,
-          val_data: ImageData | None = None) -> dict:
-    """Train and write cfg.out. Returns the final status dict. cfg itself is not modified."""
+          val_data: ImageData | None = None, on_validation=None) -> dict:
+    """Train and write cfg.out. Returns the final status dict. cfg itself is not modified.
+
+    on_validation(row): called with each validation row (rank 0) after a checkpoint of that very
+    step has been written, so that whoever receives the row (a sweep's scheduler) may end the run
+    there and leave it resumable. A return value that is a string stops the run: state "stopped"
+    with that string as the reason. A checkpoint costs no random numbers: the weights stay those
+    of a run without the hook."""
     dist, device = init_distributed(cfg.device)
     cfg, data, val_data = resolve(cfg, dist, data, val_data, device)
     out = Path(cfg.out)
@@ -635,7 +648,15 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                 writer.snapshot(p.step, model.codebook_vectors(), window.usage)
                 window.usage.zero_()
             if dist.main and (p.step % cfg.val_every == 0 or p.step == cfg.steps):
-                validate_and_log(model, val_data, cfg, p, device, writer, scheduler, out, dist.main)
+                row = validate_and_log(model, val_data, cfg, p, device, writer, scheduler, out, dist.main)
+                if on_validation is not None:
+                    p.elapsed = time.time() - t_start
+                    ckpt.save(p, temperature_at(cfg, p.step))
+                    writer.status("running", p.step)
+                    reason = on_validation(row)
+                    if isinstance(reason, str):
+                        state, error = "stopped", reason
+                        break
             if p.step % cfg.checkpoint_every == 0 and p.step < cfg.steps:
                 p.elapsed = time.time() - t_start
                 ckpt.save(p, temperature_at(cfg, p.step))

@@ -670,11 +670,14 @@ def test_compare_curves_table_and_metric_switch(env):
 def test_compare_sweep_validation_and_race_enqueue(env):
     at = app("compare", compare_tab="Sweep")
     ok(at)
-    at.selectbox(key="sw_param").set_value("lr")
-    at.text_input(key="sw_values").set_value("0.001, fast")
-    [b for b in at.button if b.label == "Enqueue sweep"][0].click().run()
+    at.text_area(key="sw_grid").set_value("lr=0.001,fast")
+    [b for b in at.button if b.label == "Start sweep"][0].click().run()
     ok(at)
-    assert any("not a valid learning rate" in e.value for e in at.error)
+    assert [e.value for e in at.error] == ["Sweep: --grid lr: 'fast' is not a number"]
+    at.text_area(key="sw_grid").set_value("model=vq,gaussian_1\nlr=-0.1")
+    [b for b in at.button if b.label == "Start sweep"][0].click().run()
+    assert any("learning rate must be a positive number" in e.value for e in at.error)
+    assert not list(env["runs"].glob("sweep-*"))           # refused before any process started
     # the collapse race: three jobs, one running and two queued on a CPU (cap 1); then cleaned up
     at.session_state["compare_tab"] = "Collapse race"
     at.run()
@@ -721,6 +724,75 @@ def test_race_takes_the_kinds_chosen_and_offers_all_kinds(env):
     at.multiselect(key="race_kinds").set_value([])
     at.button(key="race_start").click().run()
     assert any("at least one kind" in e.value for e in at.error)
+
+
+def make_sweep(out: Path) -> None:
+    """A sweep directory as `sqvae sweep` leaves it: sweep.json and one run directory per trial."""
+    trials = []
+    for i, (lr, model, state, val) in enumerate([(0.001, "gaussian_1", "finished", 40.0), (0.002, "vq", "stopped", 90.0),
+                                                 (0.004, "vq", "running", None)]):
+        name = f"t{i:03d}_lr-{lr}_model-{model}"
+        make_bundle(out / name, kind=model, seed=i, state="stopped" if state == "stopped" else "finished")
+        rows = [json.loads(ln) for ln in (out / name / "metrics.jsonl").read_text().splitlines()]
+        if val is None:
+            rows = [r for r in rows if "val_mse" not in r]
+        else:
+            rows[-1]["val_mse"] = val
+        (out / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        trials.append({"name": name, "params": {"lr": lr, "model": model}, "state": state, "node": f"{i}a" * 28,
+                       "metrics": {"step": 50, "val_mse": val, "val_perplexity": 7.5} if val else None,
+                       "error": "stopped by the asha scheduler at step 50" if state == "stopped" else None,
+                       "failures": 0})
+    doc = {"spec": {"grid": {"lr": [0.001, 0.002, 0.004], "model": ["gaussian_1", "vq"]}, "search": "random",
+                    "scheduler": "asha", "metric": "val_mse", "mode": "min"},
+           "state": "finished", "pid": None, "trials": trials}
+    (out / "sweep.json").write_text(json.dumps(doc))
+
+
+def test_sweep_resume_command_is_the_same_sweep(tmp_path):
+    """Compare's Resume rebuilds the command from sweep.json's spec: the same sweep (identity), so
+    `sqvae sweep` continues it instead of refusing it as another one."""
+    from dataclasses import asdict
+
+    from app import sweeps
+    from sqvae_core.cli import build_parser
+    from sqvae_core.sweep import SweepSpec
+    argv = ["sweep", "--out", str(tmp_path / "s"), "--grid", "lr=0.0005,0.002", "--grid", "model=vq,gaussian_1",
+            "--scheduler", "asha", "--grace", "2", "--samples", "2", "--steps", "40", "--no-arelbo", "--no-compile",
+            "--data-dir", str(tmp_path), "--max-concurrent", "3"]
+    spec = SweepSpec.from_args(build_parser().parse_args(argv)).validate()
+    doc_spec = json.loads(json.dumps(asdict(spec)))
+    again = SweepSpec.from_args(build_parser().parse_args(sweeps.spec_argv(doc_spec, tmp_path / "s")[3:]))
+    assert again.identity() == spec.identity() and again.max_concurrent == 3
+
+
+def test_compare_sweep_tab_shows_a_sweep_directory(env):
+    make_sweep(env["runs"] / "sw-demo")
+    at = app("compare", compare_tab="Sweep", sw_pick="sw-demo")
+    ok(at)
+    assert not at.error, [e.value for e in at.error]
+    assert at.selectbox(key="sw_pick").value == "sw-demo"
+    (table,) = at.dataframe
+    df = table.value
+    assert list(df["trial"]) == ["t000_lr-0.001_model-gaussian_1", "t001_lr-0.002_model-vq", "t002_lr-0.004_model-vq"]
+    assert list(df["state"]) == ["finished", "stopped", "running"]
+    assert list(df["lr"]) == [0.001, 0.002, 0.004] and list(df["node"])[0] == "0a" * 4
+    assert list(df["val_mse"])[:2] == [40.0, 90.0]
+    assert df["explore"][0] == "./?run=runs/sw-demo/t000_lr-0.001_model-gaussian_1"
+    assert "asha" in df["note"][1]
+    # every trial is a run the other pages list (runs/<sweep>/<trial>)
+    from app import runs as app_runs
+    assert {r.label for r in app_runs.list_bundles(("runs",))} >= {f"runs/sw-demo/{n}" for n in df["trial"]}
+    par = chart(at, "sw_parallel")
+    assert [d["label"] for d in par["data"][0]["dimensions"]] == ["lr", "model", "val_mse"]
+    curves = chart(at, "sw_curves")
+    assert [t["name"] for t in curves["data"]] == ["t000_lr-0.001_model-gaussian_1",
+                                                   "t001_lr-0.002_model-vq (stopped)"]
+    assert curves["data"][1]["line"]["dash"] == "dash"
+    at.selectbox(key="sw_view_metric").set_value("val_perplexity").run()
+    ok(at)
+    assert chart(at, "sw_parallel")["data"][0]["dimensions"][-1]["label"] == "val_perplexity"
+    assert not [b for b in at.button if b.label == "Stop sweep"]          # not running: nothing to stop
 
 
 @pytest.mark.parametrize("label", ["checkpoints/tiny_vmf", "checkpoints/tiny_vae"])
@@ -772,6 +844,15 @@ def test_read_only_dashboard_draws_no_control_and_its_functions_refuse(env, monk
     at = app("compare", compare_tab="Collapse race")
     ok(at)
     assert not {"Start the race", "All kinds"} & {b.label for b in at.button}
+    make_sweep(tmp_path / "sw")
+    at = app("compare", compare_tab="Sweep")
+    ok(at)
+    assert not {"Start sweep", "Stop sweep", "Resume sweep"} & {b.label for b in at.button}
+    from app import sweeps
+    for action in (lambda: sweeps.start(tmp_path / "sw2", {"lr": [0.001]}, {}), lambda: sweeps.stop(tmp_path / "sw"),
+                   lambda: sweeps.resume(tmp_path / "sw")):
+        with pytest.raises(settings.ReadOnlyError, match="sweep"):
+            action()
     jm = JobManager(tmp_path / "runs", 1, start_thread=False)
     for action in (lambda: jm.submit("x", {"model": "vq"}), lambda: jm.start_demo("fsq"),
                    lambda: jm.resume("crashed"), lambda: jm.stop("crashed")):

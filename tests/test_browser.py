@@ -541,3 +541,64 @@ def _visit_colour_tabs(browser, url: str) -> dict:
         seen[tab] = image_modes(page)
     ctx.close()
     return seen
+
+
+def sweep_drivers_under(path: Path) -> list[int]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "sqvae_core sweep" in cmd and str(path) in cmd:
+                out.append(int(p.name))
+    return out
+
+
+@pytest.mark.slow
+def test_sweep_tab_live_while_a_sweep_runs(servers, browser):
+    """Compare's Sweep tab starts a sweep (the app's local Ray) and shows it live: the trial
+    counters and table fill in, the parallel-coordinates plot appears, Stop ends it resumable."""
+    pytest.importorskip("ray")
+    shots = Path(os.environ.get("SQVAE_SWEEP_SHOTS", SHOTS))
+    shots.mkdir(parents=True, exist_ok=True)
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1400})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    out = servers["runs"] / "sw-browser"
+    try:
+        page.goto(servers["app"] + "/compare")
+        page.get_by_role("tab", name="Sweep").click()
+        page.get_by_label("Sweep name").fill("sw-browser")
+        page.get_by_label("Steps").fill("50000")
+        page.get_by_label("Grid: one train flag", exact=False).fill(
+            "lr=0.002,0.0005\ncodebook-size=16\ncode-dim=8\nnum-rb=1\nval-every=25\nval-max-images=200")
+        page.get_by_role("button", name="Start sweep").click()
+        expect(page.get_by_text("Started sweep", exact=False)).to_be_visible(timeout=30_000)
+        # the counters: a trial starts running (Ray starts, the trials start) ...
+        running = page.locator("[data-testid='stMetric']").filter(has=page.get_by_text("Running", exact=True))
+        expect(running.locator("[data-testid='stMetricValue']")).to_have_text("2", timeout=120_000)
+        # ... and the plots appear once trials have validated (no reload: the tab refreshes itself)
+        expect(page.get_by_text("Params → final val_mse", exact=False).first).to_be_visible(timeout=120_000)
+        doc = json.loads((out / "sweep.json").read_text())
+        assert [t["state"] for t in doc["trials"]] == ["running", "running"]
+        page.wait_for_timeout(3000)
+        shot_page = page.screenshot
+        page.set_viewport_size({"width": 1440, "height": 1900})
+        page.wait_for_timeout(1000)
+        page.locator(PLOT).first.wait_for(state="visible")          # not between two live refreshes
+        shot_page(path=str(shots / "sweep_tab_running.png"))
+        page.get_by_role("button", name="Stop sweep").click()
+        sweep_state = page.locator("[data-testid='stMetric']").filter(has=page.get_by_text("Sweep", exact=True))
+        expect(sweep_state.locator("[data-testid='stMetricValue']")).to_have_text("interrupted", timeout=90_000)
+        shot_page(path=str(shots / "sweep_tab_stopped.png"))
+        doc = json.loads((out / "sweep.json").read_text())
+        assert doc["state"] == "interrupted" and all(t["state"] == "pending" for t in doc["trials"])
+        for t in doc["trials"]:
+            st = json.loads((out / t["name"] / "status.json").read_text())
+            assert st["state"] == "stopped" and (out / t["name"] / "checkpoint.pt").exists(), st
+    finally:
+        ctx.close()
+        for pid in sweep_drivers_under(out):
+            os.killpg(pid, signal.SIGKILL)

@@ -146,3 +146,35 @@ def test_for_demo_swaps_palette_colours_and_enlarges_without_touching_the_origin
     assert demo.data[0].line.color == DEMO_PALETTE[0] and demo.data[1].marker.color == DEMO_PALETTE[0]
     assert demo.layout.height == int(380 * theme.DEMO_SCALE) and demo.layout.paper_bgcolor == "#000"
     assert fig.data[0].line.color == PALETTE[0] and fig.layout.height == 380
+
+
+SWEEP_TRIALS = [
+    {"name": "t000", "params": {"lr": 0.001, "model": "vq"}, "metrics": {"step": 40, "val_mse": 30.0}},
+    {"name": "t001", "params": {"lr": 0.002, "model": "gaussian_1"}, "metrics": {"step": 40, "val_mse": 20.0}},
+    {"name": "t002", "params": {"lr": 0.004, "model": "vq"}, "metrics": {"step": 20, "val_mse": 50.0}},
+    {"name": "t003", "params": {"lr": 0.008, "model": "vq"}, "metrics": None},          # no validation yet
+]
+for _t in SWEEP_TRIALS:
+    _t["params"]["num-rb"] = 1                        # shared by all: no axis
+
+
+def test_parallel_figure_numeric_and_categorical_axes_to_the_metric():
+    fig = charts.parallel_figure(SWEEP_TRIALS, "val_mse")
+    (pc,) = fig.data
+    dims = {d.label: d for d in pc.dimensions}
+    assert list(dims) == ["lr", "model", "val_mse"]
+    assert list(dims["lr"].values) == [0.001, 0.002, 0.004] and dims["lr"].ticktext is None
+    assert list(dims["model"].ticktext) == ["gaussian_1", "vq"] and list(dims["model"].values) == [1, 0, 1]
+    assert list(dims["val_mse"].values) == [30.0, 20.0, 50.0] == list(pc.line.color)
+    assert "3 trials" in fig.layout.title.text
+    assert charts.parallel_figure(SWEEP_TRIALS, "val_perplexity") is None
+
+
+def test_trial_curves_mark_stopped_trials():
+    runs = {"t000": [{"step": 20, "val_mse": 40.0}, {"step": 40, "val_mse": 30.0}],
+            "t002": [{"step": 20, "val_mse": 50.0}],
+            "t003": [{"step": 10, "loss": 1.0}]}                       # no val_mse: no trace
+    fig = charts.trial_curves_figure(runs, "val_mse", stopped={"t002"})
+    assert [t.name for t in fig.data] == ["t000", "t002 (stopped)"]
+    assert fig.data[0].line.dash is None and fig.data[1].line.dash == "dash"
+    assert list(fig.data[1].marker.symbol) == ["x"] and fig.data[0].line.color != fig.data[1].line.color

@@ -1,4 +1,5 @@
-"""Compare runs: overlaid curves, a table of final metrics, a sweep launcher and the one-click
+"""Compare runs: overlaid curves, a table of final metrics, sweeps on Ray Tune (started here as
+`sqvae sweep` processes and watched live: trial table, params -> metric, every trial's curve) and the
 codebook-collapse race (any set of kinds, demo preset; by default Gaussian SQ-VAE vs VQ-VAE vs FSQ)."""
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import time
 
 import streamlit as st
 
-from app import cache, charts, runs, settings, theme, ui
-from app.jobs import ACTIVE
+from app import cache, charts, runs, settings, sweeps, theme, ui
+from app.jobs import ACTIVE, check_name
+from sqvae_core.sweep import SCHEDULERS, SEARCHES
 
 ui.page_setup("Compare", "Compare")
 
@@ -18,16 +20,9 @@ RACE_CHOICES = tuple(k for k in settings.MODEL_KINDS if settings.KINDS[k].discre
 RACE_DEFAULT = ("gaussian_1", "vq", "fsq")
 RACE_RE = re.compile(rf"^race-(\d{{8}}-\d{{6}}(?:-\d+)?)-({'|'.join(RACE_CHOICES)})$")
 SKIP_KEYS = {"step", "wall_time", "elapsed"}
-SWEEP_PARAMS = {   # option -> (label, parser)
-    "model": ("model kind", str),
-    "lr": ("learning rate", float),
-    "codebook_size": ("K (codebook size)", int),
-    "code_dim": ("d (code dim)", int),
-    "batch_size": ("batch size", int),
-    "seed": ("seed", int),
-    "num_rb": ("residual blocks", int),
-    "var_q_init": ("initial σ²_φ", float),
-}
+SWEEP_METRICS = ("val_mse", "val_loss", "val_perplexity", "val_dead_codes", "val_entropy")
+MAXIMISED = ("val_perplexity",)                  # the others are better lower
+SHOWN_METRICS = ("val_mse", "val_perplexity", "val_dead_codes", "val_entropy", "val_loss")
 
 
 def run_summary(ref) -> dict:
@@ -79,45 +74,140 @@ def curves(refs):
 
 
 # ---------------------------------------------------------------------------- sweep
-def sweep(jm):
-    st.markdown("Vary one setting over a list of values; every value becomes one training job "
-                f"(at most {jm.max_jobs} run at once, the rest wait in the queue).")
+def sweep_form():
+    """A new sweep: the base training, a grid in `sqvae sweep --grid` syntax, search and scheduler."""
     with st.form("sweep_form"):
         c = st.columns(4)
-        kind = c[0].selectbox("Base model kind", settings.MODEL_KINDS, key="sw_kind")
-        preset = c[1].selectbox("Preset", settings.PRESET_CHOICES, key="sw_preset")
-        steps = c[2].number_input("Steps", 1, 10_000_000, value=None, placeholder="preset", key="sw_steps")
-        param = c[3].selectbox("Vary", list(SWEEP_PARAMS), format_func=lambda p: SWEEP_PARAMS[p][0], key="sw_param")
-        values = st.text_input("Values (comma-separated; model kinds by name)", key="sw_values",
-                               placeholder="e.g. 0.0005, 0.001, 0.002   or   gaussian_1, vq, vq_ema")
-        go_ = st.form_submit_button("Enqueue sweep", type="primary", icon=":material/playlist_add:")
+        name = c[0].text_input("Sweep name", key="sw_name", placeholder="sweep-<time>")
+        kind = c[1].selectbox("Base model kind", settings.MODEL_KINDS, key="sw_kind")
+        preset = c[2].selectbox("Preset", settings.PRESET_CHOICES, key="sw_preset")
+        steps = c[3].number_input("Steps", 1, 10_000_000, value=None, placeholder="preset", key="sw_steps")
+        grid_text = st.text_area("Grid: one train flag (without dashes) and its values per line", key="sw_grid",
+                                 placeholder="lr=0.0005,0.001,0.002\nmodel=gaussian_1,vq", height=90)
+        c = st.columns(4)
+        search = c[0].selectbox("Search", SEARCHES, key="sw_search")
+        samples = c[1].number_input("Samples (grid: repeats; random/optuna: trials)", 1, 1000, 1, key="sw_samples")
+        scheduler = c[2].selectbox("Scheduler", SCHEDULERS, key="sw_scheduler",
+                                   format_func=lambda s: {"asha": "asha (early stopping)"}.get(s, s))
+        metric = c[3].selectbox("Metric (asha, optuna)", SWEEP_METRICS, key="sw_metric")
+        go_ = st.form_submit_button("Start sweep", type="primary", icon=":material/play_arrow:")
     if not go_:
         return
     with ui.guard("Sweep"):
-        label, parse = SWEEP_PARAMS[param]
-        raw = [v.strip() for v in (values or "").split(",") if v.strip()]
-        if not raw:
-            raise ValueError("give at least one value")
-        if len(raw) > 16:
-            raise ValueError("at most 16 values per sweep")
-        parsed = []
-        for v in raw:
-            try:
-                x = parse(v)
-            except ValueError:
-                raise ValueError(f"{v!r} is not a valid {label}") from None
-            if param == "model" and x not in settings.MODEL_KINDS:
-                raise ValueError(f"unknown model kind {x!r}; choose from {', '.join(settings.MODEL_KINDS)}")
-            parsed.append(x)
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        started = []
-        for x in parsed:
+        try:
+            grid = sweeps.parse_grid_text(grid_text)
+            name = (name or "").strip() or f"sweep-{time.strftime('%Y%m%d-%H%M%S')}"
+            check_name(name)
             opts = {"model": kind, "preset": None if preset == "none" else preset, "steps": steps}
-            opts[param] = x
-            name = f"sweep-{stamp}-{param}-{re.sub(r'[^A-Za-z0-9_.-]', '_', str(x))}"[:100]
-            started.append((name, jm.submit(name, opts)))
-        st.success("Enqueued: " + ", ".join(f"`{n}` ({s})" for n, s in started))
-        st.session_state["cmp_runs"] = [f"runs/{n}" for n, _ in started]
+            opts = {k: v for k, v in opts.items() if k.replace("_", "-") not in grid}   # the grid's values win
+            sweeps.start(settings.runs_dir() / name, grid, opts, samples=int(samples), search=search,
+                         scheduler=scheduler, metric=metric, mode="max" if metric in MAXIMISED else "min")
+        except ValueError as e:       # what `sqvae sweep` would refuse: its one line
+            st.error(f"Sweep: {e}")
+            return
+        st.session_state["sw_pick"] = name
+        st.success(f"Started sweep `{name}` on {sweeps.ray_target()}.")
+
+
+def trial_table(out, v: dict) -> list[dict]:
+    table = []
+    for t in v["doc"].get("trials", []):
+        status = v["status"].get(t["name"]) or {}
+        m = t.get("metrics") or {}
+        state = t["state"]
+        if state == "running" and status.get("state") in ("stopped", "failed", "interrupted"):
+            state = status["state"]
+        row = {"trial": t["name"], "state": state, "node": (t.get("node") or "")[:8] or None,
+               "step": runs.latest_step(out / t["name"], status) if status else None}
+        row.update({k: v_ for k, v_ in (t.get("params") or {}).items()})
+        row.update({k: m.get(k) for k in SHOWN_METRICS if k in m})
+        row["explore"] = f"./?run=runs/{out.name}/{t['name']}"
+        if t.get("error") and t["state"] in ("failed", "stopped", "pending"):
+            row["note"] = t["error"]
+        table.append(row)
+    return table
+
+
+def sweep_view(out):
+    v = sweeps.view(out)
+    doc, trials = v["doc"], v["doc"].get("trials", [])
+    state = v["state"]
+    counts = {s: sum(t["state"] == s for t in trials) for s in ("running", "pending", "finished", "stopped", "failed")}
+    c = st.columns([1, 1, 1, 1, 1, 1.3])
+    c[0].metric("Sweep", state)
+    for col, s in zip(c[1:5], ("running", "finished", "stopped", "failed")):
+        col.metric(s.capitalize(), counts[s])
+    controls = not settings.read_only()           # read-only: visitors watch sweeps, nothing more
+    if controls and state == "running" and c[5].button("Stop sweep", key="sw_stop", icon=":material/stop:"):
+        st.toast(f"{out.name}: {sweeps.stop(out)}")
+    if controls and state == "interrupted" and c[5].button("Resume sweep", key="sw_resume", icon=":material/play_arrow:",
+                                              help="Run the sweep's command again: finished trials are kept, the "
+                                                   "others continue from their checkpoints"):
+        sweeps.resume(out)
+        st.session_state["_sw_running"] = True
+        st.rerun()
+    spec = doc.get("spec") or {}
+    if spec:
+        st.caption(f"{spec.get('search')} search · {spec.get('scheduler')} scheduler · metric {spec.get('metric')} "
+                   f"({spec.get('mode')}) · {len(trials)} trials · `{out}`")
+    if not trials:
+        st.info("No trials yet: the sweep is starting (Ray takes a few seconds).")
+    else:
+        st.dataframe(trial_table(out, v), hide_index=True, width="stretch", key="sw_table",
+                     column_config={"explore": st.column_config.LinkColumn("Explore", display_text="open ↗")})
+        have = [k for k in SWEEP_METRICS if any(k in (t.get("metrics") or {}) for t in trials)]
+        if have:
+            default = spec.get("metric") if spec.get("metric") in have else have[0]
+            if st.session_state.get("sw_view_metric") not in have:
+                st.session_state["sw_view_metric"] = default
+            metric = st.selectbox("Metric", have, key="sw_view_metric")
+            left, right = st.columns(2)
+            with left:
+                fig = charts.parallel_figure(trials, metric)
+                if fig is not None:
+                    theme.plot(fig, key="sw_parallel")
+            with right:
+                stopped = {t["name"] for t in trials if t["state"] == "stopped"}
+                theme.plot(charts.trial_curves_figure({t["name"]: v["rows"][t["name"]] for t in trials}, metric,
+                                                      stopped), key="sw_curves")
+        else:
+            st.info("No validation row yet: the table and plots fill in as trials validate.")
+    with st.expander("Sweep log"):
+        st.code(sweeps.log_tail(out, 20) or "(empty)", language=None)
+    was = st.session_state.get("_sw_running")
+    st.session_state["_sw_running"] = state == "running"
+    if was and state != "running":
+        st.rerun()
+
+
+def sweep_fragment(out):
+    with ui.guard("Sweep"):
+        sweep_view(out)
+
+
+def sweep():
+    st.markdown(f"A sweep trains one run per trial on Ray Tune, here on {sweeps.ray_target()} "
+                "(set `RAY_ADDRESS` before starting the app to use a cluster). Trials are run directories under "
+                "the sweep's folder, so every other page reads them too. Same as `sqvae sweep` on the command line.")
+    found = sweeps.list_sweeps(settings.runs_dir())
+    if settings.read_only():
+        st.caption(":material/visibility: Read-only dashboard: sweeps can be watched; starting, stopping and "
+                   "resuming them is turned off (SQVAE_READ_ONLY).")
+    else:
+        with st.expander("New sweep", expanded=not found, icon=":material/add:"):
+            sweep_form()
+    found = sweeps.list_sweeps(settings.runs_dir())
+    if not found:
+        st.info("No sweep yet in the runs directory.")
+        return
+    names = [p.name for p in found]
+    if st.session_state.get("sw_pick") not in names:
+        st.session_state["sw_pick"] = names[0]
+    name = st.selectbox("Sweep", names, key="sw_pick")
+    out = settings.runs_dir() / name
+    running = sweeps.view(out)["state"] in ("running", "starting")
+    st.session_state["_sw_running"] = running
+    st.fragment(run_every=settings.refresh_seconds() if running else None)(sweep_fragment)(out)
 
 
 # ----------------------------------------------------------------------------- race
@@ -241,7 +331,7 @@ with tabs[0]:
                 curves(refs)
 with tabs[1]:
     if tabs[1].open:
-        sweep(jm)
+        sweep()
 with tabs[2]:
     if tabs[2].open:
         race(jm)
