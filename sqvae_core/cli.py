@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     ls = sub.add_parser("list", help="list runs and bundles")
-    ls.add_argument("dirs", nargs="*", help="directories to scan (default: runs checkpoints)")
+    ls.add_argument("dirs", nargs="*", help="directories to scan (default: $SQVAE_RUNS, else runs, and "
+                    "$SQVAE_CHECKPOINTS, else checkpoints)")
     ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return p
 
@@ -231,7 +232,7 @@ def cmd_eval(args) -> int:
 
 def cmd_list(args) -> int:
     from . import rundir as rd
-    dirs = args.dirs or ["runs", "checkpoints"]
+    dirs = args.dirs or rd.default_run_dirs()
     found = 0
     for d in dirs:
         for run in rd.list_runs(d):
