@@ -295,17 +295,27 @@ def cmd_explore(args) -> int:
 
     from . import explore
     from . import rundir as rd
+    from .data import DatasetNotFoundError
     from .device import resolve_device
     from .imageio import save_png
-    from .scores import bundle_split
+    from .scores import bundle_split, stored_usage
     device = resolve_device(args.device)
     b = rd.load_bundle(args.run_dir, device)
     actions = [args.umap, args.neighbor is not None, args.interpolate is not None]
     if sum(actions) != 1:
         raise ValueError("choose exactly one of --umap, --neighbor K (with --image-index I), --interpolate I J")
     if args.umap:
-        images, _, _ = bundle_split(b, "test", args.data_dir, args.max_images)
-        usage = explore.code_usage(b.model, images)
+        try:
+            images, _, _ = bundle_split(b, "test", args.data_dir, args.max_images)
+            usage = explore.code_usage(b.model, images)
+        except DatasetNotFoundError:      # a bundle without its data: the usage it stores
+            stored = stored_usage(b)
+            if stored is None:
+                raise
+            usage, where = stored
+            hint = b.config.get("data_rebuild")
+            print(f"{b.dataset}: not found; code usage from {where}"
+                  + (f"; rebuild the data with `{hint}`" if hint else ""), file=sys.stderr)
         points = explore.cached_codebook_map(b.path, b.model, usage, method="pca" if args.pca else "umap",
                                              seed=args.seed)
         if args.json:

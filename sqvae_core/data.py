@@ -109,6 +109,9 @@ CLASS_NAMES = {
 }
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: A folder data set may hold, in this file, the one-line command that recreates it (generated data:
+#: scripts/make_colour_shapes.py writes one). Training stores it in config.json as "data_rebuild".
+REBUILD_FILE = ".sqvae_rebuild"
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -620,6 +623,18 @@ def _load_folder_cached(size: int, channels: int, items: tuple, labeled: bool, c
         labels = np.array([lab for _, _, _, lab in items], dtype=np.int64)
         labels.setflags(write=False)
     return images, labels
+
+
+def folder_rebuild_command(name: str) -> str | None:
+    """The command that recreates a folder: data set (its REBUILD_FILE's first line), or None."""
+    canon, folder = _parse_name(name)
+    if canon != "folder":
+        return None
+    try:
+        line = (Path(folder).expanduser() / REBUILD_FILE).read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return line[0].strip() if line and line[0].strip() else None
 
 
 def _load_folder(name: str, path: str, split: str, image_size, channels, seed: int,

@@ -40,7 +40,7 @@ import torch
 from . import rundir as rd
 from .rundir import RunWriter
 from .config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, VQ_KINDS, ModelConfig
-from .data import ImageData, dataset_shape, load_dataset
+from .data import ImageData, dataset_shape, folder_rebuild_command, load_dataset
 from .device import resolve_device
 from .evaluate import evaluate_model
 from .models import build_model
@@ -618,6 +618,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                   "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
                   "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
                   "world_size": dist.world, "device": device.type}
+    rebuild = folder_rebuild_command(cfg.dataset)
+    if rebuild:
+        config_doc["data_rebuild"] = rebuild     # eval & co. name it when the folder is missing
     p = Progress(best_by=cfg.best_by)
     resume = resume and ckpt.path.exists()   # killed before its first checkpoint: start over
     if resume:
