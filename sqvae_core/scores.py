@@ -47,11 +47,9 @@ def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max
         if not rebuild:
             raise
         raise DatasetNotFoundError(f"{e}; it is generated: rebuild it with `{rebuild}`") from None
-    images, labels = data.images, data.labels
     if max_images:
-        images = images[:max_images]
-        labels = labels[:max_images] if labels is not None else None
-    return images, labels, data
+        data = data.head(max_images)
+    return data.images, data.labels, data
 
 
 def stored_usage(bundle: rd.Bundle) -> tuple[torch.Tensor, str] | None:

@@ -235,11 +235,13 @@ def test_a_training_step_never_reads_the_device(kind):
 
 def test_host_batches_equal_device_batches():
     """Batches from host memory (the path for data sets larger than a GPU) are the same batches."""
+    from sqvae_core.data import ImageData
     from sqvae_core.train import Batches, Dist
-    images = torch.rand(100, 1, 28, 28)
+    pixels = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    data = ImageData(pixels=pixels, labels=None, name="t", split="train", source="mem", num_labels=None, levels=None)
     cfg = TrainConfig(batch_size=16, drop_last=False)
-    dev = Batches(images, cfg, Dist(), torch.device("cpu"))
-    host = Batches(images, cfg, Dist(), torch.device("cpu"), on_device=False)
+    dev = Batches(data, cfg, Dist(), torch.device("cpu"))
+    host = Batches(data, cfg, Dist(), torch.device("cpu"), on_device=False)
     assert not host.on_device
     sizes = []
     for step in range(8):      # 100 images: 6 batches of 16 and one of 4 per epoch, then epoch 2
@@ -260,7 +262,7 @@ def test_amp_trains_in_bf16_autocast(tmp_path):
 def _synthetic(n: int, split: str, seed: int = 0):
     from sqvae_core.data import ImageData
     x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return ImageData(images=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
+    return ImageData(pixels=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
                      num_labels=None, levels=None)
 
 
@@ -303,3 +305,34 @@ def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_pat
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in rows)
     taus = [r["temperature"] for r in rows]
     assert taus == [temperature_at(cfg, s) for s in range(5)] and len(set(taus)) == 5
+
+
+@pytest.mark.parametrize("kind,dataset", [("gaussian_1", "fashion-mnist"), ("vq", "fashion-mnist"),
+                                          ("vmf", "fashion-mnist-cat8")])
+def test_uint8_data_trains_bit_identically_to_the_float_data_it_replaces(tmp_path, kind, dataset):
+    """Data sets now hold uint8 pixels and each batch is converted as it is drawn; before, the
+    whole split was converted to float32 at load. The first steps' losses (and the VQ data variance
+    and the validation) are the same to the bit."""
+    import dataclasses
+
+    import numpy as np
+    from sqvae_core.data import load_dataset
+
+    def as_before(d):                         # load_dataset's old conversion of the whole array
+        p = d.pixels.numpy()
+        x = (np.divide(np.right_shift(p, 5), np.float32(7.0), dtype=np.float32) if d.levels
+             else np.divide(p, np.float32(255.0), dtype=np.float32))
+        return dataclasses.replace(d, pixels=torch.from_numpy(x))
+
+    train_data, val_data = load_dataset(dataset, "train"), load_dataset(dataset, "val")
+    assert train_data.pixels.dtype == torch.uint8
+    kw = dict(steps=8, log_every=1, val_every=8, snapshot_every=8, checkpoint_every=8, dataset=dataset)
+    train(tiny_cfg(tmp_path / "u8", kind, **kw), data=train_data, val_data=val_data, progress=False)
+    train(tiny_cfg(tmp_path / "f32", kind, **kw), data=as_before(train_data), val_data=as_before(val_data),
+          progress=False)
+    rows = {r: rd.read_metrics(tmp_path / r) for r in ("u8", "f32")}
+    losses = {r: [m["loss"] for m in rows[r] if "loss" in m] for r in rows}
+    assert len(losses["u8"]) == 8 and losses["u8"] == losses["f32"]
+    assert [m for m in rows["u8"] if "val_mse" in m][0]["val_mse"] == [m for m in rows["f32"] if "val_mse" in m][0]["val_mse"]
+    cfgs = {r: json.loads((tmp_path / r / "config.json").read_text())["model"] for r in rows}
+    assert cfgs["u8"]["data_variance"] == cfgs["f32"]["data_variance"]
