@@ -182,12 +182,7 @@ def cmd_train(args) -> int:
             cfg.dataset = "fashion-mnist-cat8"   # categorical models need categorical data
         preset = explicit.get("preset")
         if cfg.dataset.startswith("folder:"):
-            # a folder's default shape is data.dataset_shape's, RGB 32x32 (grey for the categorical
-            # kinds), not ModelConfig's 1x28x28; a preset or --channels/--image-size override it
-            from .data import dataset_shape
-            c, s, _ = dataset_shape(cfg.dataset)
-            cfg.model.image_channels = 1 if cfg.model.kind in CATEGORICAL_KINDS else c
-            cfg.model.image_size = s
+            _folder_shape(cfg, explicit, preset)
         if preset:
             apply_preset(cfg, preset, {t.split(".")[-1] for t in explicit})
     for target, v in explicit.items():
@@ -206,6 +201,27 @@ def cmd_train(args) -> int:
         return 0
     print(f"finished {result['step']} steps -> {out}", file=sys.stderr)
     return 0
+
+
+def _folder_shape(cfg, explicit: dict, preset: str | None) -> None:
+    """A folder's channels and size, where neither a flag nor the preset sets them, are read from
+    its images (data.folder_shape): 1 channel when every image is grey (always, for the categorical
+    kinds), the images' side when all are S x S with S in 28/32/64, else RGB 32x32. Says so in one line."""
+    from .data import NET_SIZES, folder_shape
+    by_preset = {"image_channels", "image_size"} if preset == "paper" else set()   # the paper's 64x64 RGB
+    need = [f for f in ("image_channels", "image_size") if f"model.{f}" not in explicit and f not in by_preset]
+    if not need:
+        return
+    shape = folder_shape(cfg.dataset)
+    chosen = {"image_channels": 1 if cfg.model.kind in CATEGORICAL_KINDS else shape.channels,
+              "image_size": shape.size or 32}
+    flags = {"image_channels": "--channels", "image_size": "--image-size"}
+    for f in need:
+        setattr(cfg.model, f, chosen[f])
+    why = shape.describe() + ("" if shape.size or "image_size" not in need else
+                              f"; {'/'.join(map(str, NET_SIZES))} square are taken as they are, others resized to 32")
+    print(f"{cfg.dataset}: {why}: training at {' '.join(f'{flags[f]} {chosen[f]}' for f in need)} "
+          f"(read from the images; give {' or '.join(flags[f] for f in need)} to choose)", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:

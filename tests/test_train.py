@@ -307,6 +307,50 @@ def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_pat
     assert taus == [temperature_at(cfg, s) for s in range(5)] and len(set(taus)) == 5
 
 
+def grey_digits(root: Path, n: int = 64, size: int = 28) -> Path:
+    """A folder of grey size x size PNGs (mode L): a bright stroke on black, MNIST-like."""
+    import numpy as np
+    from PIL import Image
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = np.zeros((size, size), np.uint8)
+        r, c = rng.integers(4, size - 8, 2)
+        img[r:r + 6, c:c + 3] = 255
+        Image.fromarray(img, "L").save(root / f"{i:04d}.png")
+    return root
+
+
+def test_a_folder_of_grey_28px_images_trains_as_such_and_says_so(tmp_path):
+    """Issue 21: a folder of grey 28x28 PNGs trained as RGB 32x32 unless --channels 1 --image-size 28
+    were given. The shape is read from the images, the CLI says what it chose in one line, and
+    explicit flags and the paper preset still win."""
+    data = grey_digits(tmp_path / "digits")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    small = ["--model", "vq", "--dataset", f"folder:{data}", "--steps", "2", "--batch-size", "8",
+             "--codebook-size", "8", "--code-dim", "8", "--num-rb", "1", "--quiet"]
+
+    def shape(out):
+        m = json.loads((out / "config.json").read_text())["model"]
+        return m["image_channels"], m["image_size"]
+
+    r = cli("train", *small, "--out", str(tmp_path / "auto"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert shape(tmp_path / "auto") == (1, 28)
+    said = [ln for ln in r.stderr.splitlines() if ln.startswith(f"folder:{data}")]
+    assert len(said) == 1 and "64 grey images, 28x28" in said[0] and "--channels 1 --image-size 28" in said[0], r.stderr
+    r = cli("train", *small, "--channels", "3", "--out", str(tmp_path / "rgb"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert shape(tmp_path / "rgb") == (3, 28)                 # the flag wins; the size is still read
+    assert "--image-size 28" in r.stderr and "--channels 1" not in r.stderr
+    r = cli("train", *small, "--channels", "1", "--image-size", "32", "--out", str(tmp_path / "given"), env=env)
+    assert r.returncode == 0 and shape(tmp_path / "given") == (1, 32)
+    assert f"folder:{data}:" not in r.stderr                  # nothing read, nothing said
+    r = cli("train", *small, "--preset", "paper", "--out", str(tmp_path / "paper"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert shape(tmp_path / "paper") == (3, 64)               # the paper preset: CelebA's 64x64 RGB
+
+
 @pytest.mark.parametrize("kind,dataset", [("gaussian_1", "fashion-mnist"), ("vq", "fashion-mnist"),
                                           ("vmf", "fashion-mnist-cat8")])
 def test_uint8_data_trains_bit_identically_to_the_float_data_it_replaces(tmp_path, kind, dataset):
