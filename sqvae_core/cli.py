@@ -150,8 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------- commands
 def cmd_train(args) -> int:
-    from . import rundir as rd
-    from .train import TrainConfig, apply_preset, train
+    from .data import one_scan
     explicit_model, explicit = set(), {}
     for flag, (target, _, _) in TRAIN_FLAGS.items():
         v = getattr(args, flag.lstrip("-").replace("-", "_"))
@@ -167,6 +166,13 @@ def cmd_train(args) -> int:
         explicit["model.arelbo"] = False
     if args.no_batch_norm:
         explicit["model.batch_norm"] = False
+    with one_scan():   # a folder's files are listed and stat'ed once: for its shape and both splits
+        return _train(args, explicit, explicit_model)
+
+
+def _train(args, explicit: dict, explicit_model: set) -> int:
+    from . import rundir as rd
+    from .train import TrainConfig, apply_preset, train
     out = Path(args.out)
     if (out / rd.CONFIG).is_file() and rd.read_json(out / rd.CONFIG, "config.json").get("source") == rd.LOGGED_SOURCE:
         raise ValueError(f"{out} holds a logged run (RunLogger), which sqvae train can neither resume nor "

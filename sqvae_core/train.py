@@ -40,7 +40,7 @@ import torch
 from . import rundir as rd
 from .rundir import RunWriter
 from .config import CATEGORICAL_KINDS, GAUSSIAN_KINDS, VQ_KINDS, ModelConfig
-from .data import ImageData, dataset_shape, folder_rebuild_command, load_dataset, to_float
+from .data import ImageData, dataset_shape, folder_rebuild_command, load_dataset, one_scan, to_float
 from .device import resolve_device
 from .evaluate import evaluate_model
 from .models import build_model
@@ -362,10 +362,11 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
     cfg.model.image_channels, cfg.model.image_size = c, s
     split = dict(val_size=cfg.val_size, val_from_end=cfg.val_split == "last", image_size=s, channels=c,
                  center_crop=cfg.center_crop)
-    if data is None:
-        data = load_dataset(cfg.dataset, "train", cfg.data_dir, **split)
-    if val_data is None:
-        val_data = load_dataset(cfg.dataset, "val", cfg.data_dir, **split)
+    with one_scan():           # a folder's files are listed and stat'ed once for both splits
+        if data is None:
+            data = load_dataset(cfg.dataset, "train", cfg.data_dir, **split)
+        if val_data is None:
+            val_data = load_dataset(cfg.dataset, "val", cfg.data_dir, **split)
     if cfg.val_max_images:
         val_data = val_data.head(cfg.val_max_images)
     if cfg.model.kind in CATEGORICAL_KINDS and data.levels:

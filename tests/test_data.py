@@ -602,3 +602,16 @@ def test_parallel_decode_gives_the_serial_array(tmp_path):
     a, b = np.load(tmp_path / "serial.npy"), np.load(tmp_path / "parallel.npy")
     assert a.shape == (70, 3, 16, 16) and np.array_equal(a, b)
     assert np.array_equal(a[3], D._load_image(Path(paths[3]), 16, 3))
+
+
+def test_splits_loaded_in_one_scan_block_stat_the_folder_once(tmp_path, monkeypatch):
+    root = grey_folder(tmp_path / "imgs")
+    scans = []
+    real = D._scan_folder_now
+    monkeypatch.setattr(D, "_scan_folder_now", lambda r: scans.append(r) or real(r))
+    with D.one_scan():
+        D.folder_shape(f"folder:{root}")
+        parts = [D.load_dataset(f"folder:{root}", s, image_size=8) for s in ("train", "val")]
+    assert len(scans) == 1 and [len(p) for p in parts] == [32, 4]
+    D.load_dataset(f"folder:{root}", "test", image_size=8, channels=1)   # outside the block: a fresh scan
+    assert len(scans) == 2
