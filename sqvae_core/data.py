@@ -985,10 +985,7 @@ def _load_folder(name: str, path: str, split: str, image_size, channels, seed: i
     labels = None
     if class_names is not None:
         labels = torch.tensor([lab for _, _, _, lab in items[a:b]], dtype=torch.int64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)   # torch warns about mmaps of files it cannot resize
-        pixels = torch.from_numpy(images[a:b])
-    return ImageData(pixels=pixels, labels=labels, name=name, split=split, source=str(root),
+    return ImageData(pixels=torch.from_numpy(images[a:b]), labels=labels, name=name, split=split, source=str(root),
                      num_labels=len(class_names) if class_names is not None else None,
                      levels=None, class_names=class_names)
 
