@@ -213,7 +213,7 @@ def _folder_shape(cfg, explicit: dict, preset: str | None) -> None:
     """A folder's channels and size, where neither a flag nor the preset sets them, are read from
     its images (data.folder_shape): 1 channel when every image is grey (always, for the categorical
     kinds), the images' side when all are S x S with S in 28/32/64, else RGB 32x32. Says so in one line."""
-    from .data import NET_SIZES, folder_shape
+    from .data import folder_shape
     by_preset = {"image_channels", "image_size"} if preset == "paper" else set()   # the paper's 64x64 RGB
     need = [f for f in ("image_channels", "image_size") if f"model.{f}" not in explicit and f not in by_preset]
     if not need:
@@ -224,8 +224,7 @@ def _folder_shape(cfg, explicit: dict, preset: str | None) -> None:
     flags = {"image_channels": "--channels", "image_size": "--image-size"}
     for f in need:
         setattr(cfg.model, f, chosen[f])
-    why = shape.describe() + ("" if shape.size or "image_size" not in need else
-                              f"; {'/'.join(map(str, NET_SIZES))} square are taken as they are, others resized to 32")
+    why = shape.describe() + ("" if shape.size or "image_size" not in need else ", so resized to 32")
     print(f"{cfg.dataset}: {why}: training at {' '.join(f'{flags[f]} {chosen[f]}' for f in need)} "
           f"(read from the images; give {' or '.join(flags[f] for f in need)} to choose)", file=sys.stderr)
 

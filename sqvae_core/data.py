@@ -830,7 +830,8 @@ class FolderShape:
 
     def describe(self) -> str:
         what = "grey" if self.grey else "colour"
-        size = f"{self.size}x{self.size}" if self.size else f"sizes other than one of {'/'.join(map(str, NET_SIZES))} square (first {self.example[0]}x{self.example[1]})"
+        size = (f"{self.size}x{self.size}" if self.size else f"first {self.example[0]}x{self.example[1]}, not all one of "
+                + "/".join(f"{s}x{s}" for s in NET_SIZES))
         return f"{self.n} {what} images, {size}"
 
 
