@@ -615,3 +615,19 @@ def test_splits_loaded_in_one_scan_block_stat_the_folder_once(tmp_path, monkeypa
     assert len(scans) == 1 and [len(p) for p in parts] == [32, 4]
     D.load_dataset(f"folder:{root}", "test", image_size=8, channels=1)   # outside the block: a fresh scan
     assert len(scans) == 2
+
+
+def test_parallel_decode_never_reruns_the_callers_main_script(tmp_path, monkeypatch):
+    """Inside Streamlit, sys.modules['__main__'] is the page script; a spawned worker pool would run
+    it again in each worker. The decode's workers are threads of this process: nothing re-runs."""
+    import types
+    marker = tmp_path / "ran"
+    script = tmp_path / "page.py"
+    script.write_text(f"open({str(marker)!r}, 'w').write('the page ran again')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    root = grey_folder(tmp_path / "imgs", n=40)
+    paths = [p for p, _, _, _ in D._scan_folder(root)[0]]
+    D._decode_folder(paths, tmp_path / "out.npy", 8, 1, None, workers=2)
+    assert np.load(tmp_path / "out.npy").shape == (40, 1, 8, 8) and not marker.exists()
