@@ -61,7 +61,7 @@ def _test_images(path: str, dataset: str, channels: int, size: int, n: int, data
         if shipped is None:
             raise
         return shipped, None, f"{len(shipped)} images shipped in the bundle's samples/ (dataset not found)", None
-    imgs = data.images[:n].numpy()
+    imgs = data.batch(slice(0, n)).numpy()
     labels = data.labels[:n].numpy() if data.labels is not None else None
     return imgs, labels, f"{data.source} (test split, first {len(imgs)})", data.class_names
 

@@ -6,7 +6,9 @@ Each image is a two-colour gradient background with 1-4 filled shapes (ellipses,
 triangles) in random colours, some with a darker outline: colour, edges and layout vary, so a
 model must learn colour to reconstruct it. No CIFAR-10 or CelebA is available offline here; this
 set stands in for them so that a colour model ships. Deterministic: the same seed writes the
-same bytes (PNG files OUT_DIR/shape_00000.png ...).
+same bytes (PNG files OUT_DIR/shape_00000.png ...). The command that made them is kept in
+OUT_DIR/.sqvae_rebuild (sqvae_core.data.REBUILD_FILE): a run trained on the folder stores it, and
+`sqvae eval` names it when the folder is missing.
 """
 from __future__ import annotations
 
@@ -57,6 +59,9 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(a.seed)
     for i in range(a.n):
         make_image(rng, a.size).save(out / f"shape_{i:05d}.png", optimize=False)
+    (out / ".sqvae_rebuild").write_text(
+        f"python scripts/make_colour_shapes.py {a.out} --n {a.n} --size {a.size}"
+        + (f" --seed {a.seed}" if a.seed else "") + "\n")
     print(f"wrote {a.n} images of {a.size}x{a.size} to {out}")
 
 

@@ -175,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     io_.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
 
     ls = sub.add_parser("list", help="list runs and bundles")
-    ls.add_argument("dirs", nargs="*", help="directories to scan (default: runs checkpoints)")
+    ls.add_argument("dirs", nargs="*", help="directories to scan (default: $SQVAE_RUNS, else runs, and "
+                    "$SQVAE_CHECKPOINTS, else checkpoints)")
     ls.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
     return p
 
@@ -228,12 +229,7 @@ def train_config(flags: dict, out: str | Path, resume: bool = False):
             cfg.dataset = "fashion-mnist-cat8"   # categorical models need categorical data
         preset = explicit.get("preset")
         if cfg.dataset.startswith("folder:"):
-            # a folder's default shape is data.dataset_shape's, RGB 32x32 (grey for the categorical
-            # kinds), not ModelConfig's 1x28x28; a preset or --channels/--image-size override it
-            from .data import dataset_shape
-            c, s, _ = dataset_shape(cfg.dataset)
-            cfg.model.image_channels = 1 if cfg.model.kind in CATEGORICAL_KINDS else c
-            cfg.model.image_size = s
+            _folder_shape(cfg, explicit, preset)
         if preset:
             apply_preset(cfg, preset, {t.split(".")[-1] for t in explicit})
     for target, v in explicit.items():
@@ -246,10 +242,12 @@ def train_config(flags: dict, out: str | Path, resume: bool = False):
 
 
 def cmd_train(args) -> int:
+    from .data import one_scan
     from .train import train
     out = Path(args.out)
-    cfg = train_config(vars(args), out, resume=args.resume)
-    result = train(cfg, resume=args.resume, progress=not args.quiet)
+    with one_scan():   # a folder's files are listed and stat'ed once: for its shape and both splits
+        cfg = train_config(vars(args), out, resume=args.resume)
+        result = train(cfg, resume=args.resume, progress=not args.quiet)
     if result["state"] == "failed":
         print(f"error: training failed: {result['error']}", file=sys.stderr)
         return 1
@@ -258,6 +256,26 @@ def cmd_train(args) -> int:
         return 0
     print(f"finished {result['step']} steps -> {out}", file=sys.stderr)
     return 0
+
+
+def _folder_shape(cfg, explicit: dict, preset: str | None) -> None:
+    """A folder's channels and size, where neither a flag nor the preset sets them, are read from
+    its images (data.folder_shape): 1 channel when every image is grey (always, for the categorical
+    kinds), the images' side when all are S x S with S in 28/32/64, else RGB 32x32. Says so in one line."""
+    from .data import folder_shape
+    by_preset = {"image_channels", "image_size"} if preset == "paper" else set()   # the paper's 64x64 RGB
+    need = [f for f in ("image_channels", "image_size") if f"model.{f}" not in explicit and f not in by_preset]
+    if not need:
+        return
+    shape = folder_shape(cfg.dataset)
+    chosen = {"image_channels": 1 if cfg.model.kind in CATEGORICAL_KINDS else shape.channels,
+              "image_size": shape.size or 32}
+    flags = {"image_channels": "--channels", "image_size": "--image-size"}
+    for f in need:
+        setattr(cfg.model, f, chosen[f])
+    why = shape.describe() + ("" if shape.size or "image_size" not in need else ", so resized to 32")
+    print(f"{cfg.dataset}: {why}: training at {' '.join(f'{flags[f]} {chosen[f]}' for f in need)} "
+          f"(read from the images; give {' or '.join(flags[f] for f in need)} to choose)", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -284,7 +302,7 @@ def cmd_eval(args) -> int:
 
 def cmd_list(args) -> int:
     from . import rundir as rd
-    dirs = args.dirs or ["runs", "checkpoints"]
+    dirs = args.dirs or rd.default_run_dirs()
     found = 0
     for d in dirs:
         for run in rd.list_runs(d):
@@ -347,17 +365,27 @@ def cmd_explore(args) -> int:
 
     from . import explore
     from . import rundir as rd
+    from .data import DatasetNotFoundError
     from .device import resolve_device
     from .imageio import save_png
-    from .scores import bundle_split
+    from .scores import bundle_split, stored_usage
     device = resolve_device(args.device)
     b = rd.load_bundle(args.run_dir, device)
     actions = [args.umap, args.neighbor is not None, args.interpolate is not None]
     if sum(actions) != 1:
         raise ValueError("choose exactly one of --umap, --neighbor K (with --image-index I), --interpolate I J")
     if args.umap:
-        images, _, _ = bundle_split(b, "test", args.data_dir, args.max_images)
-        usage = explore.code_usage(b.model, images)
+        try:
+            images, _, _ = bundle_split(b, "test", args.data_dir, args.max_images)
+            usage = explore.code_usage(b.model, images)
+        except DatasetNotFoundError:      # a bundle without its data: the usage it stores
+            stored = stored_usage(b)
+            if stored is None:
+                raise
+            usage, where = stored
+            hint = b.config.get("data_rebuild")
+            print(f"{b.dataset}: not found; code usage from {where}"
+                  + (f"; rebuild the data with `{hint}`" if hint else ""), file=sys.stderr)
         points = explore.cached_codebook_map(b.path, b.model, usage, method="pca" if args.pca else "umap",
                                              seed=args.seed)
         if args.json:

@@ -1,4 +1,4 @@
-"""Image data sets for SQ-VAE Explorer, loaded fully into memory as float tensors.
+"""Image data sets for SQ-VAE Explorer: uint8 pixels, converted to float batch by batch.
 
 Supported names (see :data:`DATASETS`)::
 
@@ -29,15 +29,24 @@ If none is found, :class:`DatasetNotFoundError` lists every place looked.
 Parsed files are cached in-process, so repeated loads are cheap; the returned tensors
 are fresh copies the caller may modify.
 
-Only torch and numpy are imported at module import; Pillow is imported when a folder
-data set is loaded.
+Memory: a split is held as its uint8 pixels (:class:`ImageData` ``pixels``), a quarter of float32;
+batches become float32 as they are drawn (``ImageData.batch``), so memory grows with the batch,
+not with the data set. A folder is decoded once, in parallel (a thread per CPU), into a memory-mapped
+.npy under $XDG_CACHE_HOME/sqvae/folders (or ~/.cache/...), keyed by its files' paths, sizes and
+mtimes, the image size, channels and crop: later loads map that file in (no decode, no copy).
+Unless given, a folder's channels and size are read from its images (:func:`folder_shape`).
+
+Only torch and numpy (and the standard library) are imported at module import; Pillow is
+imported when a folder data set is loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gzip
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -46,7 +55,7 @@ import struct
 import tempfile
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -59,8 +68,11 @@ __all__ = [
     "DATASETS",
     "SOURCES",
     "dataset_shape",
+    "folder_shape",
+    "FolderShape",
     "load_dataset",
     "iterate_batches",
+    "to_float",
 ]
 
 log = logging.getLogger(__name__)
@@ -109,6 +121,9 @@ CLASS_NAMES = {
 }
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: A folder data set may hold, in this file, the one-line command that recreates it (generated data:
+#: scripts/make_colour_shapes.py writes one). Training stores it in config.json as "data_rebuild".
+REBUILD_FILE = ".sqvae_rebuild"
 
 _IDX_FILES = {
     "train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -120,11 +135,44 @@ _CIFAR_FILES = {"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": 
 _IDX_TYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
+@functools.lru_cache(maxsize=16)
+def _float_table(levels: int | None, device: str = "cpu") -> torch.Tensor:
+    """The float32 value of each of the 256 pixel values, made once with the expressions that
+    converted whole arrays before (numpy, one correctly rounded float32 division each):
+        p / 255                        images
+        floor(p·L / 256) / (L − 1)     categorical data of L grey levels (cat8: (p >> 5) / 7)
+    A lookup rather than arithmetic on the batch: the same bits on every device (CUDA divides
+    by a scalar as a multiplication by its reciprocal, which rounds differently)."""
+    p = np.arange(256, dtype=np.uint8)
+    if levels:
+        q = (p.astype(np.int64) * int(levels)) >> 8
+        table = np.divide(q, np.float32(levels - 1), dtype=np.float32)
+    else:
+        table = np.divide(p, np.float32(255.0), dtype=np.float32)
+    return torch.from_numpy(table).to(device)
+
+
+def to_float(x: torch.Tensor, levels: int | None = None) -> torch.Tensor:
+    """uint8 pixels -> float32 in [0, 1] (a new tensor, on x's device; see _float_table);
+    float input is returned as it is."""
+    if x.dtype != torch.uint8:
+        return x
+    table = _float_table(levels, str(x.device))
+    return table.index_select(0, x.reshape(-1).int()).view(x.shape)
+
+
 @dataclass
 class ImageData:
-    """An in-memory image data set split."""
+    """A data set split.
 
-    images: torch.Tensor          # float32 (N, C, H, W) in [0, 1], contiguous
+    ``pixels`` holds the images as stored, (N, C, H, W): uint8 as read (a read-only memory map of
+    the decoded cache for folder data; in memory for the IDX sets and CIFAR-10), or float32 in
+    [0, 1] (data made in memory). ``batch(idx)`` gives float32 images in [0, 1] of the rows asked
+    for, converted as they are drawn, so memory grows with the batch and not with the data set;
+    ``images`` converts the whole split (a fresh float32 tensor: fine for small data, 4x the pixels'
+    memory)."""
+
+    pixels: torch.Tensor          # uint8 (N, C, H, W), or float32 in [0, 1]
     labels: torch.Tensor | None   # int64 (N,)
     name: str                     # data set name as given
     split: str                    # "train" | "val" | "test"
@@ -134,7 +182,44 @@ class ImageData:
     class_names: tuple[str, ...] | None = None
 
     def __len__(self) -> int:
-        return int(self.images.shape[0])
+        return int(self.pixels.shape[0])
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.pixels.shape)
+
+    def batch(self, idx) -> torch.Tensor:
+        """float32 images of rows idx (a slice, or a tensor / array of indices), a new tensor."""
+        return to_float(self.pixels[idx], self.levels).contiguous()
+
+    @property
+    def images(self) -> torch.Tensor:
+        """The whole split as float32 in [0, 1] (a new tensor each time)."""
+        return self.batch(slice(None))
+
+    def float_batches(self, batch_size: int):
+        """The split in order as float32 batches of batch_size (the last may be smaller)."""
+        for i in range(0, len(self), batch_size):
+            yield self.batch(slice(i, i + batch_size))
+
+    def head(self, n: int) -> "ImageData":
+        """The first n images (views, no copy)."""
+        return replace(self, pixels=self.pixels[:n], labels=self.labels[:n] if self.labels is not None else None)
+
+    def variance(self) -> float:
+        """Var of all pixel values as float32 (unbiased), as float(self.images.var()) gave it but without
+        the float copy: for uint8, from the 256-bin histogram in float64 (exact sums), rounded to float32
+        like torch's var of float32 (which accumulates in double on the CPU: equal on the data sets we ship)."""
+        if self.pixels.dtype != torch.uint8:
+            return float(self.pixels.var())
+        counts = np.zeros(256, np.float64)
+        step = max(1, (64 << 20) // max(1, int(np.prod(self.pixels.shape[1:]))))
+        for i in range(0, len(self), step):
+            counts += np.bincount(self.pixels[i:i + step].numpy().reshape(-1), minlength=256)
+        values = _float_table(self.levels).numpy().astype(np.float64)
+        n = counts.sum()
+        mean = (counts * values).sum() / n
+        return float(np.float32((counts * (values - mean) ** 2).sum() / (n - 1)))
 
 
 class DatasetNotFoundError(FileNotFoundError):
@@ -547,26 +632,65 @@ def _locate(base: str, data_dir, download: bool, allow_subset: bool) -> tuple[Pa
 # --------------------------------------------------------------------------- folders
 
 
-def _scan_folder(root: Path) -> tuple[list[tuple[Path, int | None]], tuple[str, ...] | None]:
-    def images_under(d: Path) -> list[Path]:
-        out = []
-        for dirpath, dirnames, filenames in os.walk(d):
-            dirnames[:] = sorted(x for x in dirnames if not x.startswith("."))
-            out.extend(Path(dirpath) / f for f in sorted(filenames)
-                       if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS))
+_SCANS: dict | None = None     # the scans made inside a one_scan() block, by folder
+
+
+@contextlib.contextmanager
+def one_scan():
+    """Inside the block, each folder is scanned (listed and stat'ed) once: loading several splits
+    of a 200,000-image folder stats its files once, not once per split (~1-3 s each). The caller
+    promises the folder does not change within the block (training's resolve: train + val)."""
+    global _SCANS
+    outer = _SCANS
+    _SCANS = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _SCANS = outer
+
+
+def _scan_folder(root: Path) -> tuple[list[tuple[str, int, int, int | None]], tuple[str, ...] | None]:
+    """The image files under root, in a fixed order, with their stats: [(path, size, mtime_ns,
+    label)] and the class names (sub-folders holding images, sorted; None: no classes). One
+    os.scandir pass plus a stat per file (200,000 files: ~1 s on an idle machine)."""
+    if _SCANS is not None:
+        if str(root) not in _SCANS:
+            _SCANS[str(root)] = _scan_folder_now(root)
+        return _SCANS[str(root)]
+    return _scan_folder_now(root)
+
+
+def _scan_folder_now(root: Path) -> tuple[list[tuple[str, int, int, int | None]], tuple[str, ...] | None]:
+    def images_under(d: str) -> list[tuple[str, int, int]]:
+        out, dirs = [], []
+        try:
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError:
+            return out
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                dirs.append(e.path)
+            elif e.is_file() and e.name.lower().endswith(IMAGE_EXTENSIONS):
+                st = e.stat()
+                out.append((e.path, st.st_size, st.st_mtime_ns))
+        for sub in dirs:
+            out.extend(images_under(sub))
         return out
 
-    subdirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-    classes = [(d.name, images_under(d)) for d in subdirs]
+    entries = sorted(os.scandir(root), key=lambda e: e.name)
+    subdirs = [e for e in entries if e.is_dir() and not e.name.startswith(".")]
+    classes = [(e.name, images_under(e.path)) for e in subdirs]
     classes = [(n, files) for n, files in classes if files]
-    loose = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and p.name.lower().endswith(IMAGE_EXTENSIONS))
+    loose = [e for e in entries if e.is_file() and not e.name.startswith(".")
+             and e.name.lower().endswith(IMAGE_EXTENSIONS)]
     if not classes:
-        return [(p, None) for p in loose], None
+        return [(e.path, st.st_size, st.st_mtime_ns, None) for e in loose for st in [e.stat()]], None
     if loose:
         warnings.warn(f"folder:{root}: ignoring {len(loose)} image(s) directly in the folder; "
                       f"only images in the class sub-folders are used", stacklevel=5)
-    items = [(p, label) for label, (_, files) in enumerate(classes) for p in files]
+    items = [(p, size, mtime, label) for label, (_, files) in enumerate(classes) for p, size, mtime in files]
     return items, tuple(n for n, _ in classes)
 
 
@@ -608,42 +732,260 @@ def _load_image(path: Path, size: int, channels: int, crop: int | None = None) -
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_folder_cached(size: int, channels: int, items: tuple, labeled: bool, crop: int | None = None):
-    """items: ((path, mtime_ns, size, label), ...) -- file stats are part of the key."""
-    images = np.empty((len(items), channels, size, size), dtype=np.uint8)
-    for i, (p, _, _, _) in enumerate(items):
-        images[i] = _load_image(Path(p), size, channels, crop)
-    images.setflags(write=False)
-    labels = None
-    if labeled:
-        labels = np.array([lab for _, _, _, lab in items], dtype=np.int64)
-        labels.setflags(write=False)
-    return images, labels
+#: Image sizes with a net design of their own (ModelConfig.design, nets.py: 28x28 -> 7x7 codes,
+#: 32x32 -> 8x8, 64x64 -> 16x16); a folder of square images of one of them is trained at that size.
+NET_SIZES = (28, 32, 64)
+#: Bumped when the decoded cache's layout or the decoding changes (old caches are then not used).
+CACHE_VERSION = 1
+#: Folders smaller than this are decoded by one thread.
+PARALLEL_MIN = 1024
 
 
-def _load_folder(name: str, path: str, split: str, image_size, channels, seed: int,
-                 center_crop: int | None = None) -> ImageData:
-    c, s, _ = dataset_shape(name, image_size, channels)
-    root = Path(path).expanduser()
+def _workers() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _parallel_map(fn, jobs: list[tuple], workers: int) -> list:
+    """[fn(*job) for job in jobs], over `workers` threads when there are several jobs. Threads, not
+    processes: Pillow releases the GIL while it decodes and resizes (2 threads: ~1.8x the images/s
+    of one), the workers write straight into the one memory map, and nothing is re-imported. (A
+    spawned process pool re-runs the parent's __main__, which inside Streamlit is the page script.)
+    The first error cancels the jobs not started and is raised."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [fn(*job) for job in jobs]
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=min(workers, len(jobs)), thread_name_prefix="sqvae-decode")
+    try:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _chunks(n: int, workers: int) -> list[tuple[int, int]]:
+    """[start, stop) ranges: ~8 per worker (balance), at most 2,000 images each."""
+    size = max(64, min(2000, -(-n // (8 * workers))))
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
+def _stats_digest(items, **params) -> str:
+    """sha256 of the files' paths, sizes, mtimes and labels and of params: the cache key."""
+    h = hashlib.sha256(json.dumps({"version": CACHE_VERSION, **params}, sort_keys=True).encode())
+    h.update("\n".join(f"{p}\0{size}\0{mtime}\0{label}" for p, size, mtime, label in items).encode())
+    return h.hexdigest()[:32]
+
+
+def _folder_cache_dir() -> Path:
+    return _cache_dir("folders")
+
+
+def _atomic_write(final: Path, write) -> None:
+    """write(tmp_path) then fsync and rename to final (same directory): a reader sees the whole file
+    or none; an error (or a kill) leaves no file under the final name. Leftover temp files of dead
+    processes are removed first."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    for old in final.parent.glob(f".{final.name}.*.tmp"):
+        try:
+            pid = int(old.name.rsplit(".", 2)[-2])
+            os.kill(pid, 0)                  # alive: another process is writing it
+        except ProcessLookupError:
+            old.unlink(missing_ok=True)
+        except (ValueError, PermissionError, OSError):
+            pass
+    tmp = final.parent / f".{final.name}.{os.getpid()}.tmp"
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        try:
+            fd = os.open(final.parent, os.O_RDONLY)
+            try:
+                os.fsync(fd)                 # the rename itself reaches the disk
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# --------------------------------------------------------------- folders: shape of the images
+@dataclass(frozen=True)
+class FolderShape:
+    """What a folder's image headers say (no pixel is decoded)."""
+
+    n: int
+    grey: bool                 # every image is grey (modes L, LA, 1, I, F, or a grey palette)
+    size: int | None           # the side of every image when all are S x S with S in NET_SIZES, else None
+    example: tuple[int, int]   # the first image's width x height
+
+    @property
+    def channels(self) -> int:
+        return 1 if self.grey else 3
+
+    def describe(self) -> str:
+        what = "grey" if self.grey else "colour"
+        size = (f"{self.size}x{self.size}" if self.size else f"first {self.example[0]}x{self.example[1]}, not all one of "
+                + "/".join(f"{s}x{s}" for s in NET_SIZES))
+        return f"{self.n} {what} images, {size}"
+
+
+def _probe_images(paths: list[str]) -> list[tuple[bool, int, int]]:
+    """(grey, width, height) of each image, from its header."""
+    from PIL import Image
+
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                mode = im.mode
+                grey = mode in ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "F")
+                if mode in ("P", "PA"):
+                    pal = im.getpalette() or []
+                    grey = all(pal[i] == pal[i + 1] == pal[i + 2] for i in range(0, len(pal) - 2, 3))
+                out.append((grey, im.size[0], im.size[1]))
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {p}: {e}") from None
+    return out
+
+
+def folder_shape(name: str) -> FolderShape:
+    """Channels and size a folder: data set's images have: grey when every image is (header modes),
+    and the common side S when every image is S x S with S one the nets take (NET_SIZES). Read from
+    every image's header, in parallel for large folders, and cached beside the decoded data (keyed
+    by the files' stats like it), so a second call costs a scan of the folder."""
+    canon, folder = _parse_name(name)
+    if canon != "folder":
+        raise ValueError(f"folder_shape reads folder: data sets, not {name!r}")
+    root = _folder_root(folder)
+    items, _ = _scan_folder(root)
+    if not items:
+        raise ValueError(f"folder:{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+    path = _folder_cache_dir() / f"shape-{_stats_digest(items, what='shape')}.json"
+    try:
+        doc = json.loads(path.read_text())
+        return FolderShape(doc["n"], doc["grey"], doc["size"], tuple(doc["example"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    paths = [p for p, _, _, _ in items]
+    workers = _workers() if len(paths) >= PARALLEL_MIN else 1
+    probes = [x for part in _parallel_map(_probe_images, [(paths[a:b],) for a, b in _chunks(len(paths), workers)],
+                                          workers) for x in part]
+    sides = {(w, h) for _, w, h in probes}
+    (w, h), = sides if len(sides) == 1 else [(0, 0)]
+    shape = FolderShape(len(probes), all(g for g, _, _ in probes), w if w == h and w in NET_SIZES else None,
+                        probes[0][1:])
+    try:
+        _atomic_write(path, lambda tmp: tmp.write_text(json.dumps(
+            {"n": shape.n, "grey": shape.grey, "size": shape.size, "example": list(shape.example), "root": str(root)})))
+    except OSError as e:      # a read-only cache: only slower next time
+        log.info("could not cache the shape of %s: %s", root, e)
+    return shape
+
+
+# --------------------------------------------------------------- folders: the decoded cache
+def _decode_into(out: np.ndarray, start: int, paths: list[str], size: int, channels: int, crop: int | None) -> int:
+    """Decode paths into rows start.. of out (the cache's memory map)."""
+    for i, p in enumerate(paths):
+        out[start + i] = _load_image(Path(p), size, channels, crop)
+    return len(paths)
+
+
+def _decode_folder(paths: list[str], final: Path, size: int, channels: int, crop: int | None,
+                   workers: int) -> None:
+    """Decode every image into final (.npy, uint8 (N, C, size, size)), atomically (_atomic_write)."""
+    def write(tmp: Path) -> None:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(paths), channels, size, size))
+        jobs = [(out, a, paths[a:b], size, channels, crop) for a, b in _chunks(len(paths), workers)]
+        _parallel_map(_decode_into, jobs, workers)
+        out.flush()
+        del out
+
+    _atomic_write(final, write)
+
+
+def _folder_root(folder: str) -> Path:
+    root = Path(folder).expanduser()
     if not root.is_dir():
         raise DatasetNotFoundError(
             f"folder dataset: {root} is not a directory (resolved: {root.resolve()})")
-    root = root.resolve()
-    items, class_names = _scan_folder(root)
-    if not items:
-        raise ValueError(f"folder:{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
-    key = tuple((str(p), st.st_mtime_ns, st.st_size, lab) for p, lab in items for st in [p.stat()])
-    images, labels = _load_folder_cached(s, c, key, class_names is not None, center_crop)
-    n = images.shape[0]
+    return root.resolve()
+
+
+def _split_order(n: int, seed: int) -> tuple[np.ndarray, dict[str, tuple[int, int]]]:
+    """The fixed-seed 80/10/10 split, as the order the cache stores the images in: train, val, test,
+    each in file order, so that each split is one contiguous slice of the memory map."""
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
     n_test = int(round(0.1 * n))
     n_val = int(round(0.1 * n))
-    parts = {"test": perm[:n_test], "val": perm[n_test:n_test + n_val], "train": perm[n_test + n_val:]}
-    idx = np.sort(parts[split])
-    x = torch.from_numpy(_to_float(images[idx], False))
-    y = torch.from_numpy(labels[idx]) if labels is not None else None
-    return ImageData(images=x.contiguous(), labels=y, name=name, split=split, source=str(root),
+    parts = {"train": np.sort(perm[n_test + n_val:]), "val": np.sort(perm[n_test:n_test + n_val]),
+             "test": np.sort(perm[:n_test])}
+    bounds, at = {}, 0
+    for split in ("train", "val", "test"):
+        bounds[split] = (at, at + len(parts[split]))
+        at += len(parts[split])
+    return np.concatenate([parts["train"], parts["val"], parts["test"]]), bounds
+
+
+def folder_rebuild_command(name: str) -> str | None:
+    """The command that recreates a folder: data set (its REBUILD_FILE's first line), or None."""
+    canon, folder = _parse_name(name)
+    if canon != "folder":
+        return None
+    try:
+        line = (Path(folder).expanduser() / REBUILD_FILE).read_text().strip().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return line[0].strip() if line and line[0].strip() else None
+
+
+def _load_folder(name: str, path: str, split: str, image_size, channels, seed: int,
+                 center_crop: int | None = None, workers: int | None = None) -> ImageData:
+    root = _folder_root(path)
+    if image_size is None or channels is None:
+        shape = folder_shape(f"folder:{root}")
+        channels = shape.channels if channels is None else channels
+        image_size = (shape.size or 32) if image_size is None else image_size
+    c, s, _ = dataset_shape(name, image_size, channels)
+    memo_key = ("split", str(root), s, c, center_crop, seed)
+    if _SCANS is not None and memo_key in _SCANS:          # another split of the same one_scan() block
+        items, class_names, bounds, final = _SCANS[memo_key]
+    else:
+        items, class_names = _scan_folder(root)
+        if not items:
+            raise ValueError(f"folder:{root}: no image files ({', '.join(IMAGE_EXTENSIONS)}) found")
+        order, bounds = _split_order(len(items), seed)
+        items = [items[i] for i in order]
+        prefix = hashlib.sha256(json.dumps([str(root), s, c, center_crop, seed]).encode()).hexdigest()[:16]
+        final = _folder_cache_dir() / f"{prefix}-{_stats_digest(items, size=s, channels=c, crop=center_crop, seed=seed)}.npy"
+        if _SCANS is not None:
+            _SCANS[memo_key] = items, class_names, bounds, final
+    cache, prefix = final.parent, final.name.split("-")[0]
+    if not final.is_file():
+        log.info("decoding %d images of %s into %s", len(items), root, final)
+        if workers is None:
+            workers = _workers() if len(items) >= PARALLEL_MIN else 1
+        _decode_folder([p for p, _, _, _ in items], final, s, c, center_crop, workers)
+        for old in cache.glob(f"{prefix}-*.npy"):       # this folder's caches of older file stats
+            if old != final:
+                old.unlink(missing_ok=True)
+    # copy-on-write map: nothing is read until used, and a caller writing into its tensor changes
+    # its own private pages, never the cache file
+    images = np.load(final, mmap_mode="c")
+    if images.shape != (len(items), c, s, s) or images.dtype != np.uint8:
+        raise ValueError(f"{final}: decoded cache holds {images.dtype} {images.shape}, expected uint8 "
+                         f"{(len(items), c, s, s)}; delete it to decode again")
+    a, b = bounds[split]
+    labels = None
+    if class_names is not None:
+        labels = torch.tensor([lab for _, _, _, lab in items[a:b]], dtype=torch.int64)
+    return ImageData(pixels=torch.from_numpy(images[a:b]), labels=labels, name=name, split=split, source=str(root),
                      num_labels=len(class_names) if class_names is not None else None,
                      levels=None, class_names=class_names)
 
@@ -663,21 +1005,16 @@ def _n_val(val_size, n_train: int) -> int:
     return min(int(val_size), n_train // 10)
 
 
-def _to_float(images: np.ndarray, cat8: bool) -> np.ndarray:
-    """uint8 -> new float32 array: p/255, or for cat8 floor(p/256*8)/7 (= (p >> 5)/7)."""
-    if cat8:
-        return np.divide(np.right_shift(images, 5), np.float32(7.0), dtype=np.float32)
-    return np.divide(images, np.float32(255.0), dtype=np.float32)
-
-
 def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *,
                  download: bool = True, image_size: int | None = None,
                  channels: int | None = None, val_size: int | float = 5000, seed: int = 0,
                  allow_subset: bool = True, val_from_end: bool = False,
                  center_crop: int | None = None) -> ImageData:
-    """Load a data set split into memory.  See the module docstring for the details.
+    """Load a data set split (uint8 pixels; see ImageData).  See the module docstring for the details.
 
-    image_size/channels apply to ``folder:`` data only (ignored otherwise); so does
+    image_size/channels apply to ``folder:`` data only (ignored otherwise; None: read from the
+    images, see folder_shape: grey -> 1 channel, a common side of 28, 32 or 64 -> that size,
+    else 3 channels, 32); so does
     ``center_crop``: crop the centre center_crop x center_crop pixels of each image, then resize
     to image_size (CelebA's official 178x218 -> 64x64: center_crop=140); every image must be at
     least that large. Without it, the shorter side is resized to image_size and the centre kept. val_size
@@ -715,10 +1052,11 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *
             perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
             idx = np.sort(perm[:n_val] if split == "val" else perm[n_val:])
         images, labels = images[idx], labels[idx]
-    x = _to_float(images, canon == "fashion-mnist-cat8")  # new array: the cache is never exposed
-    x = x.reshape(x.shape[0], *dataset_shape(canon))
+    else:
+        images = np.array(images)             # a copy: the parsed-file cache is never exposed
+    x = images.reshape(images.shape[0], *dataset_shape(canon))
     return ImageData(
-        images=torch.from_numpy(np.ascontiguousarray(x)),
+        pixels=torch.from_numpy(np.ascontiguousarray(x)),   # uint8; batch() converts (cat8: levels=8)
         labels=torch.from_numpy(labels.astype(np.int64)),
         name=name, split=split, source=source, num_labels=10,
         levels=8 if canon == "fashion-mnist-cat8" else None,
@@ -727,10 +1065,11 @@ def load_dataset(name: str, split: str = "train", data_dir: str | None = None, *
 
 def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool,
                     generator: torch.Generator | None = None, drop_last: bool = True):
-    """Yield (images, labels) batches of an in-memory data set for one epoch.
+    """Yield (images, labels) batches of a data set for one epoch, images as float32 (converted
+    batch by batch: ImageData.batch).
 
     With shuffle, batches are gathered through one random permutation (generator, if
-    given, makes it reproducible); without, they are contiguous slices (views).
+    given, makes it reproducible); without, they are contiguous slices.
     labels is None for unlabeled data.  drop_last drops a final short batch (so a data
     set smaller than batch_size yields nothing).
     """
@@ -739,16 +1078,16 @@ def iterate_batches(data: ImageData, batch_size: int, *, shuffle: bool,
     batch_size = int(batch_size)
     n = len(data)
     order = torch.randperm(n, generator=generator) if shuffle else None
-    images, labels = data.images, data.labels
+    labels = data.labels
 
     def gen():
         stop = n - n % batch_size if drop_last else n
         for start in range(0, stop, batch_size):
             if order is None:
                 sl = slice(start, start + batch_size)
-                yield images[sl], (labels[sl] if labels is not None else None)
+                yield data.batch(sl), (labels[sl] if labels is not None else None)
             else:
                 sel = order[start:start + batch_size]
-                yield images[sel], (labels[sel] if labels is not None else None)
+                yield data.batch(sel), (labels[sel] if labels is not None else None)
 
     return gen()

@@ -14,16 +14,18 @@ from .quantizers import perplexity_of_counts
 
 
 @torch.no_grad()
-def evaluate_model(model, images: torch.Tensor, *, device: torch.device | None = None,
-                   batch_size: int = 500) -> dict:
+def evaluate_model(model, images, *, device: torch.device | None = None, batch_size: int = 500) -> dict:
+    """images: float32 (N, C, H, W) in [0, 1], or an ImageData, whose pixels become float32 one
+    batch at a time (ImageData.batch): memory grows with the batch, not with the split."""
     device = device or next(model.parameters()).device
+    take = images.batch if hasattr(images, "batch") else images.__getitem__
     was_training = model.training
     model.eval()
     k = model.cfg.codebook_size
     usage = torch.zeros(k, dtype=torch.long, device=device)
     sq_sum, loss_sum, ent_sum, n_pos, n = 0.0, 0.0, 0.0, 0, len(images)
     for i in range(0, n, batch_size):
-        x = images[i:i + batch_size].to(device)
+        x = take(slice(i, i + batch_size)).to(device)
         out = model(x, mode="argmax")
         sq_sum += float(per_image_sq_error(out.x_rec, x).sum())
         loss_sum += float(out.loss) * len(x)

@@ -450,6 +450,16 @@ def valid_run_name(name) -> bool:
         and ".." not in name
 
 
+#: Environment variables naming where runs and bundles live (the app reads the same two).
+RUNS_ENV, CHECKPOINTS_ENV = "SQVAE_RUNS", "SQVAE_CHECKPOINTS"
+
+
+def default_run_dirs() -> list[str]:
+    """What `sqvae list` scans without arguments: $SQVAE_RUNS (else runs) and $SQVAE_CHECKPOINTS
+    (else checkpoints), relative to the working directory, as the app's directories are."""
+    return [os.environ.get(RUNS_ENV) or "runs", os.environ.get(CHECKPOINTS_ENV) or "checkpoints"]
+
+
 def list_runs(root: str | Path) -> list[Path]:
     """Run directories (holding config.json): root itself if it is one, else those directly under
     root and, one group level down, under its sub-directories (runs/ship/gaussian_1), in name order.

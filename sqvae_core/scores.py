@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from . import rundir as rd
-from .data import load_dataset
+from .data import DatasetNotFoundError, load_dataset
 from .explore import dataset_codes, decode_latent_mix, neighbour_edit
 from .fd import extract_features, frechet_distance, load_classifier
 from .prior import PriorConfig, fit_prior, load_prior, nll_bits_per_code, save_prior, unigram_entropy_bits
@@ -37,15 +37,41 @@ def _require_discrete(bundle: rd.Bundle, what: str) -> None:
 def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max_images: int | None = None):
     """The run's dataset split (images, labels), as configured at training time."""
     train_cfg = bundle.config.get("train", {})
-    data = load_dataset(bundle.dataset, split, data_dir or train_cfg.get("data_dir"),
-                        val_size=train_cfg.get("val_size", 5000), val_from_end=train_cfg.get("val_split") == "last",
-                        image_size=bundle.model_cfg.image_size,
-                        channels=bundle.model_cfg.image_channels, center_crop=train_cfg.get("center_crop"))
-    images, labels = data.images, data.labels
+    try:
+        data = load_dataset(bundle.dataset, split, data_dir or train_cfg.get("data_dir"),
+                            val_size=train_cfg.get("val_size", 5000), val_from_end=train_cfg.get("val_split") == "last",
+                            image_size=bundle.model_cfg.image_size,
+                            channels=bundle.model_cfg.image_channels, center_crop=train_cfg.get("center_crop"))
+    except DatasetNotFoundError as e:
+        rebuild = bundle.config.get("data_rebuild")
+        if not rebuild:
+            raise
+        raise DatasetNotFoundError(f"{e}; it is generated: rebuild it with `{rebuild}`") from None
     if max_images:
-        images = images[:max_images]
-        labels = labels[:max_images] if labels is not None else None
-    return images, labels, data
+        data = data.head(max_images)
+    return data.images, data.labels, data
+
+
+def stored_usage(bundle: rd.Bundle) -> tuple[torch.Tensor, str] | None:
+    """Per-code usage the bundle already stores for its weights, for when its data set is absent:
+    eval.json's `usage` (the whole test split, deterministic codes) when made from these weights,
+    else the last codebook snapshot's (a training window's codes) when it is of the weights' step.
+    -> (LongTensor (K,), where it comes from) or None."""
+    k = bundle.model_cfg.codebook_size
+    path = bundle.path / rd.EVAL
+    try:
+        ev = rd.read_json(path, rd.EVAL) if path.is_file() else {}
+    except rd.BundleError:
+        ev = {}
+    usage = ev.get("usage")
+    if (isinstance(usage, list) and len(usage) == k and all(type(u) is int for u in usage)
+            and rd.made_from(ev, bundle.path, bundle.which)):
+        return torch.tensor(usage, dtype=torch.long), f"eval.json ({ev.get('n_test', '?')} test images)"
+    snaps = rd.read_snapshots(bundle.path)
+    step = rd.weights_step(bundle.path, bundle.which)
+    if snaps and len(snaps[-1]["usage"]) == k and (step is None or snaps[-1]["step"] == step):
+        return snaps[-1]["usage"], f"the codebook snapshot of step {snaps[-1]['step']} (training codes)"
+    return None
 
 
 # ------------------------------------------------------------------------- the prior

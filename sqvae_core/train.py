@@ -41,7 +41,7 @@ import torch
 from . import rundir as rd
 from .rundir import RunWriter
 from .config import CATEGORICAL_KINDS, ModelConfig
-from .data import ImageData, dataset_shape, load_dataset
+from .data import ImageData, dataset_shape, folder_rebuild_command, load_dataset, one_scan, to_float
 from .device import resolve_device
 from .evaluate import evaluate_model
 from .kinds import KINDS, PRESETS
@@ -363,17 +363,17 @@ def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
     cfg.model.image_channels, cfg.model.image_size = c, s
     split = dict(val_size=cfg.val_size, val_from_end=cfg.val_split == "last", image_size=s, channels=c,
                  center_crop=cfg.center_crop)
-    if data is None:
-        data = load_dataset(cfg.dataset, "train", cfg.data_dir, **split)
-    if val_data is None:
-        val_data = load_dataset(cfg.dataset, "val", cfg.data_dir, **split)
+    with one_scan():           # a folder's files are listed and stat'ed once for both splits
+        if data is None:
+            data = load_dataset(cfg.dataset, "train", cfg.data_dir, **split)
+        if val_data is None:
+            val_data = load_dataset(cfg.dataset, "val", cfg.data_dir, **split)
     if cfg.val_max_images:
-        val_data = copy.copy(val_data)
-        val_data.images = val_data.images[:cfg.val_max_images]
+        val_data = val_data.head(cfg.val_max_images)
     if cfg.model.kind in CATEGORICAL_KINDS and data.levels:
         cfg.model.num_levels = data.levels
     if KINDS[cfg.model.kind].vq_reconstruction:
-        cfg.model.data_variance = float(data.images.var())
+        cfg.model.data_variance = data.variance()
     per_epoch = steps_per_epoch(len(data), cfg.batch_size, dist.world, cfg.drop_last)
     if cfg.epochs:
         cfg.steps, cfg.epochs = max(1, int(cfg.epochs * per_epoch)), None
@@ -491,38 +491,42 @@ def train_step(train_model, optimizer, x: torch.Tensor, tau: float, cfg: TrainCo
 
 
 class Batches:
-    """Training batches by global step. The images live on the device when they fit in a
-    quarter of its free memory (on a CPU, always); otherwise they stay in host memory and each
-    batch is gathered into one of two pinned buffers and copied to the GPU without blocking
-    (a buffer is reused only once the copy out of it, two steps back, has completed)."""
+    """Training batches by global step, float32 in [0, 1], converted from the stored pixels (uint8,
+    memory-mapped for folder data) as each batch is drawn (data.to_float): memory grows with the
+    batch, not with the data set. The pixels live on the device when they fit in a quarter of its
+    free memory (on a CPU they stay where they are: no copy); otherwise they stay in host memory
+    and each batch is gathered into one of two pinned (uint8) buffers, copied to the GPU without
+    blocking (a buffer is reused only once the copy out of it, two steps back, has completed) and
+    converted there. Same values as converting the whole set first: one table of 256 floats."""
 
-    def __init__(self, images: torch.Tensor, cfg: TrainConfig, dist: Dist, device: torch.device,
+    def __init__(self, data: ImageData, cfg: TrainConfig, dist: Dist, device: torch.device,
                  on_device: bool | None = None):
-        self.n, self.cfg, self.dist, self.device = len(images), cfg, dist, device
+        pixels = data.pixels
+        self.n, self.cfg, self.dist, self.device, self.levels = len(pixels), cfg, dist, device, data.levels
         if on_device is None:
-            on_device = device.type == "cpu" or images.nbytes < _free_device_bytes(device) // 4
+            on_device = device.type == "cpu" or pixels.nbytes < _free_device_bytes(device) // 4
         self.on_device = on_device
-        self.images = images.to(device) if on_device else images
+        self.pixels = pixels.to(device) if on_device else pixels
         pin = not on_device and device.type == "cuda"
-        self.pinned = [torch.empty((cfg.batch_size, *images.shape[1:]), dtype=images.dtype).pin_memory()
+        self.pinned = [torch.empty((cfg.batch_size, *pixels.shape[1:]), dtype=pixels.dtype).pin_memory()
                        for _ in range(2)] if pin else []
         self.copied = [None, None]     # CUDA events: the copy out of each pinned buffer is done
 
     def __call__(self, step: int) -> torch.Tensor:
         idx = batch_indices(self.n, self.cfg.batch_size, self.cfg.seed, step, self.dist, self.cfg.drop_last)
         if self.on_device:
-            return self.images[idx.to(self.device, non_blocking=True)]
+            return to_float(self.pixels[idx.to(self.pixels.device, non_blocking=True)], self.levels)
         if not self.pinned:
-            return self.images[idx].to(self.device)
+            return to_float(self.pixels[idx].to(self.device), self.levels)
         slot = step % 2
         if self.copied[slot] is not None:
             self.copied[slot].synchronize()
         buf = self.pinned[slot][:len(idx)]
-        torch.index_select(self.images, 0, idx, out=buf)
+        torch.index_select(self.pixels, 0, idx, out=buf)
         x = buf.to(self.device, non_blocking=True)
         self.copied[slot] = torch.cuda.Event()
         self.copied[slot].record()
-        return x
+        return to_float(x, self.levels)
 
 
 def _free_device_bytes(device: torch.device) -> int:
@@ -565,7 +569,7 @@ def validate_and_log(model, val_data: ImageData, cfg: TrainConfig, p: Progress, 
     """One validation pass (deterministic quantization, batches of the training size as the
     official trainer): a metrics row, best.safetensors on a new lowest cfg.best_by figure, the
     plateau LR step."""
-    res = evaluate_model(model, val_data.images, device=device, batch_size=cfg.batch_size)
+    res = evaluate_model(model, val_data, device=device, batch_size=cfg.batch_size)
     row = {"step": p.step, "wall_time": time.time(), **{f"val_{m}": res[m] for m in
            ("mse", "perplexity", "entropy", "dead_codes", "loss") if res.get(m) is not None}}
     writer.metrics(row)
@@ -604,7 +608,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
         torch.backends.cudnn.benchmark = True    # fixed shapes: let cuDNN pick the fastest kernels
 
     # --- build, then restore
-    batches = Batches(data.images, cfg, dist, device)
+    batches = Batches(data, cfg, dist, device)
     model = make_model(cfg, device)
     optimizer = make_optimizer(model, cfg.lr, device)
     scheduler = make_scheduler(cfg, optimizer)
@@ -613,6 +617,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                   "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
                   "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
                   "world_size": dist.world, "device": device.type}
+    rebuild = folder_rebuild_command(cfg.dataset)
+    if rebuild:
+        config_doc["data_rebuild"] = rebuild     # eval & co. name it when the folder is missing
     p = Progress(best_by=cfg.best_by)
     resume = resume and ckpt.path.exists()   # killed before its first checkpoint: start over
     if resume:

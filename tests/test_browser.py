@@ -418,8 +418,29 @@ def test_collapse_race_of_four_kinds_runs_to_the_end(servers, browser):
     ctx.close()
 
 
+def test_explore_link_by_its_page_name_opens_the_run(servers, browser):
+    """/explore?run=X (the root page's own name in the URL, as links and bookmarks write it) opens
+    Explore on run X, not Streamlit's "Page not found" dialog (issue 21)."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1200})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    try:
+        for path in ("/explore?run=runs/shown", "/?run=runs/shown"):
+            page.goto(servers["app"] + path)
+            # the model card's caption names the run Explore opened
+            expect(page.get_by_text("· runs/shown · weights", exact=False).first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(500)
+            assert page.get_by_text("Page not found", exact=False).count() == 0, path
+    finally:
+        ctx.close()
+
+
 LOGGED_LOOP = """
-import sys, time, torch
+import signal, sys, time, torch
+# Ctrl-C must reach this loop as KeyboardInterrupt even when the test suite itself runs in the
+# background (`nohup python -m pytest &`): a shell starts background jobs with SIGINT ignored, every
+# child inherits that, and Python then installs no handler of its own. Install it explicitly.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 from sqvae_core import RunLogger
 g = torch.Generator().manual_seed(0)
 try:

@@ -9,6 +9,7 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
 import sys
 import tarfile
 from pathlib import Path
@@ -388,7 +389,7 @@ def test_cifar_download_and_safe_extract(tmp_path, monkeypatch, no_system):
 
 def test_iterate_batches():
     n = 103
-    d = D.ImageData(images=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1),
+    d = D.ImageData(pixels=torch.arange(n, dtype=torch.float32).view(n, 1, 1, 1),
                     labels=torch.arange(n), name="t", split="train", source="mem",
                     num_labels=None, levels=None)
     seen = []
@@ -459,3 +460,174 @@ def test_folder_center_crop_then_resize_as_the_official_celeba_loader(tmp_path):
         D.load_dataset("cifar10", "test", center_crop=28)
     with pytest.raises(ValueError, match="positive number of pixels"):
         D.load_dataset(name, center_crop=0)
+
+
+def test_folder_shape_reads_grey_and_a_common_net_size_from_the_headers(tmp_path):
+    from PIL import Image
+
+    def folder(name, specs):
+        root = tmp_path / name
+        root.mkdir()
+        for i, (mode, w, h) in enumerate(specs):
+            Image.new(mode, (w, h), 128 if mode == "L" else (10, 200, 30)).save(root / f"{i}.png")
+        return f"folder:{root}"
+
+    grey28 = folder("grey28", [("L", 28, 28)] * 5)
+    s = D.folder_shape(grey28)
+    assert (s.n, s.grey, s.channels, s.size) == (5, True, 1, 28)
+    d = D.load_dataset(grey28, "train")                        # load_dataset reads the same when not told
+    assert d.shape[1:] == (1, 28, 28)
+    assert D.load_dataset(grey28, "train", channels=3, image_size=32).shape[1:] == (3, 32, 32)
+    mixed = D.folder_shape(folder("mixed", [("L", 28, 28)] * 3 + [("RGB", 28, 28)]))
+    assert (mixed.channels, mixed.size) == (3, 28)             # one colour image: RGB
+    odd = D.folder_shape(folder("odd", [("L", 40, 40)] * 3))
+    assert (odd.channels, odd.size) == (1, None)               # 40 is no net's size: resized (to 32)
+    assert D.load_dataset(f"folder:{tmp_path / 'odd'}", "train").shape[1:] == (1, 32, 32)
+    ragged = D.folder_shape(folder("ragged", [("L", 28, 28), ("L", 32, 32)]))
+    assert ragged.size is None and "first 28x28, not all one of 28x28/32x32/64x64" in ragged.describe()
+
+
+# ------------------------------------------------------------------ uint8 pixels, the folder cache
+
+
+def test_batches_become_exactly_the_floats_of_the_old_whole_array_conversion(tmp_path):
+    """Pixels stay uint8 and each batch is converted as drawn: to the same float32 bits the whole
+    array conversion (numpy, before) gave, for images (p/255) and cat8 ((p >> 5)/7)."""
+    p = np.arange(256, dtype=np.uint8)
+    old_images = np.divide(p, np.float32(255.0), dtype=np.float32)
+    old_cat8 = np.divide(np.right_shift(p, 5), np.float32(7.0), dtype=np.float32)
+    x = torch.from_numpy(p).view(4, 1, 8, 8)
+    assert D.to_float(x).dtype == torch.float32 and D.to_float(x).shape == (4, 1, 8, 8)
+    assert np.array_equal(D.to_float(x).numpy().ravel().view(np.uint32), old_images.view(np.uint32))
+    assert np.array_equal(D.to_float(x, 8).numpy().ravel().view(np.uint32), old_cat8.view(np.uint32))
+    root = make_idx_dataset(tmp_path / "syn", n_train=300, n_test=50)
+    for name, old in (("mnist", old_images), ("fashion-mnist-cat8", old_cat8)):
+        d = D.load_dataset(name, "train", str(root), val_size=30)
+        assert d.pixels.dtype == torch.uint8 and len(d) == 270
+        want = old[d.pixels.numpy()]                           # per pixel, the old float
+        assert np.array_equal(d.images.numpy(), want)
+        idx = torch.tensor([5, 0, 269])
+        assert np.array_equal(d.batch(idx).numpy(), want[idx.numpy()])
+        assert np.array_equal(torch.cat(list(d.float_batches(100))).numpy(), want)
+        assert d.variance() == float(torch.from_numpy(want).var())   # the VQ data variance, unchanged
+
+
+def grey_folder(root: Path, n: int = 40) -> Path:
+    from PIL import Image
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, (12 + i % 5, 14), dtype=np.uint8), "L").save(root / f"{i:03d}.png")
+    return root
+
+
+def cache_files(tmp_path: Path) -> list[str]:
+    folders = tmp_path / "xdg-cache" / "sqvae" / "folders"
+    return sorted(p.name for p in folders.iterdir()) if folders.is_dir() else []
+
+
+def test_folder_is_decoded_once_into_a_cache_keyed_by_the_files_stats(tmp_path, monkeypatch):
+    root = grey_folder(tmp_path / "imgs")
+    name = f"folder:{root}"
+    decodes = []
+    real = D._decode_folder
+    monkeypatch.setattr(D, "_decode_folder", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    first = D.load_dataset(name, "train", image_size=8, channels=1)
+    npys = [f for f in cache_files(tmp_path) if f.endswith(".npy")]
+    assert len(decodes) == 1 and len(npys) == 1
+    again = {s: D.load_dataset(name, s, image_size=8, channels=1) for s in ("train", "val", "test")}
+    assert len(decodes) == 1                                   # every split and every later load: the cache
+    assert torch.equal(again["train"].pixels, first.pixels)
+    assert [len(again[s]) for s in ("train", "val", "test")] == [32, 4, 4]
+    D.load_dataset(name, "train", image_size=16, channels=1)   # another size: another cache
+    assert len(decodes) == 2
+    target = root / "007.png"                                  # touching a file invalidates its cache
+    os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 10**9))
+    D.load_dataset(name, "train", image_size=8, channels=1)
+    assert len(decodes) == 3
+    npys_now = [f for f in cache_files(tmp_path) if f.endswith(".npy")]
+    assert len(npys_now) == 2 and npys[0] not in npys_now      # the stale one is removed
+    from PIL import Image
+    Image.new("L", (12, 14), 3).save(target)                   # new content, new size
+    D.load_dataset(name, "train", image_size=8, channels=1)
+    assert len(decodes) == 4
+
+
+def test_a_decode_that_dies_halfway_leaves_no_cache_file(tmp_path, monkeypatch):
+    root = grey_folder(tmp_path / "imgs", n=300)
+    real, calls = D._decode_into, []
+
+    def dies_on_the_second_chunk(npy, start, paths, *a):
+        calls.append(start)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed mid-write")
+        return real(npy, start, paths, *a)
+
+    monkeypatch.setattr(D, "_decode_into", dies_on_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        D.load_dataset(f"folder:{root}", "train", image_size=8, channels=1, )
+    assert len(calls) == 2 and cache_files(tmp_path) == []     # neither a .npy nor its temp file
+    monkeypatch.setattr(D, "_decode_into", real)
+    # a temp file a killed process left (its pid is gone) is swept by the next decode
+    folders = tmp_path / "xdg-cache" / "sqvae" / "folders"
+    d = D.load_dataset(f"folder:{root}", "test", image_size=8, channels=1)
+    final = [f for f in cache_files(tmp_path) if f.endswith(".npy")][0]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = folders / f".{final}.{int(dead.stdout)}.tmp"
+    stale.write_bytes(b"half")
+    (folders / final).unlink()
+    D.load_dataset(f"folder:{root}", "test", image_size=8, channels=1)
+    assert not stale.exists() and cache_files(tmp_path) == [final] and len(d) == 30
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs Linux /proc")
+def test_the_cache_is_memory_mapped_not_copied(tmp_path):
+    root = grey_folder(tmp_path / "imgs")
+    d = D.load_dataset(f"folder:{root}", "train", image_size=8, channels=1)
+    npy = [f for f in cache_files(tmp_path) if f.endswith(".npy")][0]
+    assert npy in Path("/proc/self/maps").read_text()          # the file is mapped into this process
+    assert d.pixels.dtype == torch.uint8 and d.pixels.shape == (32, 1, 8, 8)
+    cache = np.load(tmp_path / "xdg-cache" / "sqvae" / "folders" / npy, mmap_mode="r")
+    assert np.array_equal(d.pixels.numpy(), cache[:32])
+    d.pixels[0].fill_(7)                                        # a caller's write stays its own
+    assert np.array_equal(np.load(tmp_path / "xdg-cache" / "sqvae" / "folders" / npy)[0], cache[0])
+    assert not (np.load(tmp_path / "xdg-cache" / "sqvae" / "folders" / npy)[0] == 7).all()
+
+
+def test_parallel_decode_gives_the_serial_array(tmp_path):
+    root = grey_folder(tmp_path / "imgs", n=70)
+    paths = [p for p, _, _, _ in D._scan_folder(root)[0]]
+    D._decode_folder(paths, tmp_path / "serial.npy", 16, 3, None, workers=1)
+    D._decode_folder(paths, tmp_path / "parallel.npy", 16, 3, None, workers=2)
+    a, b = np.load(tmp_path / "serial.npy"), np.load(tmp_path / "parallel.npy")
+    assert a.shape == (70, 3, 16, 16) and np.array_equal(a, b)
+    assert np.array_equal(a[3], D._load_image(Path(paths[3]), 16, 3))
+
+
+def test_splits_loaded_in_one_scan_block_stat_the_folder_once(tmp_path, monkeypatch):
+    root = grey_folder(tmp_path / "imgs")
+    scans = []
+    real = D._scan_folder_now
+    monkeypatch.setattr(D, "_scan_folder_now", lambda r: scans.append(r) or real(r))
+    with D.one_scan():
+        D.folder_shape(f"folder:{root}")
+        parts = [D.load_dataset(f"folder:{root}", s, image_size=8) for s in ("train", "val")]
+    assert len(scans) == 1 and [len(p) for p in parts] == [32, 4]
+    D.load_dataset(f"folder:{root}", "test", image_size=8, channels=1)   # outside the block: a fresh scan
+    assert len(scans) == 2
+
+
+def test_parallel_decode_never_reruns_the_callers_main_script(tmp_path, monkeypatch):
+    """Inside Streamlit, sys.modules['__main__'] is the page script; a spawned worker pool would run
+    it again in each worker. The decode's workers are threads of this process: nothing re-runs."""
+    import types
+    marker = tmp_path / "ran"
+    script = tmp_path / "page.py"
+    script.write_text(f"open({str(marker)!r}, 'w').write('the page ran again')\n")
+    fake = types.ModuleType("__main__")
+    fake.__file__ = str(script)
+    monkeypatch.setitem(sys.modules, "__main__", fake)
+    root = grey_folder(tmp_path / "imgs", n=40)
+    paths = [p for p, _, _, _ in D._scan_folder(root)[0]]
+    D._decode_folder(paths, tmp_path / "out.npy", 8, 1, None, workers=2)
+    assert np.load(tmp_path / "out.npy").shape == (40, 1, 8, 8) and not marker.exists()

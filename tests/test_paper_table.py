@@ -16,7 +16,7 @@ import paper_table as pt  # noqa: E402
 
 def _data(n, split, seed):
     x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return ImageData(images=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
+    return ImageData(pixels=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
                      num_labels=None, levels=None)
 
 

@@ -134,3 +134,59 @@ def test_a_folder_trains_in_colour_at_32_unless_told_otherwise(tmp_path, capsys)
         "--out", str(tmp_path / "grey"), *tiny)
     m = rd.load_bundle(tmp_path / "grey").model_cfg
     assert (m.image_channels, m.image_size) == (1, 16)
+
+
+def test_shipped_colour_bundle_without_its_generated_data(tmp_path):
+    """A fresh clone has checkpoints/colour_gaussian_1 but not its generated data
+    (folder:runs/rgb/colour-shapes). `explore --umap` then colours the map with the usage the
+    bundle stores (eval.json) and says so; `eval`, which needs the images, fails with one line
+    naming the command that regenerates them (issue 21). The real CLI, in a cwd without the data."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "checkpoints" / "colour_gaussian_1", tmp_path / "colour_gaussian_1")
+    env = {**os.environ, "PYTHONPATH": str(root), "SQVAE_OFFLINE": "1", "XDG_CACHE_HOME": str(tmp_path / "cache")}
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "sqvae_core", *args], cwd=tmp_path, env=env,
+                              capture_output=True, text=True, timeout=300)
+
+    assert not (tmp_path / "runs").exists()
+    r = cli("explore", "colour_gaussian_1", "--umap", "--json")
+    assert r.returncode == 0, r.stderr
+    points = json.loads(r.stdout)
+    stored = json.loads((tmp_path / "colour_gaussian_1" / "eval.json").read_text())["usage"]
+    assert [p["usage"] for p in points] == stored and len(points) == 128
+    assert [p["dead"] for p in points] == [u == 0 for u in stored]
+    note = r.stderr.strip().splitlines()
+    assert len(note) == 1 and "code usage from eval.json (300 test images)" in note[0], r.stderr
+
+    rebuild = "python scripts/make_colour_shapes.py runs/rgb/colour-shapes --n 3000 --size 32"
+    r = cli("eval", "colour_gaussian_1")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "runs/rgb/colour-shapes is not a directory" in lines[0] and rebuild in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_a_generated_folder_tells_its_runs_how_to_rebuild_it(tmp_path):
+    """make_colour_shapes.py leaves its command in the folder; a run trained on it stores that
+    command in config.json, so the run's eval can name it once the folder is gone."""
+    import shutil
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    data = tmp_path / "shapes"
+    subprocess.run([sys.executable, str(root / "scripts" / "make_colour_shapes.py"), str(data), "--n", "40",
+                    "--size", "32"], check=True, capture_output=True, timeout=120)
+    command = f"python scripts/make_colour_shapes.py {data} --n 40 --size 32"
+    assert (data / ".sqvae_rebuild").read_text().strip() == command
+    out = tmp_path / "run"
+    assert main(["train", "--model", "vq", "--dataset", f"folder:{data}", "--out", str(out), "--steps", "2",
+                 "--batch-size", "8", "--codebook-size", "8", "--code-dim", "8", "--num-rb", "1", "--quiet"]) == 0
+    assert json.loads((out / "config.json").read_text())["data_rebuild"] == command
+    shutil.rmtree(data)
+    with pytest.raises(Exception, match=f"rebuild it with `{command}`"):
+        main(["eval", str(out), "--debug"])

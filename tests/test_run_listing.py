@@ -61,3 +61,23 @@ def test_listing_and_reading_run_files_import_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split()[-1] == "False", out.stdout
+
+
+def test_cli_list_without_arguments_reads_the_app_directories(tmp_path):
+    """`sqvae list` with no DIR lists $SQVAE_RUNS and $SQVAE_CHECKPOINTS (the app's directories),
+    not ./runs and ./checkpoints of the working directory (issue 21)."""
+    import os
+    runs = tree(tmp_path)
+    ck = fake_run(tmp_path / "bundles" / "b1", "gaussian_1").parent
+    cwd = tmp_path / "elsewhere_cwd"
+    fake_run(cwd / "runs" / "not_this_one")           # ./runs: not read when $SQVAE_RUNS is set
+    env = {**os.environ, "SQVAE_RUNS": str(runs), "SQVAE_CHECKPOINTS": str(ck), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-m", "sqvae_core", "list"], capture_output=True, text=True,
+                         cwd=cwd, env=env, timeout=60)
+    assert out.returncode == 0, out.stderr
+    listed = [line.split()[0] for line in out.stdout.splitlines()]
+    assert listed == [str(runs / "a"), str(runs / "ship" / "gaussian_1"), str(runs / "ship" / "vq"), str(ck / "b1")]
+    env.pop("SQVAE_RUNS")                              # unset: ./runs again
+    out = subprocess.run([sys.executable, "-m", "sqvae_core", "list"], capture_output=True, text=True,
+                         cwd=cwd, env=env, timeout=60)
+    assert [line.split()[0] for line in out.stdout.splitlines()] == ["runs/not_this_one", str(ck / "b1")]

@@ -100,17 +100,31 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, kind)
     anywhere. (Weights are not compared one by one: a conv bias followed by batch-norm has zero
     true gradient, and Adam turns the float noise in it into ±lr steps in either run.)"""
     pytest.importorskip("torch._inductor")
-    kw = dict(steps=5, log_every=5, val_every=5, snapshot_every=5, checkpoint_every=5)
+    kw = dict(steps=5, log_every=5, val_every=5, snapshot_every=1, checkpoint_every=5)
     eager = train(tiny_cfg(tmp_path / "eager", kind, **kw), progress=False)
     comp = train(tiny_cfg(tmp_path / "comp", kind, compile=True, **kw), progress=False)
     assert eager["state"] == comp["state"] == "finished", comp
     a, _ = rd.load_weights(tmp_path / "eager" / "model.safetensors")
     b, _ = rd.load_weights(tmp_path / "comp" / "model.safetensors")
     assert a.keys() == b.keys()
-    # within one Adam step (lr 1e-3): gradients of ~1e-8 (small official-init activations) sit near
-    # Adam's eps, where float noise changes the size of a step
+    # How close is close: compiled kernels sum in another order than eager ones (and both differ
+    # between CPUs: AVX2 vs AVX-512/AMX oneDNN kernels), so the runs start apart by fp32 rounding
+    # (~5e-5 of the codebook's norm after step 1). Training amplifies that: Adam turns gradients near
+    # its eps (~1e-8 here, small official-init activations) into full ±lr steps of either sign, and
+    # an encoder output near the boundary of two codes can go to the other code, which moves both
+    # EMA means by (z - e_k) / (count of k) -- for the rarely used codes, a few % of their norm. A
+    # fixed atol cannot follow that: it depends on the codebook's scale, the step count and the
+    # CPU (vq_ema: 2e-3 on an AVX-512/AMX Xeon against atol 1e-3). What scales with all three is
+    # the codebook's own movement in one training step, ||e_N - e_(N-1)||: measured on an AMD EPYC,
+    # eager at 1 vs 2 threads (the same kind of difference: summation order only) after 5 steps
+    # differ by 0.18 (vq) and 0.30 (vq_ema) of it, compiled vs eager by 0.04 and 0.003. A correct
+    # compiled step stays within half a step of eager; the bug this guards (EMA updates compiled
+    # wrong: perplexity 1 within 5 steps) moves it by about its norm, 10 to 50 such steps.
+    snaps = rd.read_snapshots(tmp_path / "eager")
+    one_step = (snaps[-1]["codebook"] - snaps[-2]["codebook"]).norm()
     key = "quantizer.lib._codebook.embed" if kind == "vq_rotation" else "quantizer.codebook"
-    assert torch.allclose(a[key], b[key], atol=1e-3)
+    gap = (a[key].reshape(snaps[-1]["codebook"].shape) - b[key].reshape(snaps[-1]["codebook"].shape)).norm()
+    assert gap <= 0.5 * one_step, f"compiled vs eager codebooks {gap:.3g} apart, one step moves it {one_step:.3g}"
     assert json.loads((tmp_path / "comp" / "config.json").read_text())["train"]["compile"] is True
     e, c = rd.load_bundle(tmp_path / "eager"), rd.load_bundle(tmp_path / "comp")
     x = torch.rand(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -236,11 +250,13 @@ LIBRARY_HOST_READS = {"vq_rotation": "if self.initted"}
 
 def test_host_batches_equal_device_batches():
     """Batches from host memory (the path for data sets larger than a GPU) are the same batches."""
+    from sqvae_core.data import ImageData
     from sqvae_core.train import Batches, Dist
-    images = torch.rand(100, 1, 28, 28)
+    pixels = torch.randint(0, 256, (100, 1, 28, 28), dtype=torch.uint8)
+    data = ImageData(pixels=pixels, labels=None, name="t", split="train", source="mem", num_labels=None, levels=None)
     cfg = TrainConfig(batch_size=16, drop_last=False)
-    dev = Batches(images, cfg, Dist(), torch.device("cpu"))
-    host = Batches(images, cfg, Dist(), torch.device("cpu"), on_device=False)
+    dev = Batches(data, cfg, Dist(), torch.device("cpu"))
+    host = Batches(data, cfg, Dist(), torch.device("cpu"), on_device=False)
     assert not host.on_device
     sizes = []
     for step in range(8):      # 100 images: 6 batches of 16 and one of 4 per epoch, then epoch 2
@@ -261,7 +277,7 @@ def test_amp_trains_in_bf16_autocast(tmp_path):
 def _synthetic(n: int, split: str, seed: int = 0):
     from sqvae_core.data import ImageData
     x = torch.rand(n, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
-    return ImageData(images=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
+    return ImageData(pixels=x, labels=None, name="fashion-mnist", split=split, source="synthetic",
                      num_labels=None, levels=None)
 
 
@@ -304,3 +320,78 @@ def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_pat
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in rows)
     taus = [r["temperature"] for r in rows]
     assert taus == [temperature_at(cfg, s) for s in range(5)] and len(set(taus)) == 5
+
+
+def grey_digits(root: Path, n: int = 64, size: int = 28) -> Path:
+    """A folder of grey size x size PNGs (mode L): a bright stroke on black, MNIST-like."""
+    import numpy as np
+    from PIL import Image
+    root.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(n):
+        img = np.zeros((size, size), np.uint8)
+        r, c = rng.integers(4, size - 8, 2)
+        img[r:r + 6, c:c + 3] = 255
+        Image.fromarray(img, "L").save(root / f"{i:04d}.png")
+    return root
+
+
+def test_a_folder_of_grey_28px_images_trains_as_such_and_says_so(tmp_path):
+    """Issue 21: a folder of grey 28x28 PNGs trained as RGB 32x32 unless --channels 1 --image-size 28
+    were given. The shape is read from the images, the CLI says what it chose in one line, and
+    explicit flags and the paper preset still win."""
+    data = grey_digits(tmp_path / "digits")
+    env = {"XDG_CACHE_HOME": str(tmp_path / "cache"), "PYTHONPATH": str(ROOT)}
+    small = ["--model", "vq", "--dataset", f"folder:{data}", "--steps", "2", "--batch-size", "8",
+             "--codebook-size", "8", "--code-dim", "8", "--num-rb", "1", "--quiet"]
+
+    def shape(out):
+        m = json.loads((out / "config.json").read_text())["model"]
+        return m["image_channels"], m["image_size"]
+
+    r = cli("train", *small, "--out", str(tmp_path / "auto"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert shape(tmp_path / "auto") == (1, 28)
+    said = [ln for ln in r.stderr.splitlines() if ln.startswith(f"folder:{data}")]
+    assert len(said) == 1 and "64 grey images, 28x28" in said[0] and "--channels 1 --image-size 28" in said[0], r.stderr
+    r = cli("train", *small, "--channels", "3", "--out", str(tmp_path / "rgb"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert shape(tmp_path / "rgb") == (3, 28)                 # the flag wins; the size is still read
+    assert "--image-size 28" in r.stderr and "--channels 1" not in r.stderr
+    r = cli("train", *small, "--channels", "1", "--image-size", "32", "--out", str(tmp_path / "given"), env=env)
+    assert r.returncode == 0 and shape(tmp_path / "given") == (1, 32)
+    assert f"folder:{data}:" not in r.stderr                  # nothing read, nothing said
+    r = cli("train", *small, "--preset", "paper", "--out", str(tmp_path / "paper"), env=env)
+    assert r.returncode == 0, r.stderr
+    assert shape(tmp_path / "paper") == (3, 64)               # the paper preset: CelebA's 64x64 RGB
+
+
+@pytest.mark.parametrize("kind,dataset", [("gaussian_1", "fashion-mnist"), ("vq", "fashion-mnist"),
+                                          ("vmf", "fashion-mnist-cat8")])
+def test_uint8_data_trains_bit_identically_to_the_float_data_it_replaces(tmp_path, kind, dataset):
+    """Data sets now hold uint8 pixels and each batch is converted as it is drawn; before, the
+    whole split was converted to float32 at load. The first steps' losses (and the VQ data variance
+    and the validation) are the same to the bit."""
+    import dataclasses
+
+    import numpy as np
+    from sqvae_core.data import load_dataset
+
+    def as_before(d):                         # load_dataset's old conversion of the whole array
+        p = d.pixels.numpy()
+        x = (np.divide(np.right_shift(p, 5), np.float32(7.0), dtype=np.float32) if d.levels
+             else np.divide(p, np.float32(255.0), dtype=np.float32))
+        return dataclasses.replace(d, pixels=torch.from_numpy(x))
+
+    train_data, val_data = load_dataset(dataset, "train"), load_dataset(dataset, "val")
+    assert train_data.pixels.dtype == torch.uint8
+    kw = dict(steps=8, log_every=1, val_every=8, snapshot_every=8, checkpoint_every=8, dataset=dataset)
+    train(tiny_cfg(tmp_path / "u8", kind, **kw), data=train_data, val_data=val_data, progress=False)
+    train(tiny_cfg(tmp_path / "f32", kind, **kw), data=as_before(train_data), val_data=as_before(val_data),
+          progress=False)
+    rows = {r: rd.read_metrics(tmp_path / r) for r in ("u8", "f32")}
+    losses = {r: [m["loss"] for m in rows[r] if "loss" in m] for r in rows}
+    assert len(losses["u8"]) == 8 and losses["u8"] == losses["f32"]
+    assert [m for m in rows["u8"] if "val_mse" in m][0]["val_mse"] == [m for m in rows["f32"] if "val_mse" in m][0]["val_mse"]
+    cfgs = {r: json.loads((tmp_path / r / "config.json").read_text())["model"] for r in rows}
+    assert cfgs["u8"]["data_variance"] == cfgs["f32"]["data_variance"]

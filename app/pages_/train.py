@@ -209,7 +209,9 @@ def start_form(jm):
             folder = f[0].text_input("Image folder (dataset folder)", key="f_folder",
                                      placeholder="/path/to/images (one sub-folder per class optional)")
             image_size = f[1].number_input("Image size", 8, 256, value=None, step=4, key="f_image_size",
-                                           placeholder="32 / preset", help="folder: images are resized to this")
+                                           placeholder="from images", help="folder: images are resized to this; "
+                                           "empty: read from the images (their side if 28, 32 or 64, else 32; grey "
+                                           "images train with 1 channel), or the preset's")
             crop = f[2].number_input("Centre crop", 1, 4096, value=None, key="f_center_crop", placeholder="none",
                                      help="folder: crop the centre N x N pixels first (official CelebA: 140)")
             compile_ = f[3].selectbox("torch.compile", COMPILE_CHOICES, key="f_compile",
