@@ -115,6 +115,25 @@ def train_argv(run_dir: Path, options: dict, resume: bool = False, python: str |
     return argv
 
 
+def spawn(argv: list[str], log_path: Path) -> subprocess.Popen:
+    """Start a command of ours as its own session (a browser refresh or the app's exit does not take it
+    down with a signal meant for the app), from the repo with it on PYTHONPATH, niced (job_nice),
+    stdout and stderr appended to log_path after a line with the command. Trainings and sweeps alike."""
+    shown = " ".join(argv[1:])
+    nice, nice_bin = job_nice(), shutil.which("nice")
+    if nice and nice_bin:      # `nice` execs the command: same pid, and every thread it starts is niced
+        argv = [nice_bin, "-n", str(nice)] + argv
+        shown = f"(nice {nice}) {shown}"
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(log_path, "ab") as log:
+        log.write(f"\n$ {shown}\n".encode())
+        log.flush()
+        return subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=str(REPO), env=env, start_new_session=True, close_fds=True)
+
+
 def _is_our_trainer(pid: int, run_dir: Path) -> bool:
     """True only if pid is a `sqvae_core train` process writing run_dir (never signal a stranger)."""
     if not rd.pid_alive(pid):
@@ -290,20 +309,7 @@ class JobManager:
         name = entry["name"]
         run_dir = self.root / name
         run_dir.mkdir(parents=True, exist_ok=True)
-        argv = train_argv(run_dir, entry["options"], entry["resume"], self.python)
-        shown = " ".join(argv[1:])
-        nice, nice_bin = job_nice(), shutil.which("nice")
-        if nice and nice_bin:      # `nice` execs the trainer: same pid, and every thread it starts is niced
-            argv = [nice_bin, "-n", str(nice)] + argv
-            shown = f"(nice {nice}) {shown}"
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-        env.setdefault("PYTHONUNBUFFERED", "1")
-        with open(run_dir / LOG_FILE, "ab") as log:
-            log.write(f"\n$ {shown}\n".encode())
-            log.flush()
-            proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                    cwd=str(REPO), env=env, start_new_session=True, close_fds=True)
+        proc = spawn(train_argv(run_dir, entry["options"], entry["resume"], self.python), run_dir / LOG_FILE)
         self._procs[name] = proc
         self._state["jobs"][name] = {"pid": proc.pid, "started": time.time(), "ended": None, "returncode": None,
                                      "options": entry["options"], "resume": entry["resume"],

@@ -18,7 +18,6 @@ No Streamlit import here.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +27,7 @@ from pathlib import Path
 from sqvae_core import rundir as rd
 from sqvae_core.sweep import SWEEP_FILE, SweepSpec, parse_grid, read_sweep
 
-from app.jobs import REPO, job_nice, train_argv
+from app.jobs import spawn, train_argv
 from app.settings import refuse_if_read_only
 
 LOG_FILE = "sweep.log"
@@ -119,18 +118,7 @@ def _launch(out: Path, argv: list[str]) -> int:
     if str(out.resolve()) in _PROCS:
         raise ValueError(f"a sweep in {out.name} was just started from here and is still running")
     out.mkdir(parents=True, exist_ok=True)
-    shown = " ".join(argv[1:])
-    nice, nice_bin = job_nice(), shutil.which("nice")
-    if nice and nice_bin:
-        argv = [nice_bin, "-n", str(nice)] + argv
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
-    env.setdefault("PYTHONUNBUFFERED", "1")
-    with open(out / LOG_FILE, "ab") as log:
-        log.write(f"\n$ {shown}\n".encode())
-        log.flush()
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=str(REPO),
-                                env=env, start_new_session=True, close_fds=True)
+    proc = spawn(argv, out / LOG_FILE)
     _PROCS[str(out.resolve())] = proc
     return proc.pid
 
