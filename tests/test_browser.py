@@ -92,21 +92,23 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20) -> None:
             proc.wait(timeout=5)
 
 
-def trainers_under(path: Path) -> list[int]:
+def processes_under(path: Path, *words: str) -> list[int]:
+    """Live (not zombie) processes whose command line names `path` and holds every one of `words`."""
     out = []
     for p in Path("/proc").iterdir():
         if p.name.isdigit():
             try:
                 cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if str(path) in cmd and all(w in cmd for w in words) and \
+                        (p / "stat").read_text().split(") ")[-1][:1] != "Z":
+                    out.append(int(p.name))
             except OSError:
                 continue
-            if "sqvae_core" in cmd and " train " in cmd and str(path) in cmd:
-                try:
-                    if (p / "stat").read_text().split(") ")[-1][:1] != "Z":
-                        out.append(int(p.name))
-                except OSError:
-                    pass
     return out
+
+
+def trainers_under(path: Path) -> list[int]:
+    return processes_under(path, "sqvae_core", " train ")
 
 
 def make_tiny_bundle(path: Path) -> None:
@@ -565,16 +567,7 @@ def _visit_colour_tabs(browser, url: str) -> dict:
 
 
 def sweep_drivers_under(path: Path) -> list[int]:
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if "sqvae_core sweep" in cmd and str(path) in cmd:
-                out.append(int(p.name))
-    return out
+    return processes_under(path, "sqvae_core sweep")
 
 
 @pytest.mark.slow
