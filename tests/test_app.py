@@ -698,7 +698,11 @@ def test_compare_sweep_validation_and_race_enqueue(env):
     assert not jm.is_running(names[0])
 
 
-def test_race_takes_the_kinds_chosen_and_offers_all_kinds(env):
+def test_race_takes_the_kinds_chosen_and_offers_all_kinds(env, monkeypatch):
+    # an earlier race started in the same second, of another kind: the new race must get its own stamp
+    # (CI once merged the two, as a race's stamp was only checked against the new kinds' directories)
+    make_bundle(env["runs"] / "race-20260101-000000-gaussian_1")
+    monkeypatch.setattr(time, "strftime", lambda fmt, *a: "20260101-000000")
     at = app("compare", compare_tab="Collapse race")
     ok(at)
     assert at.multiselect(key="race_kinds").value == ["gaussian_1", "vq", "fsq"]
@@ -712,6 +716,7 @@ def test_race_takes_the_kinds_chosen_and_offers_all_kinds(env):
     ok(at)
     jm = _jm(env["runs"])
     stamp = at.session_state["race"]
+    assert stamp == "20260101-000000-2"
     names = [f"race-{stamp}-{k}" for k in ("lfq", "simvq")]      # catalogue order, whatever the pick order
     assert [jm.job_state(n)["state"] for n in names].count("queued") == 1
     assert [m.label for m in at.metric] == ["LFQ (lookup-free quantization)", "SimVQ"]

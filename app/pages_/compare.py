@@ -307,9 +307,11 @@ def race_controls(jm):
         with ui.guard("Race"):
             if not kinds:
                 raise ValueError("choose at least one kind for the race")
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            i = 1
-            while any((settings.runs_dir() / n).exists() for n in race_names(stamp, kinds)):
+            # A stamp no earlier race has: a race started in the same second (its runs maybe only queued,
+            # with no directory yet) must not merge with this one.
+            taken = set(races(jm))
+            stamp, i = time.strftime("%Y%m%d-%H%M%S"), 1
+            while stamp in taken or any((settings.runs_dir() / n).exists() for n in race_names(stamp, kinds)):
                 i += 1
                 stamp = f"{time.strftime('%Y%m%d-%H%M%S')}-{i}"
             ordered = [k for k in RACE_CHOICES if k in kinds]
