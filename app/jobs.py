@@ -100,6 +100,11 @@ def train_argv(run_dir: Path, options: dict, resume: bool = False, python: str |
                 raise ValueError(f"training option compile must be one of {', '.join(COMPILE_CHOICES)}, got {value!r}")
             argv += {"on": ["--compile"], "off": ["--no-compile"], "auto": []}[value]
             continue
+        if key == "amp":                 # a switch: --amp when true
+            if not isinstance(value, bool):
+                raise ValueError(f"training option amp must be true or false, got {value!r}")
+            argv += ["--amp"] if value else []
+            continue
         flag = OPTION_FLAGS.get(key)
         if flag is None:
             raise ValueError(f"unknown training option {key!r}")

@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqvae_core.config import ModelConfig  # noqa: E402
+from sqvae_core.data import ImageData  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
 from sqvae_core.nets import Decoder, Encoder  # noqa: E402
-from sqvae_core.train import (Batches, Dist, TrainConfig, Window, make_model, make_optimizer,  # noqa: E402
+from sqvae_core.train import (COMPILE_OPTIONS, Batches, Dist, TrainConfig, Window, make_model, make_optimizer,  # noqa: E402
                               temperature_at, train_step)
 
 B = 32
@@ -138,14 +139,15 @@ def official_style_step(model, images, tcfg):
     return step
 
 
-def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, compile_: bool):
+def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, compile_: bool, amp: bool = False):
     """train.py's own step: Batches -> train_step -> Window, a log-point read every 10 steps."""
     device = torch.device("cpu")
     model = (make_model(TrainConfig(model=cfg), device) if channels_last else build_model(cfg)).train()
     opt = make_optimizer(model, 1e-3, device)
-    fwd = torch.compile(model) if compile_ else model
-    tcfg = dataclasses.replace(tcfg, compile=compile_)     # compiled: train_step passes τ as a tensor
-    batches = Batches(images, tcfg, Dist(), device)
+    fwd = torch.compile(model, options=COMPILE_OPTIONS) if compile_ else model
+    tcfg = dataclasses.replace(tcfg, compile=compile_, amp=amp)     # compiled: train_step passes τ as a tensor
+    pixels = (images * 255).round().to(torch.uint8)          # as the data sets store them
+    batches = Batches(ImageData(pixels, None, "bench", "train", "memory", None, None), tcfg, Dist(), device)
     window = Window(cfg.kind, cfg.codebook_size, device)
     state = {"step": 0}
 
@@ -183,6 +185,8 @@ def main():
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--amp", action="store_true", help="also bf16 autocast (`sqvae train --amp`), with --compile "
+                   "if given")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: the process's CPU time (with --threads 1, a measure that other load on a "
                         "shared machine barely moves; images per CPU-second)")
@@ -201,11 +205,13 @@ def main():
         tcfg = TrainConfig(model=cfg, batch_size=B, log_every=10)
         plain_cls = OfficialStyleVQVAE if kind.startswith("vq") else OfficialStyleGaussianSQVAE
         variants = {"official-style": official_style_step(plain_cls(cfg).train(), images, tcfg)}
-        options = [("ours NCHW", False, False), ("ours (train <5k st.)", True, False)]
+        options = [("ours NCHW", False, False, False), ("ours (train <5k st.)", True, False, False)]
         if args.compile:
-            options += [("ours+compile (5k+)", True, True)]
-        for name, cl, comp in options:
-            variants[name] = ours_step(cfg, images, tcfg, cl, comp)
+            options += [("ours+compile (5k+)", True, True, False)]
+        if args.amp:
+            options += [("ours+compile+bf16" if args.compile else "ours+bf16", True, args.compile, True)]
+        for name, cl, comp, amp in options:
+            variants[name] = ours_step(cfg, images, tcfg, cl, comp, amp)
         for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds, clock=clock).items():
             print(f"{kind:<11} {name:<20} {ips:8.0f} img/s   {ratio:.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

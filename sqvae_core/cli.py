@@ -66,7 +66,9 @@ def add_train_flags(p: argparse.ArgumentParser) -> None:
                    help="torch.compile the training step (~20 s of compiling first). Default: on for runs "
                         "of 5,000+ steps where the device can compile (CPU: g++), off otherwise")
     p.add_argument("--amp", action="store_true", default=None,
-                   help="bf16 autocast (faster on recent GPUs; changes the numerics, off in every preset)")
+                   help="bf16 autocast of the convolutions (quantizer and loss stay fp32): faster on GPUs and on "
+                        "CPUs with native bf16 (AVX512-BF16, AMX); elsewhere the run says so and trains in fp32; "
+                        "changes the numerics, off in every preset")
     p.add_argument("--no-arelbo", action="store_true", default=None, help="learn σ² instead of ARELBO")
     p.add_argument("--no-batch-norm", action="store_true", default=None, help="nets without batch-norm")
 

@@ -82,6 +82,18 @@ class GaussianLikelihood(nn.Module):
         return loss, var_x.detach(), x_rec
 
 
+def full_precision(t: torch.Tensor):
+    """Autocast off for what follows: with `--amp` only the encoder's and decoder's convolutions run
+    in bf16; the quantizer and the likelihood stay fp32. bf16 keeps 8 bits of mantissa, so the logit
+    −‖z − b_k‖²/(2σ²_φ), as ‖z‖² + ‖b_k‖² − 2zᵀb_k, would carry an error of about 2⁻⁸·‖z‖²/σ²_φ:
+    as σ²_φ anneals towards 0 that is more than the gaps between neighbouring codes' logits."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
+def fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.float()
+
+
 class _Autoencoder(nn.Module):
     """Shared plumbing: validation, encode/quantize/decode, evaluation helpers."""
 
@@ -145,9 +157,12 @@ class _Autoencoder(nn.Module):
 
     def forward(self, x: torch.Tensor, *, temperature: float = 1.0, mode: str | None = None,
                 generator: torch.Generator | None = None) -> ModelOutput:
-        z, log_var = self.encode(x)
-        q = self.quantize(z, log_var, mode=mode, temperature=temperature, generator=generator)
-        rec_loss, rec_stats, x_rec = self.reconstruction(self.decoder(q.z_q), x)
+        z, log_var = self.encode(x)                        # bf16 convolutions under --amp
+        with full_precision(z):
+            q = self.quantize(fp32(z), fp32(log_var), mode=mode, temperature=temperature, generator=generator)
+        logits = self.decoder(q.z_q)                       # bf16 convolutions under --amp
+        with full_precision(logits):
+            rec_loss, rec_stats, x_rec = self.reconstruction(logits.float(), x)
         terms = {"reconstruction": rec_loss, **q.terms}
         stats = {"mse": per_image_sq_error(x_rec, x).mean().detach(), **q.stats, **rec_stats}
         return ModelOutput(loss=rec_loss + q.loss, terms=terms, x_rec=x_rec, indices=q.indices,
@@ -290,13 +305,16 @@ class GaussianVAE(_Autoencoder):
 
     def forward(self, x, *, temperature=1.0, mode=None, generator=None):
         mu, log_var = self.encode(x)
+        mu, log_var = fp32(mu), fp32(log_var)              # the sampling and KL in fp32 under --amp
         if self.training or mode == "sample":
             eps = torch.randn_like(mu) if generator is None else \
                 torch.randn(mu.shape, generator=generator, device=mu.device, dtype=mu.dtype)
             z = mu + torch.exp(0.5 * log_var) * eps
         else:
             z = mu
-        rec_loss, var_x, x_rec = self.likelihood(self.decoder(z), x)
+        logits = self.decoder(z)
+        with full_precision(logits):
+            rec_loss, var_x, x_rec = self.likelihood(logits.float(), x)
         kl = 0.5 * (mu.pow(2) + log_var.exp() - log_var - 1).flatten(1).sum(1).mean()
         stats = {"mse": per_image_sq_error(x_rec, x).mean().detach(), "sigma2_x": var_x,
                  "kl": kl.detach()}

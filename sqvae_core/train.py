@@ -16,7 +16,10 @@ optimizer, scheduler, RNG and step, so an interrupted run ends with the same wei
 that never stopped. Under torchrun every rank trains on its own shard; rank 0 alone writes.
 On a GPU the loop does not wait for the device between log points (statistics accumulate on
 it), batches come from pinned host memory when the data set does not fit on the device, and
-`amp` (bf16 autocast) and `compile` are there to switch on.
+`amp` (bf16 autocast) and `compile` are there to switch on. `amp` runs the encoder's and
+decoder's convolutions in bf16, on a GPU or on a CPU with native bf16 (AVX512-BF16, AMX); the
+quantizer and the loss stay fp32 (models.full_precision). Where bf16 is not native the run says
+so and trains in fp32.
 """
 from __future__ import annotations
 
@@ -28,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import sys
@@ -86,7 +90,7 @@ class TrainConfig:
     # COMPILE_AUTO_STEPS steps and the device can compile (CPU: a C++ compiler; CUDA: triton);
     # config.json records what was decided
     compile: bool | None = None
-    amp: bool = False                  # bf16 autocast (changes the numerics; no preset uses it)
+    amp: bool = False                  # bf16 autocast of the convolutions (changes the numerics; no preset uses it)
     log_every: int = 10
     val_every: int = 500
     val_per_epoch: bool = False        # validate at the end of each epoch instead of every val_every steps
@@ -333,6 +337,13 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------- resolving a config
+# Inductor's own random numbers (a Philox counter per element, scalar C++ on a CPU) made the Gumbel
+# noise of a compiled step slower than eager's: +8% images/s for gaussian_1 at the paper preset with
+# torch's generator instead (benchmarks/train_throughput.py), and a compiled run then draws the very
+# numbers an eager one draws.
+COMPILE_OPTIONS = {"fallback_random": True}
+
+
 def compile_unavailable(device: torch.device) -> str | None:
     """Why torch.compile cannot run on this device, or None if it can."""
     if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
@@ -345,6 +356,33 @@ def compile_unavailable(device: torch.device) -> str | None:
             return "torch.compile on a GPU needs triton (pip install triton)"
     if device.type not in ("cpu", "cuda"):
         return f"torch.compile is not used on {device.type}"
+    return None
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: x86 AVX512-BF16 or AMX tiles, or Arm's bf16
+    extension. Elsewhere oneDNN emulates bf16 with fp32 arithmetic plus conversions, so `--amp` would
+    only slow a step down."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        f = getattr(torch.cpu, probe, None)       # torch's own CPUID probes (x86)
+        if f is not None and f():
+            return True
+    if platform.machine().lower() in ("aarch64", "arm64"):
+        try:
+            return " bf16" in Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return False
+    return False
+
+
+def amp_unavailable(device: torch.device) -> str | None:
+    """Why `--amp` (bf16 autocast) would not pay on this device, or None if it runs there natively."""
+    if device.type == "cpu" and not cpu_has_native_bf16():
+        return "this CPU has no native bf16 (AVX512-BF16, AMX or Arm bf16); emulated bf16 is slower than fp32"
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return "this GPU does not support bf16"
+    if device.type not in ("cpu", "cuda"):
+        return f"bf16 autocast is not used on {device.type}"
     return None
 
 
@@ -546,8 +584,6 @@ def make_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
 
 def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.device) -> torch.nn.Module:
     """The module the loop calls: DDP across ranks, torch.compile on request (same weights)."""
-    if cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--amp uses bf16 autocast, which this GPU does not support; train without --amp")
     if dist.world > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -555,12 +591,12 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.de
         reason = compile_unavailable(device)
         if reason:
             raise ValueError(f"{reason}, or train with --no-compile")
-        model = torch.compile(model)
+        model = torch.compile(model, options=COMPILE_OPTIONS)
     return model
 
 
 def _autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast with --amp (its GPU support is checked once, in _wrap), else nothing."""
+    """bf16 autocast with --amp (train() has turned it off where bf16 is not native), else nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if cfg.amp else contextlib.nullcontext()
 
 
@@ -596,6 +632,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     dist, device = init_distributed(cfg.device)
     cfg, data, val_data = resolve(cfg, dist, data, val_data, device)
     out = Path(cfg.out)
+    amp_fallback = amp_unavailable(device) if cfg.amp else None
+    if amp_fallback:            # say so, and train in fp32 rather than slower in emulated bf16
+        cfg.amp = False
+        if dist.main:
+            print(f"--amp: {amp_fallback}; training in fp32 instead", file=sys.stderr, flush=True)
     if dist.main:
         if not resume and (out / rd.CHECKPOINT).exists():
             raise ValueError(f"{out} already holds a run; pass --resume to continue it or choose another --out")
@@ -617,6 +658,9 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
                   "dataset": cfg.dataset, "data_source": data.source, "n_train": len(data),
                   "n_val": len(val_data), "code_version": rd.CODE_VERSION, "torch_version": torch.__version__,
                   "world_size": dist.world, "device": device.type}
+    config_doc["precision"] = "bf16 autocast (convolutions; quantizer and loss fp32)" if cfg.amp else "fp32"
+    if amp_fallback:
+        config_doc["amp_fallback"] = amp_fallback
     rebuild = folder_rebuild_command(cfg.dataset)
     if rebuild:
         config_doc["data_rebuild"] = rebuild     # eval & co. name it when the folder is missing

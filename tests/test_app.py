@@ -581,10 +581,11 @@ def test_train_page_lists_failed_and_interrupted_runs(env):
     assert at.button(key="resume_crashed").label == "Resume"
 
 
-def start_training(at: AppTest, name: str, steps: int, compile_: str = "auto"):
+def start_training(at: AppTest, name: str, steps: int, compile_: str = "auto", amp: bool = False):
     """Fill the Train page's form for a tiny gaussian_1 (K=16, d=16, 1 block) and submit it."""
     at.selectbox(key="f_kind").set_value("gaussian_1")
     at.selectbox(key="f_compile").set_value(compile_)
+    at.checkbox(key="f_amp").set_value(amp)
     at.text_input(key="f_name").set_value(name)
     for key, value in (("f_k", 16), ("f_d", 16), ("f_steps", steps), ("f_num_rb", 1), ("f_val_max_images", 200)):
         at.number_input(key=key).set_value(value)
@@ -595,11 +596,14 @@ def start_training(at: AppTest, name: str, steps: int, compile_: str = "auto"):
 def test_train_start_runs_a_real_subprocess_to_finished(env):
     at = app("train")
     ok(at)
-    start_training(at, "tiny-live", 20)
+    start_training(at, "tiny-live", 20, amp=True)
     assert any("tiny-live" in s.value for s in at.success)
     run = env["runs"] / "tiny-live"
     st = wait_state(run, ("finished", "failed"), 80)
     assert st["state"] == "finished", st
+    from sqvae_core.train import cpu_has_native_bf16       # the form's bf16 box: --amp, or fp32 and why
+    config = json.loads((run / "config.json").read_text())
+    assert config["train"]["amp"] is cpu_has_native_bf16() and ("amp_fallback" in config) is not cpu_has_native_bf16()
     at.run()
     ok(at)
     assert "finished" in md(at)
@@ -1032,5 +1036,9 @@ def test_train_options_become_a_command_line_with_the_compile_switch():
         not any("compile" in a for a in train_argv(Path("r"), {"compile": "auto"}))
     with pytest.raises(ValueError, match="compile must be one of auto, on, off"):
         train_argv(Path("r"), {"compile": "yes"})
-    with pytest.raises(ValueError, match="unknown training option"):
+    assert train_argv(Path("r"), {"amp": True}, python="py")[-2:] == ["--amp", "--quiet"]
+    assert "--amp" not in train_argv(Path("r"), {"amp": False})
+    with pytest.raises(ValueError, match="amp must be true or false"):
         train_argv(Path("r"), {"amp": "on"})
+    with pytest.raises(ValueError, match="unknown training option"):
+        train_argv(Path("r"), {"turbo": 1})

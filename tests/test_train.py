@@ -266,12 +266,48 @@ def test_host_batches_equal_device_batches():
     assert sizes == [16] * 6 + [4, 16]
 
 
-def test_amp_trains_in_bf16_autocast(tmp_path):
-    r = train(tiny_cfg(tmp_path / "amp", steps=10, amp=True, val_every=10, checkpoint_every=10,
-                       snapshot_every=10, log_every=5), progress=False)
+@pytest.mark.parametrize("native", [True, False])
+def test_amp_trains_in_bf16_where_native_and_says_so_and_runs_fp32_where_not(tmp_path, monkeypatch, capsys, native):
+    """--amp on a CPU: with native bf16 the run trains under bf16 autocast and config.json says so; without
+    it the run says so on stderr, trains in fp32 (the weights of a plain fp32 run, bit for bit) and
+    config.json records both the choice and why."""
+    import sqvae_core.train as tr
+    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: native)
+    kw = dict(steps=10, val_every=10, checkpoint_every=10, snapshot_every=10, log_every=5)
+    r = train(tiny_cfg(tmp_path / "amp", amp=True, **kw), progress=False)
     assert r["state"] == "finished", r
     rows = [row for row in rd.read_metrics(tmp_path / "amp") if "loss" in row]
     assert len(rows) == 2 and all(math.isfinite(row["loss"]) for row in rows)
+    doc = json.loads((tmp_path / "amp" / "config.json").read_text())
+    err = capsys.readouterr().err
+    fp32, _ = rd.load_weights(tmp_path / "amp" / "model.safetensors")
+    train(tiny_cfg(tmp_path / "fp32", **kw), progress=False)
+    plain, _ = rd.load_weights(tmp_path / "fp32" / "model.safetensors")
+    same = all(torch.equal(fp32[k], plain[k]) for k in plain)
+    if native:
+        assert doc["train"]["amp"] is True and doc["precision"].startswith("bf16") and "amp_fallback" not in doc
+        assert "fp32 instead" not in err and not same           # bf16 convolutions: other numbers
+    else:
+        assert doc["train"]["amp"] is False and doc["precision"] == "fp32"
+        assert "no native bf16" in doc["amp_fallback"] and "--amp: this CPU has no native bf16" in err
+        assert "training in fp32 instead" in err and same
+
+
+def test_amp_keeps_the_quantizer_and_the_loss_in_fp32():
+    """Under bf16 autocast only the convolutions change precision: P̂ and the loss are fp32, and the
+    codes are the nearest codes of the (bf16-computed) encoder output in fp32 distances."""
+    from sqvae_core.models import build_model
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="gaussian_1", codebook_size=16, code_dim=16, num_rb=1)).eval()
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x, mode="argmax")
+        z, _ = model.encode(x)
+    assert z.dtype == torch.bfloat16                     # the encoder did run in bf16 ...
+    assert out.probs.dtype == out.loss.dtype == out.x_rec.dtype == torch.float32
+    zf = z.float().permute(0, 2, 3, 1).reshape(-1, 16)    # ... the code choice did not
+    nearest = torch.cdist(zf.double(), model.codebook_vectors().double()).argmin(1)
+    assert torch.equal(out.indices.reshape(-1), nearest)
 
 
 def _synthetic(n: int, split: str, seed: int = 0):
