@@ -32,30 +32,30 @@ def torch_ready():
 # ----------------------------------------------------------------------------- bundles
 @st.cache_resource(max_entries=8, show_spinner=False)
 def _load_bundle(path: str, which: str, weights_mtime: int, config_mtime: int):
-    from sqvae_core.rundir import load_bundle
-    return load_bundle(path, "cpu", which=which)
+    from sqvae_core.rundir import RunDir
+    return RunDir(path).load(which, "cpu")
 
 
-def get_bundle(path: Path, which: str = "last"):
-    """The loaded bundle (model in eval mode on the CPU) with its last or best-validation
-    weights; BundleError for a broken one."""
+def get_bundle(weights):
+    """The loaded bundle (model in eval mode on the CPU) with these weights (sqvae_core.rundir.Weights:
+    a run's last or best-validation ones); BundleError for a broken one."""
     torch_ready()
-    return _load_bundle(*bundle_key(path, which))
+    return _load_bundle(*bundle_key(weights))
 
 
 def _key(bundle) -> tuple[str, str, int, int]:
-    return bundle_key(bundle.path, bundle.which)
+    return bundle_key(bundle.weights)
 
 
 # ------------------------------------------------------------------------------ images
 @st.cache_data(max_entries=16, show_spinner=False)
 def _test_images(path: str, dataset: str, channels: int, size: int, n: int, data_dir,
-                 val_size, sig: tuple, center_crop: int | None = None
+                 val_size: int, sig: tuple, center_crop: int | None = None
                  ) -> tuple[np.ndarray, np.ndarray | None, str, tuple | None]:
     from sqvae_core.data import load_dataset
     try:
         data = load_dataset(dataset, "test", data_dir, download=False, image_size=size, channels=channels,
-                            val_size=val_size if val_size is not None else 5000, center_crop=center_crop)
+                            val_size=val_size, center_crop=center_crop)
     except (FileNotFoundError, OSError, ValueError):
         shipped = read_samples(Path(path), channels, size, n) if sig else None
         if shipped is None:
@@ -70,10 +70,10 @@ def test_images(bundle, n: int | None = None):
     """(images (N,C,S,S) float32, labels or None, source, class names) of the bundle's test split
     (offline: the subset shipped in sqvae_core), or its samples/ if no dataset is found."""
     n = n or settings.eval_images()
-    train_cfg = bundle.config.get("train") if isinstance(bundle.config.get("train"), dict) else {}
+    opts = bundle.run_config.data_options
     return _test_images(str(bundle.path), bundle.dataset, bundle.model_cfg.image_channels,
-                        bundle.model_cfg.image_size, n, train_cfg.get("data_dir"),
-                        train_cfg.get("val_size"), samples_sig(bundle.path), train_cfg.get("center_crop"))
+                        bundle.model_cfg.image_size, n, opts.data_dir, opts.val_size, samples_sig(bundle.path),
+                        opts.center_crop)
 
 
 @st.cache_data(max_entries=16, show_spinner=False)
@@ -109,7 +109,7 @@ def _quick_eval(key: tuple, n: int) -> dict:
 def evaluation(bundle) -> dict:
     """The bundle's test-split numbers and per-code usage: its eval.json when current and complete
     (usage for a discrete model), else a deterministic evaluation on SQVAE_APP_EVAL_IMAGES images."""
-    stored = stored_evaluation(bundle.path, bundle.model_cfg.codebook_size, bundle.which)
+    stored = stored_evaluation(bundle.weights, bundle.model_cfg.codebook_size)
     if stored is not None and (stored["usage"] is not None or not bundle.model.discrete):
         return stored
     return _quick_eval(_key(bundle), settings.eval_images())
@@ -185,9 +185,9 @@ def _snapshot_sig(path: Path) -> tuple:
 
 @st.cache_data(max_entries=16, show_spinner=False)
 def _snapshots(path: str, sig: tuple) -> list[dict]:
-    from sqvae_core.rundir import read_snapshots
+    from sqvae_core.rundir import RunDir
     return [{"step": s["step"], "codebook": s["codebook"].numpy(), "usage": s["usage"].numpy()}
-            for s in read_snapshots(Path(path))]
+            for s in RunDir(path).snapshots()]
 
 
 def snapshots(path: Path) -> list[dict]:

@@ -273,7 +273,7 @@ class JobManager:
         run_dir = self.run_dir(name)
         if not (run_dir / rd.CONFIG).is_file():
             raise ValueError(f"run {name!r} has no config.json to resume from")
-        if rd.is_logged(run_dir):
+        if rd.RunDir(run_dir).is_logged:
             raise ValueError(f"run {name!r} is a logged run (RunLogger): its loop runs outside the app, "
                              f"there is no checkpoint to resume")
         return self.submit(name, {"steps": steps} if steps else {}, resume=True)
@@ -283,7 +283,7 @@ class JobManager:
         A logged run (RunLogger) is never signalled: its loop is someone's own process."""
         refuse_if_read_only("stopping a training")
         check_run_name(name)
-        if rd.is_logged(self.root / name):
+        if rd.RunDir(self.root / name).is_logged:
             return "not running"
         with self._lock:
             before = len(self._state["queue"])
@@ -299,8 +299,8 @@ class JobManager:
                 return "stopping"
             # re-attach: a trainer started by an earlier server process, or from the command line
             run_dir = self.root / name
-            pid = rd.read_status(run_dir).get("pid")
-            if not isinstance(pid, int):
+            pid = rd.RunDir(run_dir).status.pid
+            if pid is None:
                 pid = (self._state["jobs"].get(name) or {}).get("pid")
             if isinstance(pid, int) and _is_our_trainer(pid, run_dir):
                 os.kill(pid, signal.SIGTERM)
@@ -392,20 +392,20 @@ class JobManager:
             return {"name": name, "state": "queued", "step": 0, "error": None, "pid": None, "position": pos,
                     "resume": q["resume"]}
         run_dir = self.root / name
-        st = rd.read_status(run_dir)
+        st = rd.RunDir(run_dir).status
         alive = proc.poll() is None if proc is not None else False
-        state = st.get("state", "unknown")
-        out = {"name": name, "state": state, "step": st.get("step", 0), "error": st.get("error"),
-               "pid": st.get("pid") or job.get("pid")}
+        state = st.state
+        out = {"name": name, "state": state, "step": 0 if st.problem else st.step, "error": st.error,
+               "pid": st.pid or job.get("pid")}
         if alive:
             started = job.get("started") or 0
-            fresh = isinstance(st.get("updated"), (int, float)) and st["updated"] >= started - 1
+            fresh = st.updated is not None and st.updated >= started - 1
             if state in ("unknown", "interrupted") or (state in FINAL_STATES and not fresh):
                 out["state"] = "starting"          # resumed run whose old status is still on disk
                 out["error"] = None
         elif job and job.get("returncode") not in (None, 0) and (
                 state in ("unknown", "interrupted", "running") or
-                (isinstance(st.get("updated"), (int, float)) and st["updated"] < (job.get("started") or 0) - 1)):
+                (st.updated is not None and st.updated < (job.get("started") or 0) - 1)):
             if job.get("stop_requested"):
                 out.update(state="stopped", error="stopped before training began")
             else:

@@ -17,9 +17,9 @@ from app.cache import torch_ready
 from app.runs import RunRef, file_sig
 
 
-def decoder_offered(ref: RunRef, config: dict) -> bool:
-    """A saved decoder the app may load: in config.json, and the run not an upload."""
-    return isinstance(config.get("decoder"), dict) and ref.source in settings.SOURCES and \
+def decoder_offered(ref: RunRef, config) -> bool:
+    """A saved decoder the app may load: in config.json (a sqvae_core.rundir.RunConfig), and the run not an upload."""
+    return config.decoder is not None and ref.source in settings.SOURCES and \
         ref.name.split("/")[0] != settings.UPLOADS
 
 

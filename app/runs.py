@@ -80,9 +80,10 @@ def default_label(refs: list[RunRef]) -> str:
             cfg = read_config(ref.path)
         except rd.BundleError:
             return None
-        if cfg.get("model", {}).get("kind") not in settings.SQ_VAE_KINDS:
+        if cfg.kind not in settings.SQ_VAE_KINDS:
             return None
-        return cfg.get("dataset"), (read_eval(ref.path) or {}).get("test_mse")
+        ev = read_eval(rd.Weights(ref.path))
+        return cfg.dataset, ev and ev.test_mse
 
     found = [(f, i) for i, r in enumerate(shipped) for f in [facts(r)] if f is not None]
     if found:
@@ -110,36 +111,30 @@ def file_sig(path: Path) -> tuple[int, int]:
         return 0, 0
 
 
-def bundle_key(path: Path, which: str = "last") -> tuple[str, str, int, int]:
+def bundle_key(weights: rd.Weights) -> tuple[str, str, int, int]:
     """Cache key of a bundle's model: path, which weights ("last": model.safetensors, "best":
     best.safetensors), their mtime and the config's (new weights -> new entry)."""
-    path = Path(path)
-    return str(path), which, mtime(rd.weights_path(path, which)), mtime(path / rd.CONFIG)
+    return str(weights.run), weights.which, mtime(weights.path), mtime(weights.run / rd.CONFIG)
 
 
-def best_weights(path: Path, rows: list[dict]) -> dict | None:
-    """{"last": step, "best": step, "kept_by": figures} when the run keeps best-validation weights
-    from another step than its last ones (a choice worth offering), else None. `rows`: the run's
-    metrics.jsonl, already read by the page."""
-    if not (Path(path) / rd.BEST).is_file():
-        return None
+def best_weights(path: Path, rows: list[dict]) -> rd.BestChoice | None:
+    """The last and best steps and the figures that kept the best when the run keeps best-validation
+    weights from another step than its last ones (a choice worth offering), else None. `rows`: the
+    run's metrics.jsonl, already read by the page."""
     try:
-        last, best = rd.weights_step(path), rd.weights_step(path, "best")
-        if best is None or best == last:
-            return None
-        return {"last": last, "best": best, "kept_by": rd.best_kept_by(path, rows)}
+        return rd.best_choice(path, rows)
     except (rd.BundleError, OSError, ValueError):
         return None
 
 
-def _current(path: Path, run_dir: Path, which: str = "last") -> bool:
+def _current(path: Path, weights: rd.Weights) -> bool:
     """A stored result is current unless the weights were written after it (beyond a clone's skew)."""
-    return path.is_file() and mtime(path) >= mtime(rd.weights_path(run_dir, which)) - CLOCK_SKEW_NS
+    return path.is_file() and mtime(path) >= mtime(weights.path) - CLOCK_SKEW_NS
 
 
 # ------------------------------------------------------------------------ run files
-def read_status(path: Path) -> dict:
-    return rd.read_status(Path(path))      # cheap and must see a dead pid at once: not cached
+def read_status(path: Path) -> rd.RunStatus:
+    return rd.RunDir(path).status      # cheap and must see a dead pid at once: not cached
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
@@ -153,83 +148,62 @@ def read_metrics(path: Path) -> list[dict]:
     return _read_metrics(str(p), file_sig(p))
 
 
-def read_config(path: Path) -> dict:
-    return rd.read_json(Path(path) / rd.CONFIG, rd.CONFIG)
+def read_config(path: Path) -> rd.RunConfig:
+    return rd.RunDir(path).config
 
 
 LOGGED = "logged"        # the kind the app gives a run written by RunLogger (sqvae_core.runlogger)
 
 
-def run_kind(config: dict) -> str | None:
+def run_kind(config: rd.RunConfig) -> str | None:
     """The model kind of a config.json, "logged" for a RunLogger run (no model), None if unknown."""
-    if config.get("source") == rd.LOGGED_SOURCE:
-        return LOGGED
-    model = config.get("model")
-    return model.get("kind") if isinstance(model, dict) else None
+    return LOGGED if config.logged else config.kind
 
 
-def codebook_shape(config: dict) -> tuple[int | None, int | None]:
-    """(K, d) of a config.json: the model's, or what RunLogger logged (d None before its first codebook)."""
-    sizes = config.get("logged") if config.get("source") == rd.LOGGED_SOURCE else config.get("model")
-    sizes = sizes if isinstance(sizes, dict) else {}
-    return sizes.get("codebook_size"), sizes.get("code_dim")
-
-
-def latest_step(path: Path, status: dict | None = None) -> int:
-    """The newest step of a run: its last metrics row, or status.json's step (checkpoints)."""
-    rows = read_metrics(path)
-    steps = [r["step"] for r in rows[-50:] if isinstance(r.get("step"), int)]
-    st_step = (status or {}).get("step")
-    return max(steps + ([st_step] if isinstance(st_step, int) else []) + [0])
+def latest_step(path: Path, step: int | None = None) -> int:
+    """The newest step of a run: its last metrics row, or status.json's `step` (checkpoints)."""
+    return max(rd.Metrics(tuple(read_metrics(path)[-50:])).last_step, step if isinstance(step, int) else 0)
 
 
 def last_val_row(rows: list[dict]) -> dict | None:
-    vals = [r for r in rows if any(k.startswith("val_") for k in r)]
-    return vals[-1] if vals else None
+    return rd.Metrics(tuple(rows)).last_val()
 
 
 # --------------------------------------------------------- what a bundle already stores
-def read_eval(path: Path, which: str = "last") -> dict | None:
+def read_eval(weights: rd.Weights) -> rd.RunEval | None:
     """A bundle's eval.json (whole test split, deterministic quantization), if current and made
-    from the weights shown (`which`); else None. finish_bundles.py scores a run at its
-    best-validation weights, so the eval.json beside it is not that of its last weights."""
-    p = Path(path) / rd.EVAL
-    if not _current(p, path, which):
+    from the weights shown; else None. finish_bundles.py scores a run at its best-validation
+    weights, so the eval.json beside it is not that of its last weights."""
+    if not _current(weights.run / rd.EVAL, weights):
         return None
-    try:
-        doc = rd.read_json(p, rd.EVAL)
-        return doc if rd.made_from(doc, path, which) else None
-    except rd.BundleError:
-        return None
+    return rd.RunDir(weights.run).eval(weights)
 
 
-def prior_mismatch(path: Path, which: str = "last") -> str | None:
+def prior_mismatch(weights: rd.Weights) -> str | None:
     """Why the run's prior does not belong to the weights shown (its prior.json names the step of
     the weights whose code grids it was fitted on), or None when it does or cannot tell."""
     try:
-        summary = rd.read_json(Path(path) / rd.PRIOR_SUMMARY, rd.PRIOR_SUMMARY)
-        if rd.made_from(summary, path, which):
+        summary = rd.RunDir(weights.run).prior_summary
+        if summary is None or weights.made(summary):
             return None
-        return (f"This prior was fitted on the code grids of the step-{summary.get('weights_step')} weights, but "
-                f"the model shown has the step-{rd.weights_step(path, which)} weights: its codebook differs, so "
+        return (f"This prior was fitted on the code grids of the step-{summary.weights_step} weights, but "
+                f"the model shown has the step-{weights.step} weights: its codebook differs, so "
                 f"these samples are not this model's. Fit a prior for the last weights with "
-                f"`python -m sqvae_core prior train {path}`.")
+                f"`python -m sqvae_core prior train {weights.run}`.")
     except (rd.BundleError, OSError):
         return None
 
 
-def stored_evaluation(path: Path, codebook_size: int, which: str = "last") -> dict | None:
+def stored_evaluation(weights: rd.Weights, codebook_size: int) -> dict | None:
     """eval.json in the keys of sqvae_core.evaluate.evaluate_model (mse, perplexity, entropy,
     dead_codes, codebook_size, n_images, usage: K counts or None) plus "source"; None without one."""
-    ev = read_eval(path, which)
-    if ev is None or not isinstance(ev.get("test_mse"), (int, float)):
+    ev = read_eval(weights)
+    if ev is None or ev.test_mse is None:
         return None
-    usage = ev.get("usage")
-    if not (isinstance(usage, list) and len(usage) == codebook_size and all(type(u) is int for u in usage)):
-        usage = None
-    n = ev.get("n_test", "?")
-    return {"mse": ev["test_mse"], "perplexity": ev.get("test_perplexity"), "entropy": ev.get("test_entropy"),
-            "dead_codes": ev.get("dead_codes"), "codebook_size": ev.get("codebook_size", codebook_size),
+    usage = list(ev.usage) if ev.usage is not None and len(ev.usage) == codebook_size else None
+    n = "?" if ev.n_test is None else ev.n_test
+    return {"mse": ev.test_mse, "perplexity": ev.test_perplexity, "entropy": ev.test_entropy,
+            "dead_codes": ev.dead_codes, "codebook_size": ev.codebook_size or codebook_size,
             "n_images": n, "usage": usage,
             "source": f"the bundle's eval.json ({n} test images, deterministic quantization)"}
 
@@ -239,7 +213,7 @@ def stored_map(path: Path, codebook_size: int, usage: list[int] | None, method: 
     sqvae_core.explore's points, or None if there is none or the weights are newer. The model's own
     map (keyed by a hash of its codebook) replaces it once the model is loaded."""
     p = Path(path) / rd.MAPS
-    if not _current(p, path):
+    if not _current(p, rd.Weights(path)):
         return None
     try:
         entries = rd.read_json(p, rd.MAPS).get("entries")
@@ -262,14 +236,13 @@ def first_view(path: Path) -> dict | None:
     when the bundle does not store all of it (then the page loads the model first)."""
     try:
         config = read_config(path)
-        model = config["model"]
-        k = int(model["codebook_size"])
-    except (rd.BundleError, KeyError, TypeError, ValueError):
+    except rd.BundleError:
         return None
-    ev = stored_evaluation(path, k)
+    k = config.codebook_size
+    ev = None if k is None or config.logged else stored_evaluation(rd.Weights(path), k)
     if ev is None:
         return None
-    if model.get("kind") == "vae":
+    if config.kind == "vae":
         return {"config": config, "evaluation": ev, "points": None}
     if ev["usage"] is None or not settings.umap_enabled():
         return None

@@ -198,7 +198,7 @@ def view(out: Path) -> dict:
     for t in doc.get("trials", []):
         run = out / t["name"]
         rows[t["name"]] = rd.read_metrics(run)
-        status[t["name"]] = rd.read_status(run) if (run / rd.STATUS).is_file() else {}
+        status[t["name"]] = rd.RunDir(run).status if (run / rd.STATUS).is_file() else None
     if "spec" in doc:
         st = state(doc)
     else:     # no sweep.json yet: the command is starting, or it failed before (its log says why)

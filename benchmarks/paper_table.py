@@ -66,55 +66,52 @@ def reusable(out: Path, cfg: TrainConfig) -> bool:
     fields, except those that change what is saved rather than what is learnt (output path,
     snapshot/checkpoint/log cadence, device, compile: float noise only) and those the data fills in (steps from epochs,
     image shape, grey levels, the VQ data variance)."""
-    if rd.read_status(out).get("state") != "finished" or not (out / rd.CONFIG).is_file():
+    run = rd.RunDir(out)
+    if run.status.state != "finished" or not (out / rd.CONFIG).is_file():
         return False
-    saved = rd.read_json(out / rd.CONFIG, "config.json")
-    have_train = saved.get("train", {})
-    per_epoch = steps_per_epoch(saved.get("n_train", 0) or 1, cfg.batch_size, 1, cfg.drop_last) \
-        if saved.get("n_train", 0) >= cfg.batch_size else 0
+    saved = run.config
+    n_train = saved.n_train or 0
+    per_epoch = steps_per_epoch(n_train or 1, cfg.batch_size, 1, cfg.drop_last) if n_train >= cfg.batch_size else 0
     steps = max(1, int(cfg.epochs * per_epoch)) if cfg.epochs else cfg.steps
     skip = {"out", "snapshot_every", "checkpoint_every", "log_every", "device", "compile", "steps", "epochs",
             "val_every", "model", "best_by"}
     model_skip = {"image_size", "image_channels", "num_levels", "data_variance"}
     want = {k: v for k, v in cfg.to_dict().items() if k not in skip}
-    have = {k: v for k, v in have_train.items() if k not in skip}
+    have = {k: v for k, v in saved.train.items() if k not in skip}
     want_m = {k: v for k, v in cfg.model.to_dict().items() if k not in model_skip}
-    have_m = {k: v for k, v in ModelConfig.from_dict(saved["model"]).to_dict().items() if k not in model_skip}
-    return want == have and want_m == have_m and have_train.get("steps") == steps and keeps_best_by(out, cfg.best_by)
+    have_m = {k: v for k, v in saved.model_config(out).to_dict().items() if k not in model_skip}
+    return want == have and want_m == have_m and saved.steps == steps and keeps_best_by(out, cfg.best_by)
 
 
 def keeps_best_by(out: Path, best_by: str) -> bool:
     """The run's best.safetensors is the one `best_by` keeps: it was kept by that figure, or (a
     run kept by the other, as every run from before --best-by was by MSE) that figure's lowest
     validation value falls at the step of the weights it kept: the training is the same either way."""
-    return best_by in rd.best_kept_by(out) or not (out / rd.BEST).is_file()
+    return best_by in rd.Weights(out, "best").kept_by() or not (out / rd.BEST).is_file()
 
 
-def prior_fitted(out: Path, steps: int, max_images: int | None, which: str) -> bool:
+def prior_fitted(weights: rd.Weights, steps: int, max_images: int | None) -> bool:
     """The run holds a prior fitted for `steps` steps on all (or max_images) training grids of the
     weights the table evaluates."""
-    path = out / rd.PRIOR_SUMMARY
-    if not path.is_file():
-        return False
-    s = json.loads(path.read_text())
-    return s.get("steps") == steps and (max_images is None or s.get("n_train_grids") == max_images) \
-        and (max_images is not None or s.get("n_train_grids", 0) >= 40_000) and rd.made_from(s, out, which)
+    s = rd.RunDir(weights.run).prior_summary
+    return s is not None and s.steps == steps and (max_images is None or s.n_train_grids == max_images) \
+        and (max_images is not None or (s.n_train_grids or 0) >= 40_000) and weights.made(s)
 
 
-def stored_scores(out: Path, n_fd: int, which: str) -> dict | None:
+def stored_scores(weights: rd.Weights, n_fd: int) -> dict | None:
     """The test figures and scores scripts/finish_bundles.py stored in the run's eval.json, if they
     were computed the table's way (FDs on n_fd test images) after the weights and the prior."""
-    doc_path = out / rd.EVAL
-    if not doc_path.is_file():
+    out, doc_path = weights.run, weights.run / rd.EVAL
+    ev = rd.RunDir(out).eval(weights)
+    if ev is None:
         return None
-    doc = json.loads(doc_path.read_text())
     newer = all(doc_path.stat().st_mtime >= (out / f).stat().st_mtime for f in (rd.WEIGHTS, rd.PRIOR_SUMMARY)
                 if (out / f).is_file())
-    if not newer or doc.get("n_fd_images") != n_fd or not rd.made_from(doc, out, which):
+    if not newer or ev.n_fd_images != n_fd:
         return None
-    return {"test_mse": doc["test_mse"], "perplexity": doc["test_perplexity"], "dead_codes": doc["dead_codes"],
-            "entropy": doc["test_entropy"], **{k: doc[k] for k in ("rfd", "fd_generation", "fd_neighbor_3",
-            "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation", "prior_nll_bits", "n_fd_images") if k in doc}}
+    return {"test_mse": ev.test_mse, "perplexity": ev.test_perplexity, "dead_codes": ev.dead_codes,
+            "entropy": ev.test_entropy, **{k: ev.raw[k] for k in ("rfd", "fd_generation", "fd_neighbor_3",
+            "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation", "prior_nll_bits", "n_fd_images") if k in ev.raw}}
 
 
 def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
@@ -131,7 +128,8 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
                           val_every=b["val_every"], snapshot_every=steps, checkpoint_every=steps,
                           val_max_images=1000)
     if reusable(out, cfg):
-        status = rd.read_status(out)
+        st_ = rd.RunDir(out).status
+        status = {"state": st_.state, "elapsed": st_.elapsed}
         print(f"reusing {out} (finished, same configuration)", file=sys.stderr, flush=True)
     else:
         status = train(cfg, progress=False)
@@ -141,11 +139,11 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if status["state"] != "finished":
         return res
     t0 = time.time()
-    which = b.get("weights", "last")
-    bundle = rd.load_bundle(out, device, which=which)
-    res["weights_step"] = rd.weights_step(out, which)
+    weights = rd.Weights(out, b.get("weights", "last"))
+    bundle = rd.RunDir(out).load(weights.which, device)
+    res["weights_step"] = weights.step
     # (a run trained just now is newer than any eval.json beside it: stored_scores refuses that)
-    stored = stored_scores(out, b["n_fd"], which) if b.get("preset") else None
+    stored = stored_scores(weights, b["n_fd"]) if b.get("preset") else None
     if stored:
         print(f"using {out / rd.EVAL} (scored the same way after training)", file=sys.stderr, flush=True)
         res.update(stored)
@@ -165,8 +163,8 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if stored:
         return res
     t0 = time.time()
-    if bundle.model.discrete and not prior_fitted(out, b["prior_steps"], b["max_images"], which):
-        train_run_prior(out, steps=b["prior_steps"], max_images=b["max_images"], device=device, which=which)
+    if bundle.model.discrete and not prior_fitted(weights, b["prior_steps"], b["max_images"]):
+        train_run_prior(weights, steps=b["prior_steps"], max_images=b["max_images"], device=device)
     res["prior_s"], t0 = time.time() - t0, time.time()
     res.update({k: v for k, v in score_run(bundle, n=b["n_fd"]).items() if k != "mse"})
     res["score_s"] = time.time() - t0

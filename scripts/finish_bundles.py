@@ -48,9 +48,9 @@ def compact(dest: Path) -> None:
 
 def train_command(b: rd.Bundle, run: Path) -> str:
     """The `sqvae train` command that made the run (epochs when it validated once per epoch)."""
-    tc, cfg = b.config["train"], b.model_cfg
+    tc, cfg = b.run_config.train, b.model_cfg
     size = f" --image-size {cfg.image_size} --channels {cfg.image_channels}" if b.dataset.startswith("folder:") else ""
-    per_epoch = steps_per_epoch(b.config.get("n_train") or tc["batch_size"], tc["batch_size"], 1,
+    per_epoch = steps_per_epoch(b.run_config.n_train or tc["batch_size"], tc["batch_size"], 1,
                                 tc.get("drop_last", True))
     if tc.get("val_per_epoch") and tc["steps"] % per_epoch == 0:
         length = f"--epochs {tc['steps'] // per_epoch}"
@@ -63,7 +63,7 @@ def train_command(b: rd.Bundle, run: Path) -> str:
 
 def kept_by(run: Path) -> str:
     """Which lowest validation figure(s) the run's best.safetensors sits at."""
-    return "best validation " + rd.figures_text(rd.best_kept_by(run))
+    return "best validation " + rd.figures_text(rd.Weights(run, "best").kept_by())
 
 
 def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
@@ -71,11 +71,11 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     """which="best": the bundle ships the run's best-validation weights (as the official trainer
     tests its best checkpoint), which="last" its last ones."""
     t0 = time.time()
-    b = rd.load_bundle(run, which=which)
-    kind, step = b.model_cfg.kind, rd.weights_step(run, which)
+    b = rd.RunDir(run).load(which)
+    kind, step = b.model_cfg.kind, b.weights.step
     fitted = prior_summary(b) if (run / PRIOR_WEIGHTS).is_file() else None
-    if b.model.discrete and not (fitted and rd.made_from(fitted, run, which)):
-        train_run_prior(run, steps=prior_steps, max_images=prior_images, which=which,
+    if b.model.discrete and not (fitted and b.weights.made(fitted)):
+        train_run_prior(b.weights, steps=prior_steps, max_images=prior_images,
                         log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
@@ -83,11 +83,11 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
         scores = score_run(b, n=n_fd)
     except rd.BundleError as e:        # no feature classifier for this data set: no FD columns
         print(f"  {run.name}: no Fréchet distances ({e})", flush=True)
-        scores = {"prior_nll_bits": (prior_summary(b) or {}).get("nll_bits_per_code")}
-    status = rd.read_status(run)
-    steps = status.get("step")
-    doc = {"kind": kind, "dataset": b.dataset, "steps": steps, "train_seconds": status.get("elapsed"),
-           "weights": kept_by(run) if b.which == "best" else "last", "weights_step": step,
+        summary = prior_summary(b)
+        scores = {"prior_nll_bits": summary and summary.nll_bits_per_code}
+    status = rd.RunDir(run).status
+    doc = {"kind": kind, "dataset": b.dataset, "steps": status.step, "train_seconds": status.elapsed,
+           "weights": kept_by(run) if b.weights.is_best_file else "last", "weights_step": step,
            "test_mse": ev["mse"], "test_perplexity": ev["perplexity"], "test_entropy": ev["entropy"],
            "dead_codes": ev["dead_codes"], "codebook_size": ev["codebook_size"], "n_test": ev["n_images"],
            "usage": ev["usage"],      # per-code counts: the app's first paint colours the codebook map with them
@@ -100,7 +100,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     for name in KEEP:
         if (run / name).is_file() and name != rd.WEIGHTS:
             shutil.copy2(run / name, dest / name)
-    tensors, meta = rd.load_weights(run / b.weights)      # the evaluated weights, as the bundle's model
+    tensors, meta = rd.load_weights(b.weights.path)      # the evaluated weights, as the bundle's model
     rd.save_weights(dest / rd.WEIGHTS, tensors, {**rd.load_weights(run / rd.WEIGHTS)[1], **meta})
     if (run / rd.SNAPSHOTS).is_dir():
         shutil.copytree(run / rd.SNAPSHOTS, dest / rd.SNAPSHOTS)
@@ -188,7 +188,7 @@ def main():
     for run in rd.list_runs(args.runs):
         if args.only and run.name not in args.only:
             continue
-        if rd.read_status(run).get("state") != "finished":
+        if rd.RunDir(run).status.state != "finished":
             print(f"skip {run}: not finished", flush=True)
             continue
         finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights)

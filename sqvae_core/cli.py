@@ -217,12 +217,12 @@ def train_config(flags: dict, out: str | Path, resume: bool = False):
     if flags.get("compile") is not None:
         explicit["compile"] = flags["compile"]
     out = Path(out)
-    if (out / rd.CONFIG).is_file() and rd.read_json(out / rd.CONFIG, "config.json").get("source") == rd.LOGGED_SOURCE:
+    saved = rd.RunDir(out).config if (out / rd.CONFIG).is_file() else None
+    if saved is not None and saved.logged:
         raise ValueError(f"{out} holds a logged run (RunLogger), which sqvae train can neither resume nor "
                          f"replace; choose another --out")
-    if resume and (out / rd.CONFIG).is_file():
-        saved = rd.read_json(out / rd.CONFIG, "config.json")
-        cfg = TrainConfig.from_dict({**saved.get("train", {}), "model": saved["model"]})
+    if resume and saved is not None:
+        cfg = TrainConfig.from_dict({**saved.train, "model": dict(saved.raw["model"])})
     else:
         cfg = TrainConfig()
         cfg.model.kind = explicit.get("model.kind", cfg.model.kind)
@@ -289,7 +289,7 @@ def cmd_eval(args) -> int:
     b = rd.load_bundle(args.run_dir, device, which=args.weights)
     images, _, data = bundle_split(b, args.split, args.data_dir, args.max_images)
     res = evaluate_model(b.model, images, device=device)
-    res.update(split=args.split, run=str(b.path), kind=b.model_cfg.kind, weights=b.weights,
+    res.update(split=args.split, run=str(b.path), kind=b.model_cfg.kind, weights=b.weights.path.name,
                data_source=data.source)
     if args.scores:
         from .scores import score_run
@@ -307,22 +307,22 @@ def cmd_list(args) -> int:
     dirs = args.dirs or rd.default_run_dirs()
     found = 0
     for d in dirs:
-        for run in rd.list_runs(d):
+        for run in map(rd.RunDir, rd.list_runs(d)):
             try:
-                cfg = rd.read_json(run / rd.CONFIG, "config.json")
-                if cfg.get("source") == rd.LOGGED_SOURCE:      # RunLogger: no model, sizes under "logged"
-                    lg = cfg.get("logged") or {}
-                    desc = (f"{'logged':<10} {str(cfg.get('dataset', '?')):<20} K={str(lg.get('codebook_size', '?')):<5} "
-                            f"d={str(lg.get('code_dim') or '?'):<4}")
+                cfg = run.config
+                if cfg.logged:      # RunLogger: no model, sizes under "logged"
+                    desc = (f"{'logged':<10} {cfg.dataset or '?':<20} K={str(cfg.codebook_size or '?'):<5} "
+                            f"d={str(cfg.code_dim or '?'):<4}")
                 else:
-                    cfg, mcfg = rd.read_config(run)
-                    desc = f"{mcfg.kind:<10} {cfg.get('dataset', '?'):<20} K={mcfg.codebook_size:<5} d={mcfg.code_dim:<4}"
+                    mcfg = cfg.model_config(run.path)
+                    desc = f"{mcfg.kind:<10} {cfg.dataset or '?':<20} K={mcfg.codebook_size:<5} d={mcfg.code_dim:<4}"
             except rd.BundleError as e:
                 desc = f"(unreadable: {e})"
-            st = rd.read_status(run)
-            vals = [r for r in rd.read_metrics(run) if "val_mse" in r]
+            st = run.status
+            vals = [r for r in run.metrics.rows if "val_mse" in r]
             val = f" val_mse={vals[-1]['val_mse']:.2f}" if vals else ""
-            print(f"{str(run):<40} {desc} {st.get('state', '?'):<11} step={st.get('step', '?')}{val}")
+            step = "?" if st.state == "unknown" else st.step
+            print(f"{str(run.path):<40} {desc} {st.state:<11} step={step}{val}")
             found += 1
     if not found:
         print(f"no runs found in {', '.join(dirs)}", file=sys.stderr)
@@ -355,9 +355,9 @@ def cmd_prior(args) -> int:
     images, _ = sample_images(b, prior, args.n, temperature=args.temperature, label=args.label, seed=args.seed)
     save_png(images, args.out, nrow=min(8, args.n))
     if args.json:
-        summary = prior_summary(b) or {}
+        summary = prior_summary(b)
         print(json.dumps({"out": str(args.out), "n": args.n, "seed": args.seed, "temperature": args.temperature,
-                          "label": args.label, **{k: summary.get(k) for k in
+                          "label": args.label, **{k: getattr(summary, k, None) for k in
                           ("nll_bits_per_code", "unigram_bits", "uniform_bits", "conditional")}}))
     return 0
 
@@ -385,7 +385,7 @@ def cmd_explore(args) -> int:
             if stored is None:
                 raise
             usage, where = stored
-            hint = b.config.get("data_rebuild")
+            hint = b.run_config.data_rebuild
             print(f"{b.dataset}: not found; code usage from {where}"
                   + (f"; rebuild the data with `{hint}`" if hint else ""), file=sys.stderr)
         points = explore.cached_codebook_map(b.path, b.model, usage, method="pca" if args.pca else "umap",
@@ -424,10 +424,9 @@ def cmd_import_official(args) -> int:
     from . import rundir as rd
     from .official import import_official
     out = import_official(args.checkpoint, args.config, args.out, dataset=args.dataset, center_crop=args.center_crop)
-    doc = rd.read_json(out / rd.CONFIG, "config.json")
-    m = doc["model"]
-    print(f"imported {m['kind']} ({doc['official']['dataset']}, K={m['codebook_size']}, d={m['code_dim']}) "
-          f"-> {out} (dataset {doc['dataset']})", file=sys.stderr)
+    cfg = rd.RunDir(out).config
+    print(f"imported {cfg.kind} ({cfg.raw['official']['dataset']}, K={cfg.codebook_size}, d={cfg.code_dim}) "
+          f"-> {out} (dataset {cfg.dataset})", file=sys.stderr)
     return 0
 
 

@@ -345,7 +345,7 @@ def import_official(checkpoint, config, out: str | Path, dataset: str | None = N
         rd.atomic_write_json(tmp / rd.STATUS, {"state": "finished", "step": None, "error": None,
                                                "pid": os.getpid(), "host": socket.gethostname(),
                                                "updated": time.time(), "source": SOURCE})
-        rd.load_bundle(tmp)        # reads back like any bundle
+        rd.RunDir(tmp).load()        # reads back like any bundle
         if out.is_dir():
             out.rmdir()            # empty (checked above); fails if something appeared meanwhile
         os.rename(tmp, out)

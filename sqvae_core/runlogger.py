@@ -14,7 +14,7 @@ What lands in out_dir (the run-directory format of rundir.py, read by the app an
     config.json     {"source": "runlogger", "logged": {codebook_size, code_dim, log_every, snapshot_every},
                      "config": <your dict>, "dataset": config["dataset"] if given, versions}.
                     There is no "model" section: nothing can rebuild the model, so `sqvae eval`,
-                    `explore` and `prior` refuse the run with one line (rundir.read_config).
+                    `explore` and `prior` refuse the run with one line (rundir.RunConfig.model_config).
     metrics.jsonl   one row every `log_every` calls of log(): {"step", "wall_time", "elapsed",
                     <each scalar averaged over the calls of the window that passed it>,
                     "perplexity", "dead_codes"}. perplexity = exp(H(u)), u the usage of the codes
@@ -303,11 +303,7 @@ class RunLogger:
     # ------------------------------------------------------------------ files
     def _prepare_dir(self, overwrite: bool) -> None:
         if (self.path / rd.CONFIG).exists():
-            try:
-                old = rd.read_json(self.path / rd.CONFIG, "config.json")
-            except rd.BundleError:
-                old = {}
-            if old.get("source") != rd.LOGGED_SOURCE:
+            if not rd.RunDir(self.path).is_logged:
                 raise ValueError(f"{self.path} already holds a run that RunLogger did not write; choose another out_dir")
             if not overwrite:
                 raise ValueError(f"{self.path} already holds a logged run; pass overwrite=True to replace it "
@@ -383,9 +379,8 @@ def load_decoder(run_dir: str | os.PathLike) -> LoggedDecoder:
     Raises BundleError (one line) if the run has no decoder or its files do not load.
     """
     run_dir = Path(run_dir)
-    cfg = rd.read_json(run_dir / rd.CONFIG, "config.json")
-    info = cfg.get("decoder")
-    if cfg.get("source") != rd.LOGGED_SOURCE or not isinstance(info, dict):
+    cfg = rd.RunDir(run_dir).config
+    if not cfg.logged or cfg.decoder is None:
         raise rd.BundleError(f"{run_dir} has no decoder saved by RunLogger.save_decoder")
     tensors, _ = rd.load_weights(run_dir / CODES)
     if "indices" not in tensors:
@@ -397,4 +392,4 @@ def load_decoder(run_dir: str | os.PathLike) -> LoggedDecoder:
         program = torch.export.load(path)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file
         raise rd.BundleError(f"decoder file does not load ({e.__class__.__name__}): {path}") from None
-    return LoggedDecoder(program, tensors, info)
+    return LoggedDecoder(program, tensors, dict(cfg.decoder))

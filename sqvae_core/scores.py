@@ -36,14 +36,13 @@ def _require_discrete(bundle: rd.Bundle, what: str) -> None:
 
 def bundle_split(bundle: rd.Bundle, split: str, data_dir: str | None = None, max_images: int | None = None):
     """The run's dataset split (images, labels), as configured at training time."""
-    train_cfg = bundle.config.get("train", {})
+    opts = bundle.run_config.data_options
     try:
-        data = load_dataset(bundle.dataset, split, data_dir or train_cfg.get("data_dir"),
-                            val_size=train_cfg.get("val_size", 5000), val_from_end=train_cfg.get("val_split") == "last",
-                            image_size=bundle.model_cfg.image_size,
-                            channels=bundle.model_cfg.image_channels, center_crop=train_cfg.get("center_crop"))
+        data = load_dataset(bundle.dataset, split, data_dir or opts.data_dir, val_size=opts.val_size,
+                            val_from_end=opts.val_from_end, image_size=bundle.model_cfg.image_size,
+                            channels=bundle.model_cfg.image_channels, center_crop=opts.center_crop)
     except DatasetNotFoundError as e:
-        rebuild = bundle.config.get("data_rebuild")
+        rebuild = bundle.run_config.data_rebuild
         if not rebuild:
             raise
         raise DatasetNotFoundError(f"{e}; it is generated: rebuild it with `{rebuild}`") from None
@@ -58,30 +57,27 @@ def stored_usage(bundle: rd.Bundle) -> tuple[torch.Tensor, str] | None:
     else the last codebook snapshot's (a training window's codes) when it is of the weights' step.
     -> (LongTensor (K,), where it comes from) or None."""
     k = bundle.model_cfg.codebook_size
-    path = bundle.path / rd.EVAL
-    try:
-        ev = rd.read_json(path, rd.EVAL) if path.is_file() else {}
-    except rd.BundleError:
-        ev = {}
-    usage = ev.get("usage")
-    if (isinstance(usage, list) and len(usage) == k and all(type(u) is int for u in usage)
-            and rd.made_from(ev, bundle.path, bundle.which)):
-        return torch.tensor(usage, dtype=torch.long), f"eval.json ({ev.get('n_test', '?')} test images)"
-    snaps = rd.read_snapshots(bundle.path)
-    step = rd.weights_step(bundle.path, bundle.which)
+    run = rd.RunDir(bundle.path)
+    ev = run.eval(bundle.weights)
+    if ev is not None and ev.usage is not None and len(ev.usage) == k:
+        return torch.tensor(ev.usage, dtype=torch.long), f"eval.json ({ev.n_test or '?'} test images)"
+    snaps = run.snapshots()
+    step = bundle.weights.step
     if snaps and len(snaps[-1]["usage"]) == k and (step is None or snaps[-1]["step"] == step):
         return snaps[-1]["usage"], f"the codebook snapshot of step {snaps[-1]['step']} (training codes)"
     return None
 
 
 # ------------------------------------------------------------------------- the prior
-def train_run_prior(run_dir: str | Path, *, steps: int = 2000, batch_size: int = 64, hidden: int = 64,
+def train_run_prior(run: str | Path | rd.Weights, *, steps: int = 2000, batch_size: int = 64, hidden: int = 64,
                     layers: int = 8, conditional: bool = True, max_images: int | None = None,
                     data_dir: str | None = None, seed: int = 0, device: torch.device | str = "cpu",
-                    log=None, which: str = "last") -> dict:
-    """Fit a Gated PixelCNN to the run's training code grids (of its last weights, or with
-    which="best" its best-validation weights); store it in the run dir."""
-    bundle = rd.load_bundle(run_dir, device, which=which)
+                    log=None) -> dict:
+    """Fit a Gated PixelCNN to the run's training code grids (a run directory: of its last weights;
+    a Weights: of those, e.g. its best-validation ones); store it in the run dir."""
+    weights = run if isinstance(run, rd.Weights) else rd.Weights(run)
+    run_dir = weights.run
+    bundle = rd.RunDir(run_dir).load(weights.which, device)
     _require_discrete(bundle, "prior train")
     t0 = time.time()
     tr_x, tr_y, data = bundle_split(bundle, "train", data_dir, max_images)
@@ -109,7 +105,7 @@ def train_run_prior(run_dir: str | Path, *, steps: int = 2000, batch_size: int =
         "uniform_bits": math.log2(k),
         "split": "test", "n_test_grids": int(te_c.shape[0]), "n_train_grids": int(tr_c.shape[0]),
         "steps": steps, "conditional": bool(use_labels), "config": cfg.to_dict(),
-        "weights_step": rd.weights_step(run_dir, which),      # the autoencoder weights whose codes it models
+        "weights_step": bundle.weights.step,      # the autoencoder weights whose codes it models
         "train_seconds": round(time.time() - t0, 1), "history": history,
     }
     save_prior(prior, Path(run_dir) / PRIOR_WEIGHTS)
@@ -135,9 +131,9 @@ def load_run_prior(bundle: rd.Bundle):
     return prior
 
 
-def prior_summary(bundle: rd.Bundle) -> dict | None:
-    path = bundle.path / PRIOR_SUMMARY
-    return rd.read_json(path, PRIOR_SUMMARY) if path.is_file() else None
+def prior_summary(bundle: rd.Bundle) -> rd.PriorSummary | None:
+    """The run's prior.json, None without one (BundleError for a broken one)."""
+    return rd.RunDir(bundle.path).prior_summary
 
 
 @torch.no_grad()
@@ -209,5 +205,6 @@ def score_run(bundle: rd.Bundle, *, n: int = 1000, data_dir: str | None = None, 
         if with_prior and (bundle.path / PRIOR_WEIGHTS).is_file():
             samples, _ = sample_images(bundle, load_run_prior(bundle), len(test_x), seed=seed)
             res["fd_generation"] = fd(samples)
-            res["prior_nll_bits"] = (prior_summary(bundle) or {}).get("nll_bits_per_code")
+            summary = prior_summary(bundle)
+            res["prior_nll_bits"] = summary and summary.nll_bits_per_code
     return res

@@ -276,7 +276,7 @@ def _write_run_status(run_dir: Path, state: str, step, error: str) -> None:
 def _run_step(run_dir: Path):
     from . import rundir as rd
     try:
-        return rd.weights_step(run_dir)
+        return rd.Weights(run_dir).step
     except Exception:      # noqa: BLE001  (no weights yet)
         return None
 
@@ -322,13 +322,13 @@ class SweepRecorder:
             step = (e.get("metrics") or {}).get("step")
             run = self.out / e["name"]
             from . import rundir as rd
-            if rd.read_status(run).get("state") != "stopped":   # its worker was ended before writing it
+            if rd.RunDir(run).status.state != "stopped":   # its worker was ended before writing it
                 _write_run_status(run, "stopped", _run_step(run) or step,
                                   f"stopped by the {self.spec.scheduler} scheduler at step {step}")
             self.set(trial, state="stopped", error=f"stopped by the {self.spec.scheduler} scheduler at step {step}")
         else:
             from . import rundir as rd
-            run_state = rd.read_status(self.out / e["name"]).get("state")
+            run_state = rd.RunDir(self.out / e["name"]).status.state
             if run_state == "finished":
                 self.set(trial, state="finished")
             else:       # Tune ended it without a scheduler's decision (the sweep's end): not over
@@ -492,7 +492,7 @@ def _wrap_up(doc: dict, out: Path, recorder, interrupted: bool) -> bool:
     interrupted = interrupted or bool(unfinished)
     for t in unfinished:
         run = out / t["name"]
-        if (run / rd.STATUS).is_file() and rd.read_status(run).get("state") in ("running", "interrupted"):
+        if (run / rd.STATUS).is_file() and rd.RunDir(run).status.active:
             step = _run_step(run)
             _write_run_status(run, "stopped", step, f"the sweep was interrupted; its checkpoint at step {step} "
                                                      f"resumes when the sweep command runs again")

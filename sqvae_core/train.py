@@ -743,7 +743,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
 
 
 def _restore(ckpt: Checkpointer, cfg: TrainConfig, out: Path, optimizer, scheduler) -> Progress:
-    saved_cfg, saved_model_cfg = rd.read_config(out)
+    saved_cfg = rd.RunDir(out).config
+    saved_model_cfg = saved_cfg.model_config(out)
     if saved_model_cfg != cfg.model:
         diff = {k: (v, getattr(cfg.model, k)) for k, v in saved_model_cfg.to_dict().items()
                 if getattr(cfg.model, k) != v}
@@ -751,7 +752,7 @@ def _restore(ckpt: Checkpointer, cfg: TrainConfig, out: Path, optimizer, schedul
     p = ckpt.restore()
     if p.best_by != cfg.best_by:   # a new --best-by on resume: the next validation sets the first best
         p.best, p.best_by = math.inf, cfg.best_by
-    old_lr = float(saved_cfg.get("train", {}).get("lr", cfg.lr))
+    old_lr = float(saved_cfg.train.get("lr", cfg.lr))
     if old_lr != cfg.lr:   # a new --lr on resume rescales the schedule from here on
         for g in optimizer.param_groups:
             g["lr"], g["initial_lr"] = g["lr"] * cfg.lr / old_lr, cfg.lr

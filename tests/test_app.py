@@ -359,9 +359,9 @@ def test_results_of_other_weights_are_not_shown_as_this_models(env):
         ok(at)
         assert any("step-40 weights" in w.value for w in at.warning)
         rundir.atomic_write_json(b / "eval.json", {"test_mse": 1.0, "weights_step": 40})
-        assert runs.read_eval(b) is None
+        assert runs.read_eval(rundir.Weights(b)) is None
         rundir.atomic_write_json(b / "eval.json", {"test_mse": 1.0})      # no weights_step: the last weights'
-        assert runs.read_eval(b)["test_mse"] == 1.0
+        assert runs.read_eval(rundir.Weights(b)).test_mse == 1.0
     finally:
         for name in ("prior.json", "eval.json"):
             (b / name).unlink(missing_ok=True)
@@ -371,7 +371,7 @@ def test_results_of_other_weights_are_not_shown_as_this_models(env):
     shipped = [d for d in (ROOT / "checkpoints").iterdir() if (d / "eval.json").is_file()]
     assert len(shipped) >= 10
     for d in shipped:
-        assert runs.read_eval(d) is not None and runs.prior_mismatch(d) is None, d.name
+        assert runs.read_eval(rundir.Weights(d)) is not None and runs.prior_mismatch(rundir.Weights(d)) is None, d.name
 
 
 def test_a_run_is_explored_at_its_last_or_its_best_validation_weights(env):
@@ -397,7 +397,8 @@ def test_a_run_is_explored_at_its_last_or_its_best_validation_weights(env):
         assert not np.array_equal(images(at)[0], shown_last)
         assert any("`best.safetensors`" in c.value for c in at.caption)
         rundir.atomic_write_json(run / "eval.json", {"test_mse": 2.5, "weights_step": 30})
-        assert runs.stored_evaluation(run, 16, "best")["mse"] == 2.5 and runs.stored_evaluation(run, 16) is None
+        assert runs.stored_evaluation(rundir.Weights(run, "best"), 16)["mse"] == 2.5
+        assert runs.stored_evaluation(rundir.Weights(run), 16) is None
         rundir.save_weights(run / "model.safetensors", last)           # weights without a step (imported, old)
         at = app("explore", bundle="checkpoints/tiny_best")
         ok(at)
@@ -1022,7 +1023,7 @@ def test_stored_results_count_unless_the_weights_are_newer(tmp_path, monkeypatch
     stored = json.loads((b / "eval.json").read_text())
     assert view["evaluation"]["dead_codes"] == stored["dead_codes"] and len(view["points"]) == 256
     os.utime(b / "model.safetensors", (t + 60, t + 60))               # retrained after the evaluation
-    assert runs.read_eval(b) is None and runs.first_view(b) is None
+    assert runs.read_eval(rundir.Weights(b)) is None and runs.first_view(b) is None
 
 
 def test_train_options_become_a_command_line_with_the_compile_switch():

@@ -131,7 +131,7 @@ def test_import_gives_the_same_tensors_and_reconstructions(tmp_path, capsys, cas
     assert "imported" in err and err.count("\n") == 1
 
     b = rd.load_bundle(tmp_path / "run")
-    assert b.config["source"] == "official" and rd.read_status(b.path)["state"] == "finished"
+    assert b.config["source"] == "official" and rd.RunDir(b.path).status.state == "finished"
     assert b.model_cfg.kind == variant and b.model_cfg.net == "official"
     assert b.dataset == ({"FashionMNIST": "fashion-mnist", "CIFAR10": "cifar10"}.get(dataset) or f"folder:{tmp_path}")
     ref, got = model.state_dict(), b.model.state_dict()

@@ -36,7 +36,7 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
     other.model = ModelConfig(kind="vq", codebook_size=32, code_dim=16, num_rb=1)
     assert not pt.reusable(out, other)
 
-    last, best = rd.weights_step(out), rd.weights_step(out, "best")
+    last, best = rd.Weights(out).step, rd.Weights(out, "best").step
     assert last == 8 and best in (4, 8)
     val = [r for r in rd.read_metrics(out) if "val_mse" in r]
     assert best == min(val, key=lambda r: r["val_mse"])["step"]
@@ -51,23 +51,24 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
     rd.save_weights(out / rd.BEST, tensors, meta)
 
     # a prior counts only with the table's steps, all training grids, and the evaluated weights
+    best_w = rd.Weights(out, "best")
     summary = {"steps": 1500, "n_train_grids": 50_000, "weights_step": best}
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps(summary))
-    assert pt.prior_fitted(out, 1500, None, "best")
-    assert not pt.prior_fitted(out, 3000, None, "best")
+    assert pt.prior_fitted(best_w, 1500, None)
+    assert not pt.prior_fitted(best_w, 3000, None)
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**summary, "weights_step": best - 1}))
-    assert not pt.prior_fitted(out, 1500, None, "best")
+    assert not pt.prior_fitted(best_w, 1500, None)
 
     # stored scores: FDs on as many images, the evaluated weights, written after weights and prior
     doc = {"test_mse": 1.5, "test_perplexity": 9.0, "dead_codes": 3, "test_entropy": 0.0, "rfd": 2.0,
            "n_fd_images": 1000, "weights_step": best}
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps(summary))
     rd.atomic_write_json(out / rd.EVAL, doc)
-    got = pt.stored_scores(out, 1000, "best")
+    got = pt.stored_scores(best_w, 1000)
     assert got["test_mse"] == 1.5 and got["perplexity"] == 9.0 and got["rfd"] == 2.0
-    assert pt.stored_scores(out, 2000, "best") is None
+    assert pt.stored_scores(best_w, 2000) is None
     rd.atomic_write_json(out / rd.EVAL, {**doc, "weights_step": best + 100})
-    assert pt.stored_scores(out, 1000, "best") is None
+    assert pt.stored_scores(best_w, 1000) is None
 
 
 def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):

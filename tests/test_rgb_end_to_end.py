@@ -88,7 +88,7 @@ def test_cifar10_paper_preset_end_to_end(tmp_path, capsys):
     m = b.model_cfg
     assert (m.net, m.image_channels, m.image_size, m.codebook_size, m.num_rb) == ("official", 3, 32, 512, 2)
     assert sum(p.numel() for p in b.model.parameters()) == 341_252
-    assert rd.read_status(out)["state"] == "finished"
+    assert rd.RunDir(out).status.state == "finished"
     with open(tmp_path / "data" / "cifar-10-batches-py" / "test_batch", "rb") as f:
         first = pickle.load(f, encoding="bytes")[b"data"][0].reshape(3, 32, 32).transpose(1, 2, 0)
     assert_explores_in_colour(capsys, out, tmp_path, first, grid=8)

@@ -180,12 +180,12 @@ def test_twenty_kill_9_never_lose_the_last_checkpoint(tmp_path):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         # wait until this process has trained a little past where it started, then kill at a random moment
         deadline = time.time() + 60
-        while time.time() < deadline and rd.read_status(out).get("step", -1) < last_step + 3 and p.poll() is None:
+        while time.time() < deadline and (rd.RunDir(out).status.step or -1) < last_step + 3 and p.poll() is None:
             time.sleep(0.05)
         time.sleep(rng.uniform(0.0, 0.4))
         p.send_signal(signal.SIGKILL)
         p.wait()
-        assert rd.read_status(out)["state"] == "interrupted"     # running, but its process is gone
+        assert rd.RunDir(out).status.state == "interrupted"     # running, but its process is gone
         ck = torch.load(out / rd.CHECKPOINT, weights_only=True)   # always readable
         assert ck["step"] >= last_step
         rd.load_bundle(out)
@@ -197,7 +197,7 @@ def test_twenty_kill_9_never_lose_the_last_checkpoint(tmp_path):
     r = subprocess.run(args[:args.index("--steps")] + ["--steps", str(last_step + 5), "--resume", "--quiet"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    assert rd.read_status(out)["state"] == "finished"
+    assert rd.RunDir(out).status.state == "finished"
     print(f"KILL9: {survived}/20 kills survived, reached step {last_step}, {len(leftovers)} stray temp files")
 
 

@@ -53,7 +53,7 @@ def test_window_perplexity_dead_codes_and_means_recomputed_by_hand(tmp_path):
     assert rows[1]["loss"] == pytest.approx(3.0) and rows[1]["lr"] == pytest.approx(0.25)
     assert rows[2]["perplexity"] == pytest.approx(1.0) and rows[2]["dead_codes"] == 3 and rows[2]["loss"] == 10.0
     assert "lr" not in rows[2]                                                  # not logged in that window
-    snaps = rd.read_snapshots(tmp_path / "r")
+    snaps = rd.RunDir(tmp_path / "r").snapshots()
     assert [s["step"] for s in snaps] == [4, 5]
     assert snaps[0]["usage"].tolist() == [2, 2, 4, 8] and snaps[1]["usage"].tolist() == [0, 1, 0, 0]
     assert torch.allclose(snaps[0]["codebook"], cb.half().float())
@@ -77,12 +77,12 @@ def test_format_read_by_the_readers_the_app_uses(tmp_path):
     assert cfg["source"] == rd.LOGGED_SOURCE and "model" not in cfg
     assert cfg["logged"] == {"codebook_size": 4, "code_dim": 3, "log_every": 5, "snapshot_every": 10}
     assert cfg["dataset"] == "fashion-mnist" and cfg["config"]["lr"] == 1e-3
-    st = rd.read_status(run)
-    assert st["state"] == "finished" and st["step"] == 20 and st["error"] is None
+    st = rd.RunDir(run).status
+    assert st.state == "finished" and st.step == 20 and st.error is None
     rows = rd.read_metrics(run)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all({"wall_time", "loss", "perplexity", "dead_codes"} <= set(r) for r in rows)
-    snaps = rd.read_snapshots(run)
+    snaps = rd.RunDir(run).snapshots()
     assert [s["step"] for s in snaps] == [10, 20] and all(s["codebook"].shape == (4, 3) for s in snaps)
     assert sum(int(s["usage"].sum()) for s in snaps) == 20 * 8                   # every position counted once
     frames = aligned_maps([s["codebook"].numpy() for s in snaps], [s["usage"].numpy() for s in snaps], method="pca")
@@ -111,11 +111,11 @@ def test_status_running_while_open_with_rows_already_on_disk(tmp_path):
     log = RunLogger(tmp_path / "r", codebook_size=3, log_every=2)
     for step in range(1, 5):
         log.log(step, indices=torch.tensor([step % 3]), loss=float(step))
-    st = rd.read_status(tmp_path / "r")
-    assert st["state"] == "running" and st["pid"] == os.getpid()              # not "interrupted"
+    st = rd.RunDir(tmp_path / "r").status
+    assert st.state == "running" and st.pid == os.getpid()              # not "interrupted"
     assert [r["step"] for r in rd.read_metrics(tmp_path / "r")] == [2, 4]
     log.close()
-    assert rd.read_status(tmp_path / "r")["state"] == "finished"
+    assert rd.RunDir(tmp_path / "r").status.state == "finished"
     with pytest.raises(RuntimeError, match="closed"):
         log.log(5, loss=1.0)
 
@@ -127,9 +127,9 @@ def test_failed_status_names_the_error_and_the_exception_propagates(tmp_path):
             for step in range(1, 4):
                 log.log(step, indices=torch.tensor([0, 1]), loss=float(step))
             1 / 0
-    st = rd.read_status(tmp_path / "r")
-    assert st["state"] == "failed" and st["step"] == 3
-    assert st["error"] == "ZeroDivisionError: division by zero"
+    st = rd.RunDir(tmp_path / "r").status
+    assert st.state == "failed" and st.step == 3
+    assert st.error == "ZeroDivisionError: division by zero"
     row, = rd.read_metrics(tmp_path / "r")                                   # the partial window is kept
     assert row["step"] == 3 and row["loss"] == 2.0 and row["dead_codes"] == 0
 
@@ -139,8 +139,8 @@ def test_keyboard_interrupt_is_stopped_not_failed(tmp_path):
         with RunLogger(tmp_path / "r", codebook_size=2) as log:
             log.log(7, loss=1.0)
             raise KeyboardInterrupt
-    st = rd.read_status(tmp_path / "r")
-    assert st["state"] == "stopped" and "step 7" in st["error"]
+    st = rd.RunDir(tmp_path / "r").status
+    assert st.state == "stopped" and "step 7" in st.error
 
 
 # ----------------------------------------------------------------------- atomic writes
@@ -162,7 +162,7 @@ def test_a_failed_write_leaves_the_previous_files_whole(tmp_path, monkeypatch):
     monkeypatch.undo()
     after = {p.name: p.read_bytes() for p in [run / rd.STATUS, run / rd.CONFIG, *(run / rd.SNAPSHOTS).iterdir()]}
     assert after == before                                                   # no new, partial or temp file
-    assert [s["step"] for s in rd.read_snapshots(run)] == [2]
+    assert [s["step"] for s in rd.RunDir(run).snapshots()] == [2]
     assert not [p for p in run.rglob("*") if p.name.endswith(".tmp")]
 
 
@@ -185,7 +185,7 @@ def test_steps_between_log_points_never_read_a_tensor(tmp_path):
         log.log(5, indices=idx, codebook=cb, loss=loss)                      # log point: reads
     with pytest.raises((RuntimeError, NotImplementedError)):
         log.close()                               # the last window cannot be read: raised, not hidden
-    assert rd.read_status(tmp_path / "r")["state"] == "failed"
+    assert rd.RunDir(tmp_path / "r").status.state == "failed"
 
 
 # --------------------------------------------------------------------------- bad input
@@ -221,7 +221,7 @@ def test_never_overwrites_a_trained_run_and_replaces_a_logged_one_only_when_aske
         RunLogger(run, codebook_size=4)
     logged_run(run, steps=5, log_every=5, snapshot_every=5, overwrite=True)
     assert [r["step"] for r in rd.read_metrics(run)] == [5]
-    assert [s["step"] for s in rd.read_snapshots(run)] == [5]
+    assert [s["step"] for s in rd.RunDir(run).snapshots()] == [5]
 
 
 # ------------------------------------------------------------------------------ example
@@ -234,8 +234,8 @@ def test_example_vector_quantize_loop_writes_a_listed_logged_run(tmp_path):
     rows = rd.read_metrics(out)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
     assert all(1.0 <= r["perplexity"] <= 64 and 0 <= r["dead_codes"] < 64 and math.isfinite(r["mse"]) for r in rows)
-    assert [s["step"] for s in rd.read_snapshots(out)] == [10, 20]
-    assert rd.read_status(out)["state"] == "finished"
+    assert [s["step"] for s in rd.RunDir(out).snapshots()] == [10, 20]
+    assert rd.RunDir(out).status.state == "finished"
     listed = cli("list", tmp_path / "runs")
     assert "logged" in listed.stdout and "K=64" in listed.stdout and "d=32" in listed.stdout
     from sqvae_core.runlogger import load_decoder

@@ -146,7 +146,7 @@ def test_grid_runs_on_both_nodes_and_rerun_keeps_it(cluster, tmp_path):
     assert {t["node"] for t in doc["trials"]} == nodes                     # both nodes trained
     for t in doc["trials"]:
         run = tmp_path / "sw" / t["name"]
-        assert rd.read_status(run)["state"] == "finished"
+        assert rd.RunDir(run).status.state == "finished"
         vals = [r for r in rd.read_metrics(run) if "val_mse" in r]
         assert t["metrics"] == {k: v for k, v in vals[-1].items() if k != "wall_time"} and t["metrics"]["step"] == 40
         assert t["params"] == dict(zip(("lr", "seed"), (t["params"]["lr"], t["params"]["seed"])))
@@ -199,11 +199,11 @@ def test_node_removed_mid_sweep_trial_resumes_to_the_same_weights(cluster, tmp_p
             doc = read_sweep(out) or {"trials": []}
             for t in doc["trials"]:
                 run = out / t["name"]
-                step = rd.weights_step(run) if (run / rd.CHECKPOINT).exists() else None
+                step = rd.Weights(run).step if (run / rd.CHECKPOINT).exists() else None
                 if t.get("node") == worker_id and step and step < 200:
                     seen.update(name=t["name"], step=step)
                     cluster["cluster"].remove_node(cluster["worker"], allow_graceful=False)
-                    seen["removed_at"] = rd.weights_step(run)
+                    seen["removed_at"] = rd.Weights(run).step
                     return
             time.sleep(0.05)
 
@@ -248,9 +248,9 @@ def test_asha_stops_the_bad_trial_which_stays_resumable(cluster, tmp_path):
     assert bad["state"] == "stopped" and bad["metrics"]["step"] == 20 and "asha" in bad["error"]
     assert bad["metrics"]["val_mse"] > good["metrics"]["val_mse"]
     run = out / bad["name"]
-    st = rd.read_status(run)
-    assert st["state"] == "stopped" and st["step"] == 20
-    assert rd.weights_step(run) == 20 and (run / rd.CHECKPOINT).exists()
+    st = rd.RunDir(run).status
+    assert st.state == "stopped" and st.step == 20
+    assert rd.Weights(run).step == 20 and (run / rd.CHECKPOINT).exists()
     # resumable: it continues from its checkpoint to the end
     res = train(trial_config(spec.train_flags, bad["params"], run), resume=True, progress=False)
     assert res["state"] == "finished" and res["step"] == 60
@@ -272,7 +272,7 @@ def test_ctrl_c_leaves_runs_resumable_and_rerun_continues(tmp_path):
         while time.time() < deadline and first is None:
             doc = read_sweep(out) if (out / "sweep.json").exists() else None
             for t in (doc or {}).get("trials", []):
-                if t["state"] == "running" and (rd.weights_step(out / t["name"]) or 0) >= 20 \
+                if t["state"] == "running" and (rd.Weights(out / t["name"]).step or 0) >= 20 \
                         if (out / t["name"] / rd.WEIGHTS).exists() else False:
                     first = t["name"]
             time.sleep(0.1)
@@ -286,14 +286,14 @@ def test_ctrl_c_leaves_runs_resumable_and_rerun_continues(tmp_path):
     assert doc["state"] == "interrupted"
     t = next(t for t in doc["trials"] if t["name"] == first)
     assert t["state"] == "pending"
-    st = rd.read_status(out / first)
-    assert st["state"] == "stopped" and (out / first / rd.CHECKPOINT).exists() and st["step"] < 400
+    st = rd.RunDir(out / first).status
+    assert st.state == "stopped" and (out / first / rd.CHECKPOINT).exists() and st.step < 400
     r = sweep_cli(*argv, timeout=300, env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     doc = read_sweep(out)
     assert doc["state"] == "finished" and all(t["state"] == "finished" for t in doc["trials"])
     cfg = json.loads((out / first / rd.CONFIG).read_text())
-    assert cfg["resumed_from_step"] == st["step"]
+    assert cfg["resumed_from_step"] == st.step
 
 
 @pytest.mark.slow

@@ -56,8 +56,8 @@ def test_cli_50_steps_writes_a_complete_run_directory(tmp_path):
     assert VAL_KEYS <= set(val_rows[-1])
     status = json.loads((out / "status.json").read_text())
     assert status["state"] == "finished" and status["step"] == 50 and status["error"] is None
-    assert len(rd.read_snapshots(out)) == 2
-    snap = rd.read_snapshots(out)[-1]
+    assert len(rd.RunDir(out).snapshots()) == 2
+    snap = rd.RunDir(out).snapshots()[-1]
     assert snap["codebook"].shape == (16, 16) and int(snap["usage"].sum()) == 25 * 16 * 49
     b = rd.load_bundle(out)
     assert b.model_cfg.codebook_size == 16
@@ -120,7 +120,7 @@ def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, kind)
     # differ by 0.18 (vq) and 0.30 (vq_ema) of it, compiled vs eager by 0.04 and 0.003. A correct
     # compiled step stays within half a step of eager; the bug this guards (EMA updates compiled
     # wrong: perplexity 1 within 5 steps) moves it by about its norm, 10 to 50 such steps.
-    snaps = rd.read_snapshots(tmp_path / "eager")
+    snaps = rd.RunDir(tmp_path / "eager").snapshots()
     one_step = (snaps[-1]["codebook"] - snaps[-2]["codebook"]).norm()
     key = "quantizer.lib._codebook.embed" if kind == "vq_rotation" else "quantizer.codebook"
     gap = (a[key].reshape(snaps[-1]["codebook"].shape) - b[key].reshape(snaps[-1]["codebook"].shape)).norm()
@@ -147,19 +147,19 @@ def test_sigterm_stops_saves_and_resumes(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len([r for r in rd.read_metrics(out) if "loss" in r]) < 2:
         time.sleep(0.2)
-    assert rd.read_status(out)["state"] == "running"
+    assert rd.RunDir(out).status.state == "running"
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=120)
     assert p.returncode == 0, err
-    status = rd.read_status(out)
-    assert status["state"] == "stopped" and "SIGTERM" in status["error"]
-    stopped_at = status["step"]
+    status = rd.RunDir(out).status
+    assert status.state == "stopped" and "SIGTERM" in status.error
+    stopped_at = status.step
     assert stopped_at >= 20
     ck = torch.load(out / "checkpoint.pt", weights_only=True)
     assert ck["step"] == stopped_at
     r = cli("train", "--out", str(out), "--resume", "--steps", str(stopped_at + 10), "--quiet")
     assert r.returncode == 0, r.stderr
-    assert rd.read_status(out)["state"] == "finished" and rd.read_status(out)["step"] == stopped_at + 10
+    assert rd.RunDir(out).status.state == "finished" and rd.RunDir(out).status.step == stopped_at + 10
 
 
 def test_nan_loss_marks_failed_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -169,8 +169,8 @@ def test_nan_loss_marks_failed_and_keeps_the_last_good_checkpoint(tmp_path):
     r = cli("train", "--out", str(out), "--resume", "--steps", "400", "--lr", "1e6", "--quiet")
     assert r.returncode == 1
     assert "non-finite" in r.stderr and "Traceback" not in r.stderr
-    status = rd.read_status(out)
-    assert status["state"] == "failed" and "non-finite" in status["error"] and status["step"] > 20
+    status = rd.RunDir(out).status
+    assert status.state == "failed" and "non-finite" in status.error and status.step > 20
     after, _ = rd.load_weights(out / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert good["state"] == "finished"

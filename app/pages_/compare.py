@@ -10,6 +10,7 @@ import streamlit as st
 
 from app import cache, charts, runs, settings, sweeps, theme, ui
 from app.jobs import ACTIVE, check_name
+from sqvae_core import rundir as rd
 from sqvae_core.sweep import SCHEDULERS, SEARCHES
 
 ui.page_setup("Compare", "Compare")
@@ -28,14 +29,13 @@ SHOWN_METRICS = ("val_mse", "val_perplexity", "val_dead_codes", "val_entropy", "
 def run_summary(ref) -> dict:
     rows = runs.read_metrics(ref.path)
     val = runs.last_val_row(rows) or {}
-    st_ = runs.read_status(ref.path)
     try:
         cfg = runs.read_config(ref.path)
     except Exception:      # noqa: BLE001
-        cfg = {}
-    k, d = runs.codebook_shape(cfg)       # a logged run's from its "logged" section
-    return {"run": ref.label, "kind": runs.run_kind(cfg), "dataset": cfg.get("dataset"),
-            "K": k, "d": d, "state": st_.get("state"),
+        cfg = rd.RunConfig.from_dict({})
+    # K and d: a logged run's from its "logged" section
+    return {"run": ref.label, "kind": runs.run_kind(cfg), "dataset": cfg.dataset,
+            "K": cfg.codebook_size, "d": cfg.code_dim, "state": runs.read_status(ref.path).state,
             "step": max([r.get("step", 0) for r in rows] + [0]), "val step": val.get("step"),
             "val_mse": val.get("val_mse"), "val_perplexity": val.get("val_perplexity"),
             "val_dead_codes": val.get("val_dead_codes"), "val_entropy": val.get("val_entropy")}
@@ -112,13 +112,13 @@ def sweep_form():
 def trial_table(out, v: dict) -> list[dict]:
     table = []
     for t in v["doc"].get("trials", []):
-        status = v["status"].get(t["name"]) or {}
+        status = v["status"].get(t["name"])
         m = t.get("metrics") or {}
         state = t["state"]
-        if state == "running" and status.get("state") in ("stopped", "failed", "interrupted"):
-            state = status["state"]
+        if state == "running" and status and status.state in ("stopped", "failed", "interrupted"):
+            state = status.state
         row = {"trial": t["name"], "state": state, "node": (t.get("node") or "")[:8] or None,
-               "step": runs.latest_step(out / t["name"], status) if status else None}
+               "step": runs.latest_step(out / t["name"], status.step) if status else None}
         row.update({k: v_ for k, v_ in (t.get("params") or {}).items()})
         row.update({k: m.get(k) for k in SHOWN_METRICS if k in m})
         row["explore"] = f"./?run=runs/{out.name}/{t['name']}"
@@ -237,7 +237,7 @@ def race_panel(stamp: str, kinds: list[str]):
         for col, n, kind in zip(cols, names[i:i + per_row], kinds[i:i + per_row]):
             s = states[n]
             col.metric(settings.KIND_LABELS[kind], s["state"], help=n)
-            col.caption(f"step {runs.latest_step(jm.run_dir(n), s)}"
+            col.caption(f"step {runs.latest_step(jm.run_dir(n), s['step'])}"
                         + (f" · queue #{s['position']}" if s.get("position") else ""))
     race_rows = [(settings.KIND_LABELS[kind], runs.read_metrics(jm.run_dir(n))) for n, kind in zip(names, kinds)]
     left, right = st.columns(2)

@@ -14,7 +14,7 @@ import streamlit as st
 
 from app import cache, charts, logged, runs, settings, theme, ui
 from app.images import image_grid, mark_box, png_bytes
-from sqvae_core.rundir import PRIOR, WEIGHTS, BundleError, figures_text, is_logged
+from sqvae_core import rundir as rd
 
 ui.page_setup(None, "Explore")
 title_slot = st.container()      # filled after the codebook map: the map is sent first (first paint)
@@ -56,12 +56,12 @@ def no_bundles():
                     raise
 
 
-def model_card(ref, config: dict, ev: dict | None, rows: list[dict], status: dict, weights: str = WEIGHTS):
+def model_card(ref, config: rd.RunConfig, ev: dict | None, rows: list[dict], status: rd.RunStatus,
+               weights: str = rd.WEIGHTS):
     """Kind, data, size and test numbers: from ev (eval.json or the quick eval), else the last
     validation row of metrics.jsonl. `weights`: the file the model shown was loaded from."""
-    model = config.get("model", {})
     val = runs.last_val_row(rows)
-    steps = status.get("step") or (val or {}).get("step") or config.get("train", {}).get("steps")
+    steps = status.step or (val or {}).get("step") or config.steps
     if ev is not None:
         mse, ppl, dead, src = ev.get("mse"), ev.get("perplexity"), ev.get("dead_codes"), ev["source"]
     elif val is not None:
@@ -70,17 +70,17 @@ def model_card(ref, config: dict, ev: dict | None, rows: list[dict], status: dic
     else:
         mse = ppl = dead = None
         src = "no evaluation available"
-    kind = model.get("kind")
-    items = [("Kind", kind), ("Dataset", config.get("dataset", "fashion-mnist")), ("K (codes)", model.get("codebook_size")),
-             ("d (code dim)", model.get("code_dim")), ("Steps", ui.fmt(steps)), ("Test MSE", ui.fmt(mse, 4)),
+    kind = config.kind
+    items = [("Kind", kind), ("Dataset", config.dataset or rd.DEFAULT_DATASET), ("K (codes)", config.codebook_size),
+             ("d (code dim)", config.code_dim), ("Steps", ui.fmt(steps)), ("Test MSE", ui.fmt(mse, 4)),
              ("Perplexity", ui.fmt(ppl, 4)), ("Dead codes", ui.fmt(dead))]
     st.html(ui.card_html(items))
-    state = status.get("state", "unknown")
+    state = status.state
     st.caption(f"**{settings.KIND_LABELS.get(kind, kind)}** · `{ref.label}` · weights `{weights}` · "
                f"run state: {state} · metrics from {src}. Test MSE: per-image sum of squared error "
                f"(pixels in [0, 1]); perplexity: exp(H) of the code usage; dead codes: codes no position uses.")
-    if state == "failed" and status.get("error"):
-        st.error(f"This run failed: {status['error']}")
+    if state == "failed" and status.error:
+        st.error(f"This run failed: {status.error}")
 
 
 def selected_code(event) -> int | None:
@@ -131,14 +131,16 @@ def bundle_selector(labels: list[str]) -> str:
                         help="Trained bundles from the checkpoints directory and runs from the runs directory")
 
 
-def weights_selector(choice: dict | None):
+def weights_selector(choice: rd.BestChoice | None):
     """For a run whose best-validation weights are from another step than its last ones: which
     to explore (the official code evaluates its best checkpoint)."""
     if choice is None:
         return
-    rule = figures_text(choice["kept_by"])
-    step = {k: f"step {n:,}" if isinstance(n, int) else "step not recorded" for k, n in choice.items() if k != "kept_by"}
-    names = {"last": f"last ({step['last']})", "best": f"lowest validation {rule} ({step['best']})"}
+
+    def step(n):
+        return f"step {n:,}" if isinstance(n, int) else "step not recorded"
+    names = {"last": f"last ({step(choice.last)})",
+             "best": f"lowest validation {rd.figures_text(choice.kept_by)} ({step(choice.best)})"}
     st.radio("Weights", list(names), format_func=names.get, key="weights", horizontal=True,
              help="model.safetensors holds the run's last weights, best.safetensors those of its best validation")
 
@@ -338,18 +340,18 @@ def gallery_tool(v: View):
 
 
 def prior_tool(v: View):
-    ppath = v.bundle.path / PRIOR
+    ppath = v.bundle.path / rd.PRIOR
     if not ppath.is_file():
         st.info("This bundle has no PixelCNN prior yet. Fit one over the run's code grids with\n\n"
                 f"```bash\npython -m sqvae_core prior train {v.bundle.path}\n```\n\n"
-                f"It is stored as `{PRIOR}` in the run directory; reload this page afterwards.")
+                f"It is stored as `{rd.PRIOR}` in the run directory; reload this page afterwards.")
         return
     try:
         prior = cache.prior(v.bundle, ppath)
     except (ValueError, OSError) as e:
         st.error(f"The prior in {ppath.name} cannot be loaded: {e}")
         return
-    mismatch = runs.prior_mismatch(v.bundle.path, v.bundle.which)
+    mismatch = runs.prior_mismatch(v.bundle.weights)
     if mismatch:
         st.warning(mismatch, icon=":material/warning:")
     c1, c2, c3 = st.columns([2, 2, 1])
@@ -405,7 +407,7 @@ def metrics_tab(v: View):
 
 
 # ------------------------------------------------------------------------- logged runs
-def logged_view(ref, config: dict):
+def logged_view(ref, config: rd.RunConfig):
     """A run of someone's own loop (RunLogger): no model. A decoder it saved (not in an upload)
     gets Neighbor-k and code edits on its saved code grids."""
     st.info(f"`{ref.label}` is a logged run: metrics and codebook snapshots only; see **Train live** / **Compare**.")
@@ -532,7 +534,7 @@ if stored is not None:
         model_card(ref, stored["config"], stored["evaluation"], rows, status)
     end_first_paint()
 
-if is_logged(ref.path):
+if rd.RunDir(ref.path).is_logged:
     title_slot.title("Explore")
     with head:
         bundle_selector(labels)
@@ -540,14 +542,14 @@ if is_logged(ref.path):
     ui.stop_page()
 
 try:
-    bundle = cache.get_bundle(ref.path, which)
-except BundleError as e:
+    bundle = cache.get_bundle(rd.Weights(ref.path, which))
+except rd.BundleError as e:
     title_slot.title("Explore")
     with head:
         bundle_selector(labels)
         st.error(f"Cannot load `{ref.label}`: {e}")
-        if status.get("state") == "failed" and status.get("error"):
-            st.error(f"The run failed: {status['error']}")
+        if status.state == "failed" and status.error:
+            st.error(f"The run failed: {status.error}")
         fig = charts.line_figure(rows, ["loss", "val_loss"], "Loss (from metrics.jsonl)")
         if fig:
             theme.plot(fig, key="broken_loss")
@@ -570,8 +572,8 @@ with head:
     bundle_selector(labels)
     weights_selector(choice)
     with ui.guard("Model card"):
-        model_card(ref, bundle.config, runs.stored_evaluation(ref.path, bundle.model_cfg.codebook_size, which) or ev,
-                   rows, status, bundle.weights)
+        model_card(ref, bundle.run_config, runs.stored_evaluation(bundle.weights, bundle.model_cfg.codebook_size) or ev,
+                   rows, status, bundle.weights.path.name)
 
 if first_run:
     # Progressive first paint with the model (a bundle that stores no eval.json / map): header

@@ -89,7 +89,7 @@ def run_kind(run_dir: Path) -> tuple[str | None, int | None]:
     """(kind, total steps): "logged" for a RunLogger run (its loop's length is unknown)."""
     try:
         cfg = runs.read_config(run_dir)
-        return runs.run_kind(cfg), cfg.get("train", {}).get("steps")
+        return runs.run_kind(cfg), cfg.steps
     except Exception:       # noqa: BLE001 - no config yet (queued / starting)
         return None, None
 
@@ -160,7 +160,7 @@ def live_area(watched: str, names: list[str]):
         states = {n: jm.job_state(n) for n in names}
         with st.expander(f"All runs and jobs ({len(names)}; at most {jm.max_jobs} trainings at once)",
                          expanded=any(s["state"] in ACTIVE for s in states.values())):
-            st.dataframe([{"run": n, "state": s["state"], "step": runs.latest_step(jm.run_dir(n), s), "pid": s.get("pid"),
+            st.dataframe([{"run": n, "state": s["state"], "step": runs.latest_step(jm.run_dir(n), s["step"]), "pid": s.get("pid"),
                            "queue position": s.get("position"), "error": (s.get("error") or "")[:160]}
                           for n, s in states.items()], hide_index=True, width="stretch")
     with ui.guard(f"Run {watched}"):
