@@ -47,9 +47,10 @@ def originals(dec, n: int) -> np.ndarray | None:
 
 def neighbour_images(path: Path, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
     """(decoded codes, Neighbor-k decoded) of the first n saved code grids, (n, C, S, S) each."""
+    from sqvae_core.edits import neighbour_grids
     dec = decoder(path)
     codes = dec.indices[:n]
-    return _images(dec.decode(codes)), _images(dec.decode(dec.neighbour_codes(k)[codes]))
+    return _images(dec.decode(codes)), _images(neighbour_grids(dec, k, codes)[0])
 
 
 def decode_grid(path: Path, grid: np.ndarray) -> np.ndarray:
@@ -60,5 +61,6 @@ def decode_grid(path: Path, grid: np.ndarray) -> np.ndarray:
 
 def candidates(path: Path, code: int, n: int) -> tuple[list[int], np.ndarray]:
     """The n codes nearest to `code` in the saved codebook (itself first) and every code's distance to it."""
-    order, dist = decoder(path).ranked_codes()
-    return order[code, :n].tolist(), dist[code].numpy()
+    from sqvae_core.edits import candidate_codes, code_distances
+    dec = decoder(path)
+    return candidate_codes(dec, code, min(n, dec.codebook_size)).tolist(), code_distances(dec, code).numpy()

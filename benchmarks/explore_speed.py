@@ -98,7 +98,7 @@ def umap_child() -> None:
     """Runs in a fresh process: time import, cold and warm UMAP of a 512x64 codebook."""
     t0 = time.perf_counter()
     import torch
-    from sqvae_core import explore
+    from sqvae_core import explore, maps
     from sqvae_core.config import ModelConfig
     from sqvae_core.models import build_model
 
@@ -107,7 +107,7 @@ def umap_child() -> None:
     usage = torch.randint(0, 50, (512,))
     t_setup = time.perf_counter() - t0
     t = time.perf_counter()
-    explore._load_umap()
+    maps._load_umap()
     t_import = time.perf_counter() - t
     t = time.perf_counter()
     a = explore.codebook_map(model, usage, method="umap", seed=0)

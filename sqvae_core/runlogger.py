@@ -340,35 +340,37 @@ def window_usage_stats(counts: torch.Tensor) -> dict:
 # ----------------------------------------------------------------------------- decoders
 class LoggedDecoder:
     """What save_decoder() kept: `decode(indices) -> images`, and the example `indices`
-    (B, *code_shape), `images` (or None) and `codebook` (K, d) (or None) saved with it."""
+    (B, *code_shape), `images` (or None) and `codebook` (K, d) (or None) saved with it.
 
-    def __init__(self, program, tensors: dict, info: dict):
+    A codespace.CodeSpace: the edits of sqvae_core.edits (Neighbor-k, one-cell edits, nearest codes)
+    work on it as on a model, with Euclidean distances in the saved codebook."""
+    metric = "euclidean"
+
+    def __init__(self, program, tensors: dict, info: dict, codebook_size: int | None = None):
         self._module = program.module()
-        self.indices, self.images, self.codebook = tensors["indices"], tensors.get("images"), tensors.get("codebook")
+        self.indices, self.images, self._codebook = tensors["indices"], tensors.get("images"), tensors.get("codebook")
         self.info = info
+        self.codebook_size = int(codebook_size or (len(self._codebook) if self._codebook is not None
+                                                   else int(self.indices.max()) + 1))
+        self.grid_shape = tuple(self.indices.shape[1:])
+
+    @property
+    def codebook(self) -> torch.Tensor | None:
+        """The codebook (K, d) saved with the decoder, or None (log() got no codebook= before save_decoder)."""
+        return self._codebook
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:
         """Images (B, C, S, S) of code grids (B, *code_shape), on the CPU."""
         return self._module(indices.to("cpu", torch.long))
 
-    def ranked_codes(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(order, dist): order[c] every code sorted by Euclidean distance to code c in the saved
-        codebook, c itself first (even beside a duplicate); dist (K, K) the distances."""
-        if self.codebook is None:
-            raise rd.BundleError("the run saved no codebook with its decoder (pass codebook= to log() "
-                                 "before save_decoder)")
-        dist = torch.cdist(self.codebook.double(), self.codebook.double())
-        order = dist.clone().fill_diagonal_(-1.0).argsort(dim=1, stable=True)
-        return order, dist
+    @property
+    def example_grids(self) -> torch.Tensor:
+        return self.indices
 
-    def neighbour_codes(self, k: int) -> torch.Tensor:
-        """(K,) the k-th nearest code of every code (k = 1: the code itself): the SQ-VAE paper's
-        Neighbor-k edit replaces each code of a grid by it, `decode(neighbour_codes(k)[indices])`."""
-        order, _ = self.ranked_codes()
-        if not 1 <= k <= len(order):
-            raise ValueError(f"k must be in [1, {len(order)}], got {k}")
-        return order[:, k - 1]
+    @property
+    def example_images(self) -> torch.Tensor | None:
+        return self.images
 
 
 def load_decoder(run_dir: str | os.PathLike) -> LoggedDecoder:
@@ -392,4 +394,4 @@ def load_decoder(run_dir: str | os.PathLike) -> LoggedDecoder:
         program = torch.export.load(path)
     except Exception as e:  # noqa: BLE001 - a torn or foreign file
         raise rd.BundleError(f"decoder file does not load ({e.__class__.__name__}): {path}") from None
-    return LoggedDecoder(program, tensors, dict(cfg.decoder))
+    return LoggedDecoder(program, tensors, dict(cfg.decoder), cfg.codebook_size)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sqvae_core import explore, rundir
+from sqvae_core import explore, maps, rundir
 from sqvae_core.config import ModelConfig
 from sqvae_core.device import resolve_device
 from sqvae_core.models import build_model
@@ -254,8 +254,8 @@ def test_aligned_maps_have_one_frame_per_snapshot_and_do_not_jump(method):
     spread = xy[3].std()
     assert np.abs(xy[1] - xy[3]).mean() < 0.75 * spread  # a small change moves points a little
     if method == "pca":                                  # PCA frames share the last frame's axes
-        mean, axes = explore._pca_axes(last.numpy())
-        assert np.allclose(xy[0], explore._pca_project(snaps[0].numpy(), mean, axes), atol=1e-5)
+        mean, axes = maps._pca_axes(last.numpy())
+        assert np.allclose(xy[0], maps._pca_project(snaps[0].numpy(), mean, axes), atol=1e-5)
 
 
 # ------------------------------------------------------------------- cached map in a run dir
@@ -278,13 +278,13 @@ def bundle_dir(tmp_path):
 
 def test_cached_map_is_stored_and_reused(bundle_dir, monkeypatch):
     calls = []
-    real = explore._umap_embed
+    real = maps._umap_embed
 
     def counting(*args, **kw):
         calls.append(1)
         return real(*args, **kw)
 
-    monkeypatch.setattr(explore, "_umap_embed", counting)
+    monkeypatch.setattr(maps, "_umap_embed", counting)
     model = rundir.load_bundle(bundle_dir, resolve_device("auto")).model
     usage = torch.arange(16)
     first = explore.cached_codebook_map(bundle_dir, model, usage, method="umap", seed=0)

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from sqvae_core import RunLogger
+from sqvae_core import edits
 from sqvae_core import rundir as rd
+from sqvae_core.codespace import CodeSpace
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -360,13 +362,16 @@ def test_saved_decoder_ranks_codes_by_codebook_distance_for_neighbour_k(tmp_path
         log.log(1, indices=codes, codebook=dec.codebook, loss=1.0)
         log.save_decoder(dec, codes)
     loaded = load_decoder(tmp_path / "r")
-    assert loaded.neighbour_codes(1).tolist() == [0, 1, 2, 3, 4]
-    assert loaded.neighbour_codes(2).tolist() == [1, 0, 3, 2, 2]
-    assert loaded.neighbour_codes(5).tolist() == [4, 4, 4, 4, 0]
-    order, dist = loaded.ranked_codes()
-    assert order[4].tolist()[:2] == [4, 2] and float(dist[0, 4]) == 10.0
-    with pytest.raises(ValueError, match=r"k must be in \[1, 5\]"):
-        loaded.neighbour_codes(6)
+    assert isinstance(loaded, CodeSpace) and loaded.codebook_size == 5 and loaded.grid_shape == (3, 3)
+    assert edits.kth_neighbours(loaded, 1).tolist() == [0, 1, 2, 3, 4]
+    assert edits.kth_neighbours(loaded, 2).tolist() == [1, 0, 3, 2, 2]
+    assert edits.kth_neighbours(loaded, 5).tolist() == [4, 4, 4, 4, 0]
+    assert edits.candidate_codes(loaded, 4, 2).tolist() == [4, 2] and float(edits.code_distances(loaded, 0)[4]) == 10.0
+    with pytest.raises(ValueError, match=r"k in \[1, K=5\]"):
+        edits.kth_neighbours(loaded, 6)
+    grid = codes[0].clone()
+    grid[1, 1] = 4
+    assert torch.allclose(edits.edit_code(loaded, codes[0], 1, 1, 4), dec.eval()(grid[None])[0].detach(), atol=1e-5)
 
 
 def _app_env(tmp_path, monkeypatch):

@@ -423,7 +423,7 @@ def logged_view(ref, config: rd.RunConfig):
 
 def logged_neighbour_tool(ref):
     dec = logged.decoder(ref.path)
-    k_max = min(len(dec.ranked_codes()[0]), 64)
+    k_max = min(dec.codebook_size, 64)
     k = st.slider("Neighbor-k: replace every code by its k-th nearest code in the saved codebook "
                   "(k = 1 is the code itself)", 1, k_max, value=min(2, k_max), key="lg_nk_k")
     n = min(N_TOOL, len(dec.indices))
