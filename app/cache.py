@@ -8,6 +8,7 @@ caches it and shapes it as numpy for the pages.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ import streamlit as st
 from app import jobs, settings
 from app.images import image_grid
 from app.mapworker import MapWorker
-from app.runs import bundle_key, read_samples, samples_sig, stored_evaluation
+from app.runs import bundle_key, file_sig, read_samples, samples_sig, stored_evaluation
 
 
 def torch_ready():
@@ -225,19 +226,6 @@ def reconstructions(bundle, n: int, source: str = "test") -> np.ndarray:
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _neighbour(key: tuple, k: int, n: int) -> np.ndarray:
-    torch = torch_ready()
-    from sqvae_core import explore
-    b = _load_bundle(*key)
-    return explore.neighbour_edit(b.model, torch.from_numpy(test_images(b)[0][:n]), k)[0].numpy()
-
-
-def neighbour(bundle, k: int, n: int) -> np.ndarray:
-    """Neighbor-k edits of the first n test images."""
-    return _neighbour(_key(bundle), k, n)
-
-
-@st.cache_data(max_entries=64, show_spinner=False)
 def _interpolation(key: tuple, i: int, j: int, steps: int) -> tuple[np.ndarray, np.ndarray]:
     torch = torch_ready()
     from sqvae_core import explore
@@ -267,38 +255,109 @@ def gallery(bundle, code: int) -> tuple[list, np.ndarray]:
     return _gallery(_key(bundle), settings.eval_images(), code)
 
 
-def candidates(bundle, code: int, n: int) -> tuple[list[int], np.ndarray]:
-    """The n codes nearest to code (itself first) and the distances from code to every code."""
-    from sqvae_core import explore
-    return (explore.candidate_codes(bundle.model, code, n).tolist(),
-            explore.code_distances(bundle.model, code).numpy())
+# ------------------------------------------------------------------------- code spaces
+@dataclass(frozen=True)
+class Space:
+    """A code space the Neighbor-k and Edit codes tabs work on (sqvae_core.codespace), as the caches
+    key it: a bundle's model over its test images, or the decoder a logged run saved (RunLogger)."""
+    key: tuple                  # ("bundle", *bundle_key) or ("logged", path, file signatures)
+    label: str                  # the run's label: keys its edited grids in the session
+    codebook_size: int
+
+    @property
+    def logged(self) -> bool:
+        return self.key[0] == "logged"
+
+    @property
+    def item(self) -> str:
+        """What one example code grid is."""
+        return "saved grid" if self.logged else "test image"
 
 
-def edit(bundle, grid: np.ndarray, row: int, col: int, code: int) -> tuple[np.ndarray, np.ndarray, tuple]:
-    """(the grid decoded, the grid with cell (row, col) set to code decoded, that cell's pixel box)."""
+def bundle_space(bundle, label: str) -> Space:
+    return Space(("bundle", *_key(bundle)), label, bundle.model_cfg.codebook_size)
+
+
+def logged_space(ref) -> Space:
+    """The decoder a logged run saved (BundleError if broken). Only for runs under the local roots:
+    torch.export.load may unpickle parts of decoder.pt2 (app/pages_/explore.py never offers an upload's)."""
+    from sqvae_core.runlogger import CODES, DECODER
+    key = ("logged", str(ref.path), file_sig(ref.path / DECODER), file_sig(ref.path / CODES))
+    return Space(key, ref.label, _code_space(key).codebook_size)
+
+
+@st.cache_resource(max_entries=8, show_spinner=False)
+def _code_space(key: tuple):
+    """The sqvae_core CodeSpace of a Space key: a ModelSpace over the bundle's test images (their codes
+    from the dataset_codes cache), or the logged run's LoggedDecoder."""
     torch = torch_ready()
-    from sqvae_core import explore
-    g = torch.from_numpy(np.ascontiguousarray(grid))
-    with torch.no_grad():
-        before = bundle.model.decode_indices(g[None]).numpy()[0]
-    return before, explore.edit_code(bundle.model, g, row, col, code).numpy(), \
-        explore.cell_pixel_box(bundle.model, row, col)
+    if key[0] == "logged":
+        from sqvae_core.runlogger import load_decoder
+        return load_decoder(key[1])
+    from sqvae_core.codespace import ModelSpace
+    b, n = _load_bundle(*key[1:]), settings.eval_images()
+    return ModelSpace(b.model, torch.from_numpy(test_images(b, n)[0]), torch.from_numpy(_dataset_codes(key[1:], n)))
+
+
+def _numpy(x) -> np.ndarray:
+    return x.detach().float().clamp(0, 1).numpy()
+
+
+def examples(space: Space, n: int) -> tuple[np.ndarray | None, np.ndarray]:
+    """(the first n example images, or None when the space has none, their code grids (n, H, W))."""
+    s = _code_space(space.key)
+    imgs = s.example_images
+    return (None if imgs is None else _numpy(imgs[:n])), s.example_grids[:n].numpy()
 
 
 @st.cache_data(max_entries=64, show_spinner=False)
-def _previews(key: tuple, grid_bytes: bytes, row: int, col: int, codes: tuple) -> np.ndarray:
+def _neighbour(key: tuple, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    torch_ready()
+    from sqvae_core.edits import neighbour_grids
+    s = _code_space(key)
+    grids = s.example_grids[:n]
+    # a bundle's first row is its model's reconstructions, as on the Reconstructions tab
+    decoded = _reconstructions(key[1:], n, "test") if key[0] == "bundle" else _numpy(s.decode(grids))
+    return decoded, _numpy(neighbour_grids(s, k, grids)[0])
+
+
+def neighbour(space: Space, k: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(the first n example grids decoded, their Neighbor-k edits decoded)."""
+    return _neighbour(space.key, k, n)
+
+
+def candidates(space: Space, code: int, n: int) -> tuple[list[int], np.ndarray]:
+    """The n codes nearest to code (itself first) and the distances from code to every code."""
+    from sqvae_core import edits
+    s = _code_space(space.key)
+    return edits.candidate_codes(s, code, min(n, s.codebook_size)).tolist(), edits.code_distances(s, code).numpy()
+
+
+def edit(space: Space, grid: np.ndarray, row: int, col: int, code: int) -> tuple[np.ndarray, np.ndarray, tuple | None]:
+    """(the grid decoded, the grid with cell (row, col) set to code decoded, the pixel box that cell
+    reaches: a bundle's model only, else None)."""
     torch = torch_ready()
-    from sqvae_core import explore
-    b = _load_bundle(*key)
-    n = b.model_cfg.latent_size
-    grid = torch.from_numpy(np.frombuffer(grid_bytes, dtype=np.int64).reshape(n, n).copy())
-    imgs = np.stack([explore.edit_code(b.model, grid, row, col, c).numpy() for c in codes])
+    from sqvae_core import edits
+    s = _code_space(space.key)
+    g = torch.from_numpy(np.ascontiguousarray(grid))
+    box = None if space.logged else edits.cell_pixel_box(s.model, row, col)
+    return _numpy(s.decode(g[None]))[0], _numpy(edits.edit_code(s, g, row, col, code)), box
+
+
+@st.cache_data(max_entries=64, show_spinner=False)
+def _previews(key: tuple, grid_bytes: bytes, shape: tuple, row: int, col: int, codes: tuple) -> np.ndarray:
+    torch = torch_ready()
+    from sqvae_core.edits import edit_code
+    s = _code_space(key)
+    grid = torch.from_numpy(np.frombuffer(grid_bytes, dtype=np.int64).reshape(shape).copy())
+    imgs = np.stack([_numpy(edit_code(s, grid, row, col, c)) for c in codes])
     return image_grid(imgs, ncol=len(codes), scale=3)
 
 
-def previews(bundle, grid: np.ndarray, row: int, col: int, codes: list[int]) -> np.ndarray:
+def previews(space: Space, grid: np.ndarray, row: int, col: int, codes: list[int]) -> np.ndarray:
     """One image row: the grid with cell (row, col) set to each of codes, decoded."""
-    return _previews(_key(bundle), np.asarray(grid, dtype=np.int64).tobytes(), row, col, tuple(int(c) for c in codes))
+    g = np.asarray(grid, dtype=np.int64)
+    return _previews(space.key, g.tobytes(), g.shape, row, col, tuple(int(c) for c in codes))
 
 
 @st.cache_resource(max_entries=4, show_spinner=False)

@@ -434,19 +434,22 @@ def test_explore_edits_and_neighbour_k_on_a_logged_decoder_but_never_loads_one_f
     ex.query_params["run"] = "runs/dec"
     ex.run()
     assert not ex.exception and not ex.error, [e.value for e in [*ex.exception, *ex.error]]
-    assert [t.label for t in ex.tabs] == ["Neighbor-k", "Edit codes"]
-    assert ex.slider(key="lg_nk_k").value == 2
+    assert [t.label for t in ex.tabs] == ["Neighbor-k", "Edit codes"]          # the tabs that need only codes
+    assert ex.slider(key="nk_k").value == 2
+    ex.session_state["explore_tab"] = "Edit codes"
+    ex.run()
+    assert not ex.exception and not ex.error, [e.value for e in [*ex.exception, *ex.error]]
     grids = [json.loads(c.proto.spec) for c in ex.get("plotly_chart")]
     z = next(f["data"][0]["z"] for f in grids if f["data"][0]["type"] == "heatmap")
     assert z == codes[0].tolist()                                          # the saved grid to edit
-    ex.selectbox(key="lg_edit_img").set_value(0)
-    cell = (int(ex.number_input(key="lg_row").value), int(ex.number_input(key="lg_col").value))
-    choice = ex.selectbox(key=f"lg_code_0_{cell[0]}_{cell[1]}").value
+    assert ex.selectbox(key="edit_img").value == 0
+    cell = (int(ex.number_input(key="edit_row").value), int(ex.number_input(key="edit_col").value))
+    choice = ex.selectbox(key=f"edit_code_0_{cell[0]}_{cell[1]}").value
     order = torch.cdist(dec.codebook.detach(), dec.codebook.detach())[codes[0][cell]].argsort()
     assert choice == int(order[1])                                         # the nearest other code
-    ex.button(key="lg_edit_keep").click().run()
+    ex.button(key="edit_keep").click().run()
     assert not ex.exception, [e.value for e in ex.exception]
-    kept = ex.session_state["lg_grid::runs/dec::0"]
+    kept = ex.session_state["edit_grid::runs/dec::0"]
     assert kept[cell] == choice and (kept != codes[0].numpy()).sum() == 1
 
     up = AppTest.from_file(str(pages / "explore.py"), default_timeout=120)

@@ -3,21 +3,24 @@
 The first run of a session paints the card and the codebook map from what the bundle stores
 (app/runs.first_view: config.json, eval.json, umap.json) before torch is imported; a timer in
 the browser then asks for the full page, which loads the model (app/cache.py) for the tabs.
+A logged run (RunLogger) that saved a decoder gets the tabs that need only a code space.
+
+A new tab: one function of a View, one entry in SECTIONS (what it needs), and its test.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import streamlit as st
 
-from app import cache, charts, logged, runs, settings, theme, ui
+from app import cache, charts, runs, settings, theme, ui
 from app.images import image_grid, mark_box, png_bytes
 from sqvae_core import rundir as rd
 
 ui.page_setup(None, "Explore")
-title_slot = st.container()      # filled after the codebook map: the map is sent first (first paint)
 
 N_SHOW = 16          # images in the reconstruction grid
 N_TOOL = 8           # images in the Neighbor-k grid
@@ -25,11 +28,12 @@ N_TOOL = 8           # images in the Neighbor-k grid
 
 @dataclass
 class View:
-    """The bundle on screen and what the page already read about it."""
+    """The run on screen and what the page already read about it."""
     ref: runs.RunRef
-    bundle: object               # sqvae_core.rundir.Bundle
+    bundle: object | None        # sqvae_core.rundir.Bundle; None for a logged run (no model)
     rows: list[dict]             # metrics.jsonl
     ev: dict | None              # cache.evaluation(): test-split numbers and per-code usage
+    space: cache.Space | None    # the code space of the code tools; None without a codebook
 
     @property
     def file_stem(self) -> str:
@@ -156,7 +160,6 @@ def continue_page():
 def end_first_paint():
     st.session_state["_explore_continue"] = False
     st.fragment(run_every=0.25)(continue_page)()
-    ui.stop_page()
 
 
 # ------------------------------------------------------------------------------ tabs
@@ -180,19 +183,22 @@ def usage_section(v: View):
 
 
 def neighbour_tool(v: View):
-    k_max = min(v.bundle.model_cfg.codebook_size, 64)
+    space = v.space
+    k_max = min(space.codebook_size, 64)
     ui.keep("nk_k", min(2, k_max))
     if not 1 <= int(st.session_state["nk_k"]) <= k_max:
         st.session_state["nk_k"] = min(2, k_max)
     k = st.slider("Neighbor-k: replace every code by its k-th nearest code (k = 1 is the code itself)",
                   1, k_max, key="nk_k")
     ui.remember("nk_k")
-    imgs = cache.test_images(v.bundle)[0]
-    n = min(N_TOOL, len(imgs))
-    edited = cache.neighbour(v.bundle, int(k), n)
-    rec = cache.reconstructions(v.bundle, n)
-    st.markdown(f"**Neighbor-{k}** edit: rows are originals, reconstructions (Neighbor-1) and Neighbor-{k}.")
-    ui.show_grid(np.concatenate([imgs[:n], rec, edited]), n, f"Neighbor-{k} on {n} test images",
+    originals, grids = cache.examples(space, N_TOOL)
+    n = len(grids)
+    decoded, edited = cache.neighbour(space, int(k), n)
+    shown = [g for g in (originals, decoded, edited) if g is not None and g.shape[1:] == decoded.shape[1:]]
+    rows = ("originals, " if len(shown) == 3 else "") + \
+        ("their codes decoded" if space.logged else "reconstructions (Neighbor-1)")
+    st.markdown(f"**Neighbor-{k}** edit: rows are {rows} and Neighbor-{k}.")
+    ui.show_grid(np.concatenate(shown), n, f"Neighbor-{k} on {n} {space.item}s",
                  f"{v.file_stem}_neighbor{k}.png", "dl_nk")
     st.caption("The SQ-VAE paper's test of codebook smoothness: with a smooth codebook, near codes decode to "
                "near images and small k changes little; compare a Gaussian SQ-VAE bundle with a VQ-VAE one.")
@@ -267,50 +273,54 @@ def edit_tool(v: View):
 
 
 def _edit_tool(v: View):
-    bundle = v.bundle
-    cfg = bundle.model_cfg
-    n_lat = cfg.latent_size
-    imgs = cache.test_images(bundle)[0]
-    codes_all = cache.dataset_codes(bundle)
-    n = min(N_SHOW, len(imgs))
+    space = v.space
+    originals, grids = cache.examples(space, N_SHOW)
+    n = len(grids)
     ui.keep("edit_img", 0)
     if not 0 <= int(st.session_state["edit_img"]) < n:
         st.session_state["edit_img"] = 0
-    idx = st.selectbox("Image to edit", list(range(n)), key="edit_img", format_func=lambda i: f"test image #{i}")
+    idx = st.selectbox(f"{space.item.capitalize()} to edit", list(range(n)), key="edit_img",
+                       format_func=lambda i: f"{space.item} #{i}")
     ui.remember("edit_img")
+    base = grids[idx]
     gkey = f"edit_grid::{v.ref.label}::{idx}"
     if gkey not in st.session_state:
-        st.session_state[gkey] = codes_all[idx].copy()
+        st.session_state[gkey] = base.copy()
     grid = np.asarray(st.session_state[gkey])
-    changed = {(int(r), int(c)) for r, c in zip(*np.nonzero(grid != codes_all[idx]))}
+    changed = {(int(r), int(c)) for r, c in zip(*np.nonzero(grid != base))}
     left, right = st.columns([1, 1])
     with left:
         row, col = cell_picker(grid, changed, "edit", f"grid_chart_{idx}")
     cur = int(grid[row, col])
-    cands, dist = cache.candidates(bundle, cur, min(cfg.codebook_size, 16))
-    usage = (v.ev or {}).get("usage") or [None] * cfg.codebook_size
+    cands, dist = cache.candidates(space, cur, 16)
+    usage = (v.ev or {}).get("usage")
+
+    def describe(c):
+        return (f"code {c}  ·  distance {float(dist[c]):.3g}" + (f"  ·  usage {usage[c]}" if usage else "")
+                + ("  (current)" if c == cur else ""))
     with right:
         choice = st.selectbox(
             f"Replacement code for cell ({row}, {col}) — now code {cur}; candidates sorted by codebook distance",
-            cands, index=min(1, len(cands) - 1), key=f"edit_code_{idx}_{row}_{col}",
-            format_func=lambda c: f"code {c}  ·  distance {float(dist[c]):.3g}  ·  usage {usage[c]}"
-            + ("  (current)" if c == cur else ""))
-        before, edited, box = cache.edit(bundle, grid, row, col, int(choice))
-        orig = np.repeat(imgs[idx], 3, axis=0) if imgs.shape[1] == 1 else imgs[idx]
-        arr = image_grid(np.stack([orig, mark_box(before, box), mark_box(edited, box)]), ncol=3, scale=6)
-        st.image(arr, caption=f"original · decoded grid · cell ({row}, {col}) set to code {choice} "
-                              f"(red box: pixels this cell can reach)", output_format="PNG")
+            cands, index=min(1, len(cands) - 1), key=f"edit_code_{idx}_{row}_{col}", format_func=describe)
+        before, edited, box = cache.edit(space, grid, row, col, int(choice))
+        shown = [before, edited] if box is None else [mark_box(before, box), mark_box(edited, box)]
+        if originals is not None and originals.shape[2:] == before.shape[1:]:
+            orig = originals[idx]
+            shown.insert(0, np.repeat(orig, 3, axis=0) if orig.shape[0] == 1 and shown[0].shape[0] == 3 else orig)
+        arr = image_grid(np.stack(shown), ncol=len(shown), scale=6)
+        st.image(arr, caption=("original · " if len(shown) == 3 else "") + f"decoded grid · cell ({row}, {col}) set "
+                 f"to code {choice}" + ("" if box is None else " (red box: pixels this cell can reach)"),
+                 output_format="PNG")
         st.markdown(f"Edited cell ({row}, {col}): code {cur} → **{choice}**")
         kept = grid.copy()
         kept[row, col] = int(choice)
         b1, b2, b3 = st.columns(3)      # callbacks: the state is set before the (fragment) rerun draws it
         b1.button("Keep this edit", key="edit_keep", on_click=st.session_state.__setitem__, args=(gkey, kept))
-        b2.button("Reset grid", key="edit_reset", on_click=st.session_state.__setitem__,
-                  args=(gkey, codes_all[idx].copy()))
+        b2.button("Reset grid", key="edit_reset", on_click=st.session_state.__setitem__, args=(gkey, base.copy()))
         b3.download_button("PNG", png_bytes(arr), file_name=f"edit_{idx}_{row}_{col}_{choice}.png",
                            mime="image/png", key="dl_edit", on_click="ignore")
         st.markdown("**Candidate previews** (the cell set to each of the nearest codes):")
-        st.image(cache.previews(bundle, grid, row, col, cands[:8]), caption="  ·  ".join(str(c) for c in cands[:8]),
+        st.image(cache.previews(space, grid, row, col, cands[:8]), caption="  ·  ".join(str(c) for c in cands[:8]),
                  output_format="PNG")
 
 
@@ -406,189 +416,163 @@ def metrics_tab(v: View):
         st.json(summary, expanded=False)
 
 
-# ------------------------------------------------------------------------- logged runs
-def logged_view(ref, config: rd.RunConfig):
-    """A run of someone's own loop (RunLogger): no model. A decoder it saved (not in an upload)
-    gets Neighbor-k and code edits on its saved code grids."""
-    st.info(f"`{ref.label}` is a logged run: metrics and codebook snapshots only; see **Train live** / **Compare**.")
-    if not logged.decoder_offered(ref, config):
-        return
-    st.caption("It saved a decoder (RunLogger.save_decoder): its example code grids can be edited and decoded.")
-    nk, ed = st.tabs(["Neighbor-k", "Edit codes"])
-    with nk, ui.guard("Neighbor-k"):
-        logged_neighbour_tool(ref)
-    with ed:
-        logged_edit_tool(ref)
-
-
-def logged_neighbour_tool(ref):
-    dec = logged.decoder(ref.path)
-    k_max = min(dec.codebook_size, 64)
-    k = st.slider("Neighbor-k: replace every code by its k-th nearest code in the saved codebook "
-                  "(k = 1 is the code itself)", 1, k_max, value=min(2, k_max), key="lg_nk_k")
-    n = min(N_TOOL, len(dec.indices))
-    decoded, edited = logged.neighbour_images(ref.path, int(k), n)
-    orig = logged.originals(dec, n)
-    grids = [g for g in (orig, decoded, edited) if g is not None and g.shape[1:] == decoded.shape[1:]]
-    st.markdown(f"**Neighbor-{k}** on the run's {n} saved code grids: rows are "
-                + ("the saved images, " if len(grids) == 3 else "") + f"their codes decoded and Neighbor-{k}.")
-    ui.show_grid(np.concatenate(grids), n, f"Neighbor-{k} on {n} saved code grids",
-                 f"{runs.safe_filename(ref.name)}_neighbor{k}.png", "dl_lg_nk")
-
-
-@st.fragment
-def logged_edit_tool(ref):
-    with ui.guard("Edit codes"):
-        _logged_edit_tool(ref)
-
-
-def _logged_edit_tool(ref):
-    dec = logged.decoder(ref.path)
-    if dec.indices.ndim != 3 or dec.indices.shape[1] != dec.indices.shape[2]:
-        st.info(f"Code edits need square code grids (B, H, H); this decoder takes {tuple(dec.indices.shape[1:])}.")
-        return
-    n_lat, n = dec.indices.shape[1], min(N_SHOW, len(dec.indices))
-    idx = st.selectbox("Code grid to edit", list(range(n)), key="lg_edit_img", format_func=lambda i: f"saved grid #{i}")
-    base = dec.indices[idx].numpy()
-    gkey = f"lg_grid::{ref.label}::{idx}"
-    if gkey not in st.session_state:
-        st.session_state[gkey] = base.copy()
-    grid = np.asarray(st.session_state[gkey])
-    changed = {(int(r), int(c)) for r, c in zip(*np.nonzero(grid != base))}
-    left, right = st.columns([1, 1])
-    with left:
-        row, col = cell_picker(grid, changed, "lg", f"lg_grid_chart_{idx}")
-    cur = int(grid[row, col])
-    cands, dist = logged.candidates(ref.path, cur, 16)
-    with right:
-        choice = st.selectbox(f"Replacement code for cell ({row}, {col}) — now code {cur}; nearest codes first",
-                              cands, index=min(1, len(cands) - 1), key=f"lg_code_{idx}_{row}_{col}",
-                              format_func=lambda c: f"code {c}  ·  distance {float(dist[c]):.3g}"
-                              + ("  (current)" if c == cur else ""))
-        kept = grid.copy()
-        kept[row, col] = int(choice)
-        shown = [logged.decode_grid(ref.path, grid), logged.decode_grid(ref.path, kept)]
-        orig = logged.originals(dec, idx + 1)
-        if orig is not None and orig.shape[1:] == shown[0].shape:
-            shown.insert(0, orig[idx])
-        arr = image_grid(np.stack(shown), ncol=len(shown), scale=6)
-        st.image(arr, caption=("saved image · " if len(shown) == 3 else "") +
-                 f"decoded grid · cell ({row}, {col}) set to code {choice}", output_format="PNG")
-        b1, b2, b3 = st.columns(3)
-        b1.button("Keep this edit", key="lg_edit_keep", on_click=st.session_state.__setitem__, args=(gkey, kept))
-        b2.button("Reset grid", key="lg_edit_reset", on_click=st.session_state.__setitem__, args=(gkey, base.copy()))
-        b3.download_button("PNG", png_bytes(arr), file_name=f"edit_{idx}_{row}_{col}_{choice}.png",
-                           mime="image/png", key="dl_lg_edit", on_click="ignore")
-
-
 NAMES = {"val_dead_codes": "dead codes (val)"}
+
+
+@dataclass(frozen=True)
+class Section:
+    """One Explore tab: draw(view), and what it needs: "model" (a bundle's model, any kind),
+    "codebook" (a discrete model), "codes" (a code space: a discrete model or a logged run's decoder)."""
+    draw: Callable[[View], None]
+    needs: str = "model"
+
+
 # One entry per tab, in tab order: the tab names are the keys.
 SECTIONS = {
-    "Reconstructions": reconstructions,
-    "Codebook usage": usage_section,
-    "Neighbor-k": neighbour_tool,
-    "Interpolate": interpolation_tool,
-    "Edit codes": edit_tool,
-    "Code gallery": gallery_tool,
-    "Prior samples": prior_tool,
-    "Metrics": metrics_tab,
+    "Reconstructions": Section(reconstructions),
+    "Codebook usage": Section(usage_section, "codebook"),
+    "Neighbor-k": Section(neighbour_tool, "codes"),
+    "Interpolate": Section(interpolation_tool),
+    "Edit codes": Section(edit_tool, "codes"),
+    "Code gallery": Section(gallery_tool, "codebook"),
+    "Prior samples": Section(prior_tool, "codebook"),
+    "Metrics": Section(metrics_tab),
 }
-NEEDS_CODEBOOK = {"Codebook usage", "Neighbor-k", "Edit codes", "Code gallery", "Prior samples"}
+
+
+def draw_tabs(v: View):
+    """The tabs the view offers (a logged run: those that need only codes); only the open one is drawn."""
+    shown = {name: s for name, s in SECTIONS.items() if v.bundle is not None or s.needs == "codes"}
+    tabs = st.tabs(list(shown), key="explore_tab", on_change="rerun")
+    for (name, section), tab in zip(shown.items(), tabs):
+        with tab:
+            if not tab.open:
+                continue
+            if section.needs != "model" and v.space is None:
+                st.info("The continuous VAE has no codebook: try Reconstructions, Interpolate or Metrics.")
+                continue
+            with ui.guard(name):
+                section.draw(v)
 
 
 # ------------------------------------------------------------------------------- page
-refs = runs.list_bundles()
-if not refs:
-    title_slot.title("Explore")
-    no_bundles()
-    ui.stop_page()
+@dataclass
+class Shown:
+    """What a run shows under the bundle selector (`head`: the card, an error or a note) and what
+    follows: the tabs of `view`, or, on a progressive first paint, the browser's call for the rest."""
+    head: Callable[[], None]
+    choice: rd.BestChoice | None = None
+    view: View | None = None
+    first_paint: bool = False
 
-labels = [r.label for r in refs]
-wanted = st.query_params.get("run")
-if "bundle" not in st.session_state or st.session_state["bundle"] not in labels:
-    st.session_state["bundle"] = wanted if wanted in labels else runs.default_label(refs)
 
-# The codebook map is computed and sent first (it is the page's first useful paint), into a
-# container placed below the title, bundle selector and model card, which are filled in
-# afterwards (and main.py draws the sidebar after the page).
-ref = runs.resolve_label(st.session_state["bundle"])
-head, maps = st.container(), st.container()
-status = runs.read_status(ref.path)
-rows = runs.read_metrics(ref.path)
-choice = runs.best_weights(ref.path, rows)
-which = st.session_state.get("weights", "last") if choice else "last"
-first_run = settings.progressive() and not st.session_state.get("_explore_full")
-stored = runs.first_view(ref.path) if first_run and which == "last" else None
-if stored is not None:
-    # Progressive first paint from the bundle's files, no torch: the map and the card. The
-    # browser's fragment timer (it fires once the browser is free again, i.e. after the map is
-    # drawn) then asks for the full run, which loads the model and adds the tools below.
-    st.session_state["_explore_full"] = True
-    if stored["points"] is not None:
-        with maps:
-            st.fragment(draw_map)(stored["points"], "UMAP", stored["evaluation"])
-    title_slot.title("Explore")
-    with head:
-        bundle_selector(labels)
-        weights_selector(choice)
-        model_card(ref, stored["config"], stored["evaluation"], rows, status)
-    end_first_paint()
+def pick_run(refs: list[runs.RunRef]) -> runs.RunRef:
+    """The run in the bundle selector: kept across reruns, else ?run=LABEL, else the default bundle."""
+    labels = [r.label for r in refs]
+    wanted = st.query_params.get("run")
+    if "bundle" not in st.session_state or st.session_state["bundle"] not in labels:
+        st.session_state["bundle"] = wanted if wanted in labels else runs.default_label(refs)
+    return runs.resolve_label(st.session_state["bundle"])
 
-if rd.RunDir(ref.path).is_logged:
-    title_slot.title("Explore")
-    with head:
-        bundle_selector(labels)
-        logged_view(ref, runs.read_config(ref.path))
-    ui.stop_page()
 
-try:
-    bundle = cache.get_bundle(rd.Weights(ref.path, which))
-except rd.BundleError as e:
-    title_slot.title("Explore")
-    with head:
-        bundle_selector(labels)
-        st.error(f"Cannot load `{ref.label}`: {e}")
+def logged_run(ref: runs.RunRef) -> Shown:
+    """A run of someone's own loop (RunLogger): no model. A decoder it saved (not in an upload) gets
+    the code tools on its saved code grids."""
+    config = runs.read_config(ref.path)
+    offered = config.decoder is not None and ref.source in settings.SOURCES and \
+        ref.name.split("/")[0] != settings.UPLOADS       # torch.export.load may unpickle: never an upload's
+
+    def head():
+        st.info(f"`{ref.label}` is a logged run: metrics and codebook snapshots only; see **Train live** / **Compare**.")
+        if offered:
+            st.caption("It saved a decoder (RunLogger.save_decoder): its example code grids can be edited and decoded.")
+    if not offered:
+        return Shown(head)
+    with ui.guard("Saved decoder"):
+        return Shown(head, view=View(ref, None, runs.read_metrics(ref.path), None, cache.logged_space(ref)))
+    return Shown(head)
+
+
+def broken_run(ref: runs.RunRef, error: Exception, status: rd.RunStatus, rows: list[dict]) -> Shown:
+    def head():
+        st.error(f"Cannot load `{ref.label}`: {error}")
         if status.state == "failed" and status.error:
             st.error(f"The run failed: {status.error}")
         fig = charts.line_figure(rows, ["loss", "val_loss"], "Loss (from metrics.jsonl)")
         if fig:
             theme.plot(fig, key="broken_loss")
-    ui.stop_page()
+    return Shown(head)
 
-ev = None
-with head:
-    with ui.guard("Evaluation"):
+
+def bundle_run(ref: runs.RunRef, head, maps) -> Shown:
+    """A bundle: the codebook map first (the page's first useful paint, into `maps`, below the head
+    filled afterwards), then the card; the tabs, or on a progressive first paint, the timer's call."""
+    status = runs.read_status(ref.path)
+    rows = runs.read_metrics(ref.path)
+    choice = runs.best_weights(ref.path, rows)
+    which = st.session_state.get("weights", "last") if choice else "last"
+    first_run = settings.progressive() and not st.session_state.get("_explore_full")
+    stored = runs.first_view(ref.path) if first_run and which == "last" else None
+    if stored is not None:
+        # Progressive first paint from the bundle's files, no torch: the map and the card. The
+        # browser's fragment timer (it fires once the browser is free again, i.e. after the map is
+        # drawn) then asks for the full run, which loads the model and adds the tools below.
+        st.session_state["_explore_full"] = True
+        if stored["points"] is not None:
+            with maps:
+                st.fragment(draw_map)(stored["points"], "UMAP", stored["evaluation"])
+        return Shown(lambda: model_card(ref, stored["config"], stored["evaluation"], rows, status), choice,
+                     first_paint=True)
+    try:
+        bundle = cache.get_bundle(rd.Weights(ref.path, which))
+    except rd.BundleError as e:
+        return broken_run(ref, e, status, rows)
+    ev = None
+    with head, ui.guard("Evaluation"):
         ev = cache.evaluation(bundle)
-if ev is not None and bundle.model.discrete:
-    with maps:
-        # while UMAP computes in the background this section (only) re-runs every 1.5 s and swaps
-        # the PCA map for the UMAP map once it is there, without disturbing the rest of the page
-        umap_state = cache.umap_map(bundle, ev["usage"])[1]
-        st.fragment(run_every=1.5 if umap_state == "computing" else None)(codebook_map_section)(bundle, ev)
-elif not bundle.model.discrete:
-    maps.info("The continuous VAE has no codebook to map.")
-title_slot.title("Explore")
-with head:
-    bundle_selector(labels)
-    weights_selector(choice)
-    with ui.guard("Model card"):
-        model_card(ref, bundle.run_config, runs.stored_evaluation(bundle.weights, bundle.model_cfg.codebook_size) or ev,
-                   rows, status, bundle.weights.path.name)
+    if ev is not None and bundle.model.discrete:
+        with maps:
+            # while UMAP computes in the background this section (only) re-runs every 1.5 s and swaps
+            # the PCA map for the UMAP map once it is there, without disturbing the rest of the page
+            umap_state = cache.umap_map(bundle, ev["usage"])[1]
+            st.fragment(run_every=1.5 if umap_state == "computing" else None)(codebook_map_section)(bundle, ev)
+    elif not bundle.model.discrete:
+        maps.info("The continuous VAE has no codebook to map.")
 
-if first_run:
-    # Progressive first paint with the model (a bundle that stores no eval.json / map): header
-    # and map first, the tabs on the timer's full run.
-    st.session_state["_explore_full"] = True
-    end_first_paint()
+    def card():
+        with ui.guard("Model card"):
+            model_card(ref, bundle.run_config,
+                       runs.stored_evaluation(bundle.weights, bundle.model_cfg.codebook_size) or ev, rows, status,
+                       bundle.weights.path.name)
+    if first_run:
+        # Progressive first paint with the model (a bundle that stores no eval.json / map): header
+        # and map first, the tabs on the timer's full run.
+        st.session_state["_explore_full"] = True
+    space = cache.bundle_space(bundle, ref.label) if bundle.model.discrete else None
+    return Shown(card, choice, View(ref, bundle, rows, ev, space), first_paint=first_run)
 
-view = View(ref, bundle, rows, ev)
-tabs = st.tabs(list(SECTIONS), key="explore_tab", on_change="rerun")
-for (name, section), tab in zip(SECTIONS.items(), tabs):
-    with tab:
-        if not tab.open:
-            continue
-        if name in NEEDS_CODEBOOK and not bundle.model.discrete:
-            st.info("The continuous VAE has no codebook: try Reconstructions, Interpolate or Metrics.")
-            continue
-        with ui.guard(name):
-            section(view)
+
+def explore_page():
+    """The page, top to bottom: title, bundle selector, the run's head, its codebook map, its tabs.
+    The map is computed and sent first (into a container placed below the head, which is filled
+    afterwards; main.py draws the sidebar after the page)."""
+    title, head, maps = st.container(), st.container(), st.container()
+    refs = runs.list_bundles()
+    if not refs:
+        shown = Shown(no_bundles)
+    else:
+        ref = pick_run(refs)
+        shown = logged_run(ref) if rd.RunDir(ref.path).is_logged else bundle_run(ref, head, maps)
+    title.title("Explore")
+    with head:
+        if refs:
+            bundle_selector([r.label for r in refs])
+            weights_selector(shown.choice)
+        shown.head()
+    if shown.first_paint:
+        end_first_paint()
+    elif shown.view is not None:
+        draw_tabs(shown.view)
+
+
+explore_page()
