@@ -242,6 +242,25 @@ def test_explore_head_card_and_map_show_the_quick_evaluation(env):
     assert dead == [c for c in range(16) if ev["usage"][c] == 0]
 
 
+def test_model_card_says_what_precision_the_run_trained_in(env):
+    """config.json's precision (train.py), bf16 asked for but not native (amp_fallback), and for runs
+    from before the key, what train.amp says (missing: fp32)."""
+    path = env["ck"] / "tiny" / "config.json"
+    saved = path.read_text()
+    doc = json.loads(saved)
+    try:
+        assert card_of(app("explore"))["Precision"] == "fp32"                 # no key, no train.amp
+        path.write_text(json.dumps({**doc, "train": {"amp": True}}))
+        assert card_of(app("explore"))["Precision"] == "bf16 autocast (convolutions; quantizer and loss fp32)"
+        path.write_text(json.dumps({**doc, "precision": "fp32", "amp_fallback": "this CPU has no native bf16"}))
+        at = app("explore")
+        ok(at)
+        assert card_of(at)["Precision"] == "fp32 (bf16 asked for, not native)"
+        assert any("this CPU has no native bf16" in c.value for c in at.caption)
+    finally:
+        path.write_text(saved)
+
+
 def test_explore_progressive_first_paint(env):
     """A session's first run sends the header and the codebook map only; the browser's fragment
     timer then asks for the full page (AppTest does not run timers: the second run stands in)."""

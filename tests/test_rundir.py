@@ -90,7 +90,7 @@ def test_config_is_typed_with_the_precision_it_trained_in(tmp_path):
     assert cfg.data_options == rd.DataOptions("d", 100, False, None) and cfg.data_rebuild == "python make.py"
     assert cfg.model_config() == CFG
     fell_back = rd.RunDir(make_run(tmp_path / "f", precision="fp32", amp_fallback="no native bf16")).config
-    assert fell_back.precision_text == "fp32 (bf16 asked for, not native: no native bf16)"
+    assert fell_back.precision_text == "fp32 (bf16 asked for, not native)" and fell_back.amp_fallback == "no native bf16"
     assert rd.RunDir(make_run(tmp_path / "o")).config.precision == "fp32"
     with pytest.raises(TypeError):
         cfg.raw["dataset"] = "x"                                    # read-only

@@ -77,12 +77,13 @@ def model_card(ref, config: rd.RunConfig, ev: dict | None, rows: list[dict], sta
     kind = config.kind
     items = [("Kind", kind), ("Dataset", config.dataset or rd.DEFAULT_DATASET), ("K (codes)", config.codebook_size),
              ("d (code dim)", config.code_dim), ("Steps", ui.fmt(steps)), ("Test MSE", ui.fmt(mse, 4)),
-             ("Perplexity", ui.fmt(ppl, 4)), ("Dead codes", ui.fmt(dead))]
+             ("Perplexity", ui.fmt(ppl, 4)), ("Dead codes", ui.fmt(dead)), ("Precision", config.precision_text)]
     st.html(ui.card_html(items))
     state = status.state
     st.caption(f"**{settings.KIND_LABELS.get(kind, kind)}** · `{ref.label}` · weights `{weights}` · "
                f"run state: {state} · metrics from {src}. Test MSE: per-image sum of squared error "
-               f"(pixels in [0, 1]); perplexity: exp(H) of the code usage; dead codes: codes no position uses.")
+               f"(pixels in [0, 1]); perplexity: exp(H) of the code usage; dead codes: codes no position uses."
+               + (f" --amp trained in fp32 here: {config.amp_fallback}." if config.amp_fallback else ""))
     if state == "failed" and status.error:
         st.error(f"This run failed: {status.error}")
 

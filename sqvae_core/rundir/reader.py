@@ -110,9 +110,8 @@ class RunConfig:
 
     @property
     def precision_text(self) -> str:
-        """precision, saying so when bf16 was asked for but is not native here."""
-        return f"{self.precision} (bf16 asked for, not native: {self.amp_fallback})" if self.amp_fallback \
-            else self.precision
+        """precision, saying so when --amp asked for bf16 where it is not native (amp_fallback says why)."""
+        return f"{self.precision} (bf16 asked for, not native)" if self.amp_fallback else self.precision
 
     def model_config(self, where: str | Path = "") -> ModelConfig:
         """The validated ModelConfig; BundleError for a logged run, a missing or invalid section."""
