@@ -31,15 +31,15 @@ KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMA
 MAX_SNAPSHOTS = 15
 
 
-def compact(dest: Path) -> None:
+def compact(dest: Path, max_snapshots: int = MAX_SNAPSHOTS) -> None:
     """Keep shipped bundles small: the prior in float16 (load_prior casts back to float32;
-    its NLL in eval.json was measured in float32) and at most MAX_SNAPSHOTS snapshots."""
+    its NLL in eval.json was measured in float32) and at most max_snapshots snapshots."""
     prior = dest / PRIOR_WEIGHTS
     if prior.is_file():
         tensors, meta = rd.load_weights(prior, "prior")
         rd.save_weights(prior, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
     snaps = sorted((dest / rd.SNAPSHOTS).glob("step_*.safetensors"))
-    stride = max(1, -(-len(snaps) // MAX_SNAPSHOTS))
+    stride = max(1, -(-len(snaps) // max_snapshots))
     keep = set(snaps[::-1][::stride])          # always keep the last one
     for p in snaps:
         if p not in keep:
@@ -67,15 +67,16 @@ def kept_by(run: Path) -> str:
 
 
 def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
-           which: str = "best") -> dict:
+           which: str = "best", prior_size: dict | None = None, max_snapshots: int = MAX_SNAPSHOTS) -> dict:
     """which="best": the bundle ships the run's best-validation weights (as the official trainer
-    tests its best checkpoint), which="last" its last ones."""
+    tests its best checkpoint), which="last" its last ones. prior_size: the PixelCNN's hidden and
+    layers when not train_run_prior's defaults."""
     t0 = time.time()
     b = rd.load_bundle(run, which=which)
     kind, step = b.model_cfg.kind, rd.weights_step(run, which)
     fitted = prior_summary(b) if (run / PRIOR_WEIGHTS).is_file() else None
     if b.model.discrete and not (fitted and rd.made_from(fitted, run, which)):
-        train_run_prior(run, steps=prior_steps, max_images=prior_images, which=which,
+        train_run_prior(run, steps=prior_steps, max_images=prior_images, which=which, **(prior_size or {}),
                         log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
@@ -104,7 +105,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     rd.save_weights(dest / rd.WEIGHTS, tensors, {**rd.load_weights(run / rd.WEIGHTS)[1], **meta})
     if (run / rd.SNAPSHOTS).is_dir():
         shutil.copytree(run / rd.SNAPSHOTS, dest / rd.SNAPSHOTS)
-    compact(dest)
+    compact(dest, max_snapshots)
     (dest / rd.SAMPLES).mkdir()
     for i in range(16):
         save_png(test_x[i:i + 1], dest / rd.SAMPLES / f"test_{i:02d}.png")
@@ -177,6 +178,10 @@ def main():
     p.add_argument("--prior-images", type=int, default=None,
                    help="fit the prior on the code grids of at most this many training images (default: all)")
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--prior-hidden", type=int, default=None, help="PixelCNN channels (default: train_run_prior's, 64)")
+    p.add_argument("--prior-layers", type=int, default=None, help="PixelCNN gated layers (default: train_run_prior's, 8)")
+    p.add_argument("--max-snapshots", type=int, default=MAX_SNAPSHOTS,
+                   help=f"codebook snapshots kept per bundle (default {MAX_SNAPSHOTS})")
     p.add_argument("--compact-only", action="store_true", help="only shrink the bundles already in --dest")
     args = p.parse_args()
     if args.compact_only:
@@ -191,7 +196,8 @@ def main():
         if rd.read_status(run).get("state") != "finished":
             print(f"skip {run}: not finished", flush=True)
             continue
-        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights)
+        size = {k: v for k, v in (("hidden", args.prior_hidden), ("layers", args.prior_layers)) if v is not None}
+        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights, size, args.max_snapshots)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = list(MODEL_KINDS)           # the catalogue's order
