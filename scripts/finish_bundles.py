@@ -23,7 +23,7 @@ from sqvae_core import rundir as rd  # noqa: E402
 from sqvae_core.config import MODEL_KINDS  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.imageio import save_png  # noqa: E402
-from sqvae_core.train import steps_per_epoch  # noqa: E402
+from sqvae_core.train import DEMO, paper_preset, steps_per_epoch  # noqa: E402
 from sqvae_core.scores import (PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, prior_summary, score_run,  # noqa: E402
                                train_run_prior)
 
@@ -56,6 +56,10 @@ def train_command(b: rd.Bundle, run: Path) -> str:
         length = f"--epochs {tc['steps'] // per_epoch}"
     else:
         length = f"--steps {tc['steps']} --val-every {tc['val_every']}"
+    preset = (paper_preset(b.dataset, cfg.kind) if tc["preset"] == "paper" else DEMO)["model"]
+    for field, flag in (("codebook_size", "--codebook-size"), ("code_dim", "--code-dim"), ("num_rb", "--num-rb")):
+        if field in preset and getattr(cfg, field) != preset[field]:      # given on the command line
+            size += f" {flag} {getattr(cfg, field)}"
     return (f"python -m sqvae_core train --model {cfg.kind} --dataset {b.dataset}{size} --out {run} "
             f"--preset {tc['preset']} {length} --snapshot-every {tc['snapshot_every']} "
             f"--checkpoint-every {tc['checkpoint_every']} --seed {tc['seed']}")
@@ -141,11 +145,15 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "c/7 of the most probable class. FD columns are Fréchet distances on the feature classifier (lower is",
              "better) against 1,000 test images (Fashion-MNIST only: – elsewhere); prior NLL is in bits per code on",
              "the test code grids (priors stored in float16).",
-             "The colour bundle's data is generated, not shipped: `python scripts/make_colour_shapes.py",
-             "runs/rgb/colour-shapes --n 3000 --size 32` writes the same 3,000 images (fixed seed); then its",
-             "train command below and `python scripts/finish_bundles.py runs/rgb --prior-steps 600` (its prior",
-             "overfits the 2,400 training grids after ~600 steps). The bundle carries 16 of its test images in",
-             "samples/ so that the app needs none of them.",
+             "The colour bundle's data is not shipped but rebuilt from the ten colour photographs inside the",
+             "scikit-image and scikit-learn wheels: `python scripts/make_colour_photos.py runs/rgb/colour-photos",
+             "--size 32` (needs scikit-image, in requirements-dev.txt) writes the same 8,906 patches of 32×32,",
+             "7,124 train, 891 val and 891 test, with val and test cut from held-out regions of each photo (fixed",
+             "seed); then its train command below (the paper preset with CIFAR-10's 2 residual blocks at 32×32,",
+             "stopped after 41 epochs where validation MSE had flattened) and `python scripts/finish_bundles.py",
+             "runs/rgb --prior-steps 1000 --prior-hidden 32 --max-snapshots 10` (a narrower prior and fewer",
+             "snapshots keep checkpoints/ within its 40 MB). The bundle carries 16 of its test images in samples/",
+             "so that the app needs none of them.",
              "Train times are wall-clock on a machine shared with other jobs. What these figures say about",
              "the paper's claims is discussed in ../benchmarks/RESULTS.md.", "",
              "| bundle | model | data | test images | steps | weights step | kept at lowest val. | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
