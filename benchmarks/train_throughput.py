@@ -1,7 +1,10 @@
 """Training throughput (images/s) and peak memory at the paper preset, against the official trainer's step.
 
     python benchmarks/train_throughput.py [--size 28|32|64] [--steps 30] [--rounds 7] [--threads N] [--compile]
-                                          [--clock wall|cpu]
+                                          [--amp] [--clock wall|cpu] [--device cpu|cuda]
+
+The CPU's kind and ISA are printed first: ratios differ between CPU kinds. On a GPU
+(benchmarks/gpu_check.sh) every round ends with a synchronize, so queued kernels count.
 
 Same machine, same nets (the official SQ-VAE nets at that size: 28 = Fashion-MNIST K=256,
 32 = CIFAR-10 K=512, 64 = CelebA K=512 with 6 blocks; d=64, batch 32, fp32):
@@ -38,8 +41,8 @@ from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.data import ImageData  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
 from sqvae_core.nets import Decoder, Encoder  # noqa: E402
-from sqvae_core.train import (COMPILE_OPTIONS, Batches, Dist, TrainConfig, Window, make_model, make_optimizer,  # noqa: E402
-                              temperature_at, train_step)
+from sqvae_core.train import (COMPILE_OPTIONS, Batches, Dist, TrainConfig, Window, cpu_kind, make_model,  # noqa: E402
+                              make_optimizer, temperature_at, train_step)
 
 B = 32
 SETTINGS = {   # image size -> (channels, K, blocks, exp(s) at init)
@@ -87,7 +90,7 @@ class OfficialStyleGaussianSQVAE(OfficialStyleNets):
         zf = z.permute(0, 2, 3, 1).contiguous().view(-1, d)
         logit = -0.5 / var_q * self.distances(zf)
         p, log_p = torch.softmax(logit, -1), torch.log_softmax(logit, -1)
-        u = torch.rand(logit.shape)
+        u = torch.rand(logit.shape, device=logit.device)
         g = -torch.log(-torch.log(u + 1e-10) + 1e-10)
         enc = F.softmax((logit + g) / temperature, dim=-1)
         zq = torch.mm(enc, self.codebook).view(bs, h, w, d).permute(0, 3, 1, 2).contiguous()
@@ -129,7 +132,7 @@ def official_style_step(model, images, tcfg):
     g = torch.Generator().manual_seed(0)
 
     def step():
-        x = images[torch.randint(0, len(images), (B,), generator=g)]
+        x = images[torch.randint(0, len(images), (B,), generator=g)].to(tcfg.device)
         state["step"] += 1
         loss, mse, ppl = model(x, max(math.exp(-1e-5 * state["step"]), 0.0))
         opt.zero_grad()
@@ -141,8 +144,8 @@ def official_style_step(model, images, tcfg):
 
 def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, compile_: bool, amp: bool = False):
     """train.py's own step: Batches -> train_step -> Window, a log-point read every 10 steps."""
-    device = torch.device("cpu")
-    model = (make_model(TrainConfig(model=cfg), device) if channels_last else build_model(cfg)).train()
+    device = torch.device(tcfg.device)
+    model = (make_model(TrainConfig(model=cfg), device) if channels_last else build_model(cfg).to(device)).train()
     opt = make_optimizer(model, 1e-3, device)
     fwd = torch.compile(model, options=COMPILE_OPTIONS) if compile_ else model
     tcfg = dataclasses.replace(tcfg, compile=compile_, amp=amp)     # compiled: train_step passes τ as a tensor
@@ -161,16 +164,19 @@ def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, 
     return step
 
 
-def bench_interleaved(variants: dict, steps: int, rounds: int, warmup: int = 10, clock=time.perf_counter) -> dict:
+def bench_interleaved(variants: dict, steps: int, rounds: int, warmup: int = 10, clock=time.perf_counter,
+                      sync=lambda: None) -> dict:
     for fn in variants.values():
         for _ in range(warmup):
             fn()
     ips = {name: [] for name in variants}
     for _ in range(rounds):
         for name, fn in variants.items():
+            sync()
             t0 = clock()
             for _ in range(steps):
                 fn()
+            sync()        # a GPU's queued kernels count in the round that queued them
             ips[name].append(B * steps / (clock() - t0))
     base = next(iter(variants))
     return {name: (statistics.median(v), statistics.median(a / b for a, b in zip(v, ips[base])))
@@ -184,6 +190,7 @@ def main():
     p.add_argument("--steps", type=int, default=30, help="steps per variant per round")
     p.add_argument("--rounds", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (benchmarks/gpu_check.sh)")
     p.add_argument("--compile", action="store_true")
     p.add_argument("--amp", action="store_true", help="also bf16 autocast (`sqvae train --amp`), with --compile "
                    "if given")
@@ -192,19 +199,24 @@ def main():
                         "shared machine barely moves; images per CPU-second)")
     args = p.parse_args()
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    cuda = args.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     c = SETTINGS[args.size][0]
     images = torch.rand(2048, c, args.size, args.size)
+    print(f"CPU: {cpu_kind()}")
+    if cuda:
+        print(f"GPU: {torch.cuda.get_device_name(args.device)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, {c}x{args.size}x{args.size}, "
           f"{args.rounds} interleaved rounds of {args.steps} steps per variant (medians; ratio = median of "
           f"per-round ratios to official-style), {args.clock} clock")
     for kind in args.kinds.split(","):
         cfg = model_config(args.size, kind)
-        tcfg = TrainConfig(model=cfg, batch_size=B, log_every=10)
+        tcfg = TrainConfig(model=cfg, batch_size=B, log_every=10, device=args.device)
         plain_cls = OfficialStyleVQVAE if kind.startswith("vq") else OfficialStyleGaussianSQVAE
-        variants = {"official-style": official_style_step(plain_cls(cfg).train(), images, tcfg)}
+        variants = {"official-style": official_style_step(plain_cls(cfg).to(args.device).train(), images, tcfg)}
         options = [("ours NCHW", False, False, False), ("ours (train <5k st.)", True, False, False)]
         if args.compile:
             options += [("ours+compile (5k+)", True, True, False)]
@@ -212,10 +224,11 @@ def main():
             options += [("ours+compile+bf16" if args.compile else "ours+bf16", True, args.compile, True)]
         for name, cl, comp, amp in options:
             variants[name] = ours_step(cfg, images, tcfg, cl, comp, amp)
-        for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds, clock=clock).items():
+        for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds, clock=clock, sync=sync).items():
             print(f"{kind:<11} {name:<20} {ips:8.0f} img/s   {ratio:.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"peak RSS {peak:.0f} MB")
+    print(f"peak RSS {peak:.0f} MB" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
+                                       if cuda else ""))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from sqvae_core import rundir as rd  # noqa: E402
 from sqvae_core.config import MODEL_KINDS  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.imageio import save_png  # noqa: E402
-from sqvae_core.train import steps_per_epoch  # noqa: E402
+from sqvae_core.train import DEMO, paper_preset, steps_per_epoch  # noqa: E402
 from sqvae_core.scores import (PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, prior_summary, score_run,  # noqa: E402
                                train_run_prior)
 
@@ -31,15 +31,15 @@ KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMA
 MAX_SNAPSHOTS = 15
 
 
-def compact(dest: Path) -> None:
+def compact(dest: Path, max_snapshots: int = MAX_SNAPSHOTS) -> None:
     """Keep shipped bundles small: the prior in float16 (load_prior casts back to float32;
-    its NLL in eval.json was measured in float32) and at most MAX_SNAPSHOTS snapshots."""
+    its NLL in eval.json was measured in float32) and at most max_snapshots snapshots."""
     prior = dest / PRIOR_WEIGHTS
     if prior.is_file():
         tensors, meta = rd.load_weights(prior, "prior")
         rd.save_weights(prior, {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, meta)
     snaps = sorted((dest / rd.SNAPSHOTS).glob("step_*.safetensors"))
-    stride = max(1, -(-len(snaps) // MAX_SNAPSHOTS))
+    stride = max(1, -(-len(snaps) // max_snapshots))
     keep = set(snaps[::-1][::stride])          # always keep the last one
     for p in snaps:
         if p not in keep:
@@ -56,6 +56,10 @@ def train_command(b: rd.Bundle, run: Path) -> str:
         length = f"--epochs {tc['steps'] // per_epoch}"
     else:
         length = f"--steps {tc['steps']} --val-every {tc['val_every']}"
+    preset = (paper_preset(b.dataset, cfg.kind) if tc["preset"] == "paper" else DEMO)["model"]
+    for field, flag in (("codebook_size", "--codebook-size"), ("code_dim", "--code-dim"), ("num_rb", "--num-rb")):
+        if field in preset and getattr(cfg, field) != preset[field]:      # given on the command line
+            size += f" {flag} {getattr(cfg, field)}"
     return (f"python -m sqvae_core train --model {cfg.kind} --dataset {b.dataset}{size} --out {run} "
             f"--preset {tc['preset']} {length} --snapshot-every {tc['snapshot_every']} "
             f"--checkpoint-every {tc['checkpoint_every']} --seed {tc['seed']}")
@@ -67,15 +71,16 @@ def kept_by(run: Path) -> str:
 
 
 def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
-           which: str = "best") -> dict:
+           which: str = "best", prior_size: dict | None = None, max_snapshots: int = MAX_SNAPSHOTS) -> dict:
     """which="best": the bundle ships the run's best-validation weights (as the official trainer
-    tests its best checkpoint), which="last" its last ones."""
+    tests its best checkpoint), which="last" its last ones. prior_size: the PixelCNN's hidden and
+    layers when not train_run_prior's defaults."""
     t0 = time.time()
     b = rd.RunDir(run).load(which)
     kind, step = b.model_cfg.kind, b.weights.step
     fitted = prior_summary(b) if (run / PRIOR_WEIGHTS).is_file() else None
     if b.model.discrete and not (fitted and b.weights.made(fitted)):
-        train_run_prior(b.weights, steps=prior_steps, max_images=prior_images,
+        train_run_prior(b.weights, steps=prior_steps, max_images=prior_images, **(prior_size or {}),
                         log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
@@ -104,7 +109,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images
     rd.save_weights(dest / rd.WEIGHTS, tensors, {**rd.load_weights(run / rd.WEIGHTS)[1], **meta})
     if (run / rd.SNAPSHOTS).is_dir():
         shutil.copytree(run / rd.SNAPSHOTS, dest / rd.SNAPSHOTS)
-    compact(dest)
+    compact(dest, max_snapshots)
     (dest / rd.SAMPLES).mkdir()
     for i in range(16):
         save_png(test_x[i:i + 1], dest / rd.SAMPLES / f"test_{i:02d}.png")
@@ -140,11 +145,15 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "c/7 of the most probable class. FD columns are Fréchet distances on the feature classifier (lower is",
              "better) against 1,000 test images (Fashion-MNIST only: – elsewhere); prior NLL is in bits per code on",
              "the test code grids (priors stored in float16).",
-             "The colour bundle's data is generated, not shipped: `python scripts/make_colour_shapes.py",
-             "runs/rgb/colour-shapes --n 3000 --size 32` writes the same 3,000 images (fixed seed); then its",
-             "train command below and `python scripts/finish_bundles.py runs/rgb --prior-steps 600` (its prior",
-             "overfits the 2,400 training grids after ~600 steps). The bundle carries 16 of its test images in",
-             "samples/ so that the app needs none of them.",
+             "The colour bundle's data is not shipped but rebuilt from the ten colour photographs inside the",
+             "scikit-image and scikit-learn wheels: `python scripts/make_colour_photos.py runs/rgb/colour-photos",
+             "--size 32` (needs scikit-image, in requirements-dev.txt) writes the same 8,906 patches of 32×32,",
+             "7,124 train, 891 val and 891 test, with val and test cut from held-out regions of each photo (fixed",
+             "seed); then its train command below (the paper preset with CIFAR-10's 2 residual blocks at 32×32,",
+             "stopped after 41 epochs where validation MSE had flattened) and `python scripts/finish_bundles.py",
+             "runs/rgb --prior-steps 1000 --prior-hidden 32 --max-snapshots 10` (a narrower prior and fewer",
+             "snapshots keep checkpoints/ within its 40 MB). The bundle carries 16 of its test images in samples/",
+             "so that the app needs none of them.",
              "Train times are wall-clock on a machine shared with other jobs. What these figures say about",
              "the paper's claims is discussed in ../benchmarks/RESULTS.md.", "",
              "| bundle | model | data | test images | steps | weights step | kept at lowest val. | train time (s) | test MSE | perplexity | dead codes | rFD | gen FD | prior NLL (bits) |",
@@ -177,6 +186,10 @@ def main():
     p.add_argument("--prior-images", type=int, default=None,
                    help="fit the prior on the code grids of at most this many training images (default: all)")
     p.add_argument("--only", nargs="*", default=None)
+    p.add_argument("--prior-hidden", type=int, default=None, help="PixelCNN channels (default: train_run_prior's, 64)")
+    p.add_argument("--prior-layers", type=int, default=None, help="PixelCNN gated layers (default: train_run_prior's, 8)")
+    p.add_argument("--max-snapshots", type=int, default=MAX_SNAPSHOTS,
+                   help=f"codebook snapshots kept per bundle (default {MAX_SNAPSHOTS})")
     p.add_argument("--compact-only", action="store_true", help="only shrink the bundles already in --dest")
     args = p.parse_args()
     if args.compact_only:
@@ -191,7 +204,8 @@ def main():
         if rd.RunDir(run).status.state != "finished":
             print(f"skip {run}: not finished", flush=True)
             continue
-        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights)
+        size = {k: v for k, v in (("hidden", args.prior_hidden), ("layers", args.prior_layers)) if v is not None}
+        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights, size, args.max_snapshots)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = list(MODEL_KINDS)           # the catalogue's order

@@ -1,11 +1,11 @@
-"""A small colour image set the repository can regenerate: the data of the shipped RGB bundle.
+"""A small generated colour image set: quick colour data for tests and demos.
 
     python scripts/make_colour_shapes.py OUT_DIR [--n 3000] [--size 64] [--seed 0]
 
 Each image is a two-colour gradient background with 1-4 filled shapes (ellipses, rectangles,
 triangles) in random colours, some with a darker outline: colour, edges and layout vary, so a
-model must learn colour to reconstruct it. No CIFAR-10 or CelebA is available offline here; this
-set stands in for them so that a colour model ships. Deterministic: the same seed writes the
+model must learn colour to reconstruct it. It was the shipped colour bundle's data until that
+bundle moved to real photographs (scripts/make_colour_photos.py). Deterministic: the same seed writes the
 same bytes (PNG files OUT_DIR/shape_00000.png ...). The command that made them is kept in
 OUT_DIR/.sqvae_rebuild (sqvae_core.data.REBUILD_FILE): a run trained on the folder stores it, and
 `sqvae eval` names it when the folder is missing.

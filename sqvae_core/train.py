@@ -375,6 +375,25 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+def cpu_kind() -> str:
+    """One line naming this CPU for benchmark output: model name, vendor, the vector ISA torch's
+    kernels dispatch to, and the bf16 units. Speed-ups differ between CPU kinds (AMD with AVX-512 or
+    AVX2, Intel with AVX-512 and AMX), so every figure is printed beside it."""
+    info = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())     # the first CPU's lines
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    vendor = info.get("vendor_id") or platform.machine()
+    probes = [("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")]
+    units = [label for label, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+    return (f"{name} ({vendor}), {os.cpu_count()} logical CPUs, torch ISA "
+            f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {', '.join(units) or 'none'}")
+
+
 def amp_unavailable(device: torch.device) -> str | None:
     """Why `--amp` (bf16 autocast) would not pay on this device, or None if it runs there natively."""
     if device.type == "cpu" and not cpu_has_native_bf16():

@@ -137,8 +137,8 @@ def test_a_folder_trains_in_colour_at_32_unless_told_otherwise(tmp_path, capsys)
 
 
 def test_shipped_colour_bundle_without_its_generated_data(tmp_path):
-    """A fresh clone has checkpoints/colour_gaussian_1 but not its generated data
-    (folder:runs/rgb/colour-shapes). `explore --umap` then colours the map with the usage the
+    """A fresh clone has checkpoints/colour_gaussian_1 but not its data, patches cut from photos by
+    a script (folder:runs/rgb/colour-photos). `explore --umap` then colours the map with the usage the
     bundle stores (eval.json) and says so; `eval`, which needs the images, fails with one line
     naming the command that regenerates them (issue 21). The real CLI, in a cwd without the data."""
     import os
@@ -158,16 +158,16 @@ def test_shipped_colour_bundle_without_its_generated_data(tmp_path):
     assert r.returncode == 0, r.stderr
     points = json.loads(r.stdout)
     stored = json.loads((tmp_path / "colour_gaussian_1" / "eval.json").read_text())["usage"]
-    assert [p["usage"] for p in points] == stored and len(points) == 128
+    assert [p["usage"] for p in points] == stored and len(points) == 512
     assert [p["dead"] for p in points] == [u == 0 for u in stored]
     note = r.stderr.strip().splitlines()
-    assert len(note) == 1 and "code usage from eval.json (300 test images)" in note[0], r.stderr
+    assert len(note) == 1 and "code usage from eval.json (891 test images)" in note[0], r.stderr
 
-    rebuild = "python scripts/make_colour_shapes.py runs/rgb/colour-shapes --n 3000 --size 32"
+    rebuild = "python scripts/make_colour_photos.py runs/rgb/colour-photos --size 32"
     r = cli("eval", "colour_gaussian_1")
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "runs/rgb/colour-shapes is not a directory" in lines[0] and rebuild in lines[0], r.stderr
+    assert len(lines) == 1 and "runs/rgb/colour-photos is not a directory" in lines[0] and rebuild in lines[0], r.stderr
     assert "Traceback" not in r.stderr
 
 

@@ -266,6 +266,16 @@ def test_host_batches_equal_device_batches():
     assert sizes == [16] * 6 + [4, 16]
 
 
+def test_cpu_kind_names_the_isa_and_the_bf16_units_the_benchmarks_print(monkeypatch):
+    from sqvae_core import train as tr
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
+    line = tr.cpu_kind()
+    assert f"torch ISA {torch.backends.cpu.get_cpu_capability()}" in line and line.endswith("bf16 units: none")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert tr.cpu_kind().endswith("bf16 units: AMX")
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_trains_in_bf16_where_native_and_says_so_and_runs_fp32_where_not(tmp_path, monkeypatch, capsys, native):
     """--amp on a CPU: with native bf16 the run trains under bf16 autocast and config.json says so; without
@@ -431,3 +441,23 @@ def test_uint8_data_trains_bit_identically_to_the_float_data_it_replaces(tmp_pat
     assert [m for m in rows["u8"] if "val_mse" in m][0]["val_mse"] == [m for m in rows["f32"] if "val_mse" in m][0]["val_mse"]
     cfgs = {r: json.loads((tmp_path / r / "config.json").read_text())["model"] for r in rows}
     assert cfgs["u8"]["data_variance"] == cfgs["f32"]["data_variance"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_gpu_check_says_there_is_no_gpu_and_exits_cleanly():
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(["bash", str(root / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert "no CUDA GPU visible" in res.stdout and "nothing to measure" in res.stdout
+
+
+def test_train_throughput_runs_every_variant_and_prints_the_cpu_kind():
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, str(root / "benchmarks" / "train_throughput.py"), "--steps", "1",
+                          "--rounds", "1", "--threads", "1", "--kinds", "vq"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stderr
+    lines = res.stdout.splitlines()
+    assert lines[0].startswith("CPU: ") and "torch ISA" in lines[0]
+    assert [line.split()[1] for line in lines if line.startswith("vq ")] == ["official-style", "ours", "ours"]
