@@ -393,6 +393,7 @@ def test_results_of_other_weights_are_not_shown_as_this_models(env):
         assert runs.read_eval(rundir.Weights(d)) is not None and runs.prior_mismatch(rundir.Weights(d)) is None, d.name
 
 
+@pytest.mark.slow
 def test_a_run_is_explored_at_its_last_or_its_best_validation_weights(env):
     """A run whose best-validation weights are from another step than its last ones: Explore
     offers both, and the choice loads best.safetensors (other reconstructions; the card names the
@@ -613,6 +614,7 @@ def start_training(at: AppTest, name: str, steps: int, compile_: str = "auto", a
     ok(at)
 
 
+@pytest.mark.slow
 def test_train_start_runs_a_real_subprocess_to_finished(env):
     at = app("train")
     ok(at)
@@ -632,6 +634,7 @@ def test_train_start_runs_a_real_subprocess_to_finished(env):
     assert "tiny-live" in reg["jobs"]
 
 
+@pytest.mark.slow
 def test_train_stop_long_run_and_queue(env):
     at = app("train")
     start_training(at, "long-run", 1_000_000, compile_="off")   # auto would compile first: this test stops it
@@ -932,6 +935,7 @@ print(pid)
         os.kill(pid, 0)
 
 
+@pytest.mark.slow
 def test_every_shipped_bundle_opens_in_explore(monkeypatch, tmp_path):
     """Issue 7: each bundle in checkpoints/ opens from /?run=checkpoints/NAME with its model card,
     its codebook map (none for the continuous VAE) and its reconstructions, and no error; the

@@ -160,6 +160,7 @@ def test_explore_opens_on_the_best_gaussian_sq_vae_of_the_main_data_set(tmp_path
     assert runs.default_label(runs.list_bundles()) == "checkpoints/a_colour"
 
 
+@pytest.mark.slow
 def test_train_form_starts_a_colour_folder_run(env):
     """Dataset "folder" with a path and an image size under Advanced trains an RGB run of that size."""
     from test_app import _jm, wait_state

@@ -32,7 +32,7 @@ CHROME_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking
                "--disable-sync", "--no-first-run"]
 PLOT = "[data-testid='stPlotlyChart'] .js-plotly-plot .main-svg"
 
-pytestmark = pytest.mark.browser
+pytestmark = [pytest.mark.browser, pytest.mark.slow]   # a real Chromium and app servers: CI only
 
 if not Path(CHROMIUM).exists():
     pytest.skip(f"{CHROMIUM} not found (Debian: apt-get install chromium)", allow_module_level=True)

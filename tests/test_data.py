@@ -73,6 +73,7 @@ def ids(d: D.ImageData) -> np.ndarray:
 
 @pytest.mark.skipif(not SYSTEM_FMNIST.is_dir(),
                     reason=f"{SYSTEM_FMNIST} missing (apt-get install dataset-fashion-mnist)")
+@pytest.mark.slow
 def test_fashion_mnist_from_system_dir():
     raw_test = D._read_idx(SYSTEM_FMNIST / "t10k-images-idx3-ubyte.gz", 3)
     sizes = {"train": 55000, "val": 5000, "test": 10000}

@@ -192,6 +192,7 @@ def test_bad_input_raises_clear_value_errors():
 
 # ----------------------------------------------------------------------- codebook maps
 @pytest.mark.parametrize("method", ["pca", "umap"])
+@pytest.mark.slow
 def test_codebook_map_has_one_point_per_code_with_usage_and_dead_flags(method):
     model = make_model("gaussian_1", K=32)
     usage = torch.arange(32) % 4 * 7          # every fourth code unused
@@ -276,6 +277,7 @@ def bundle_dir(tmp_path):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_cached_map_is_stored_and_reused(bundle_dir, monkeypatch):
     calls = []
     real = maps._umap_embed

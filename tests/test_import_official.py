@@ -207,6 +207,7 @@ def test_the_trainers_configs_json_already_holds_the_vmf_plus_one(tmp_path, caps
     assert rd.load_bundle(tmp_path / "run").model_cfg.code_dim == 8
 
 
+@pytest.mark.slow
 def test_eval_prior_and_explore_work_on_an_imported_bundle(tmp_path, capsys):
     """Through the CLI, on the Fashion-MNIST subset shipped in the package: the same test numbers
     as the model that was exported."""
@@ -369,6 +370,7 @@ def test_a_failure_while_writing_leaves_nothing(tmp_path, capsys, fmnist_pair, m
     assert "No space left" in err
 
 
+@pytest.mark.slow
 def test_the_real_command_exits_non_zero_without_a_traceback(tmp_path, fmnist_pair):
     _, yaml_path = fmnist_pair
     junk = tmp_path / "junk.pt"

@@ -222,6 +222,7 @@ def blob_images(n, size=28, seed=0):
 
 
 @pytest.mark.parametrize("kind", MODEL_KINDS)
+@pytest.mark.slow
 def test_each_kind_overfits_one_batch(kind):
     torch.manual_seed(0)
     cfg = small_cfg(kind)

@@ -3,6 +3,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from sqvae_core import rundir as rd
@@ -71,6 +72,7 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
     assert pt.stored_scores(best_w, 1000) is None
 
 
+@pytest.mark.slow
 def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
     """scripts/finish_bundles.py (which="best"): the bundle's model.safetensors holds the run's
     best-validation tensors, eval.json says their step and its figures are theirs, and a prior

@@ -328,6 +328,7 @@ def _structured_codes(n, K=16, H=7, W=7, seed=0):
     return torch.from_numpy(c)
 
 
+@pytest.mark.slow
 def test_fit_prior_beats_unigram_entropy():
     K = 16
     train = _structured_codes(2000, K, seed=0)

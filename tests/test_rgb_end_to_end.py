@@ -79,6 +79,7 @@ def assert_explores_in_colour(capsys, out: Path, tmp_path: Path, test_image: np.
     assert rgb_png(tmp_path / "ip.png").shape == (3 * (2 * (s + 2) + 2), 3 * (3 * (s + 2) + 2), 3)
 
 
+@pytest.mark.slow
 def test_cifar10_paper_preset_end_to_end(tmp_path, capsys):
     write_cifar_batches(tmp_path / "data")
     out = tmp_path / "cifar"
@@ -96,6 +97,7 @@ def test_cifar10_paper_preset_end_to_end(tmp_path, capsys):
     assert len(points) == 512 and sum(p["usage"] for p in points) == 40 * 64
 
 
+@pytest.mark.slow
 def test_folder_of_celeba_sized_photos_center_cropped_to_64(tmp_path, capsys):
     folder = tmp_path / "faces"
     folder.mkdir()
@@ -136,6 +138,7 @@ def test_a_folder_trains_in_colour_at_32_unless_told_otherwise(tmp_path, capsys)
     assert (m.image_channels, m.image_size) == (1, 16)
 
 
+@pytest.mark.slow
 def test_shipped_colour_bundle_without_its_generated_data(tmp_path):
     """A fresh clone has checkpoints/colour_gaussian_1 but not its data, patches cut from photos by
     a script (folder:runs/rgb/colour-photos). `explore --umap` then colours the map with the usage the

@@ -166,6 +166,7 @@ def test_cli_reports_a_corrupt_bundle_in_one_line(tmp_path):
     assert r.stderr.strip().count("\n") == 0 and "corrupt" in r.stderr
 
 
+@pytest.mark.slow
 def test_twenty_kill_9_never_lose_the_last_checkpoint(tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "sqvae_core", "train", "--model", "vq_ema", "--out", str(out),
@@ -201,6 +202,7 @@ def test_twenty_kill_9_never_lose_the_last_checkpoint(tmp_path):
     print(f"KILL9: {survived}/20 kills survived, reached step {last_step}, {len(leftovers)} stray temp files")
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_keeps_the_previous_checkpoint(tmp_path):
     out = tmp_path / "run"
     script = textwrap.dedent(f"""

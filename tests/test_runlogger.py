@@ -91,6 +91,7 @@ def test_format_read_by_the_readers_the_app_uses(tmp_path):
     assert len(frames) == 2 and len(frames[0]) == 4                           # the Train live codebook animation
 
 
+@pytest.mark.slow
 def test_sqvae_list_shows_the_run_and_eval_explore_train_refuse_it_in_one_line(tmp_path):
     run = logged_run(tmp_path / "runs" / "mine")
     out = cli("list", tmp_path / "runs")
@@ -227,6 +228,7 @@ def test_never_overwrites_a_trained_run_and_replaces_a_logged_one_only_when_aske
 
 
 # ------------------------------------------------------------------------------ example
+@pytest.mark.slow
 def test_example_vector_quantize_loop_writes_a_listed_logged_run(tmp_path):
     out = tmp_path / "runs" / "own_vq"
     res = subprocess.run([sys.executable, "examples/own_loop_vector_quantize.py", "--out", str(out), "--steps", "20",
@@ -259,6 +261,7 @@ class Decoder(torch.nn.Module):
         return self.net(torch.nn.functional.embedding(indices, self.codebook).permute(0, 3, 1, 2))
 
 
+@pytest.mark.slow
 def test_saved_decoder_decodes_edited_codes_like_the_module(tmp_path):
     from sqvae_core.runlogger import load_decoder
     torch.manual_seed(0)

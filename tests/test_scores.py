@@ -32,6 +32,7 @@ def run_with_prior(tmp_path_factory):
     return run, json.loads(r.stdout)
 
 
+@pytest.mark.slow
 def test_prior_beats_unigram_and_uniform_on_test_codes(run_with_prior):
     run, summary = run_with_prior
     print(f"PRIOR: {summary['nll_bits_per_code']:.3f} bits/code, unigram {summary['unigram_bits']:.3f}, "
@@ -40,6 +41,7 @@ def test_prior_beats_unigram_and_uniform_on_test_codes(run_with_prior):
     assert (run / "prior.safetensors").is_file() and (run / "prior.json").is_file()
 
 
+@pytest.mark.slow
 def test_prior_sample_writes_png_and_json(run_with_prior, tmp_path):
     run, _ = run_with_prior
     out = tmp_path / "s.png"
@@ -54,6 +56,7 @@ def test_prior_sample_writes_png_and_json(run_with_prior, tmp_path):
     assert out.read_bytes() != (tmp_path / "t.png").read_bytes()
 
 
+@pytest.mark.slow
 def test_prior_errors_are_clear(run_with_prior, trained_run, tmp_path):
     run, _ = run_with_prior
     # a run directory without a model
@@ -73,6 +76,7 @@ def test_prior_errors_are_clear(run_with_prior, trained_run, tmp_path):
     assert r.returncode != 0 and ".png" in r.stderr
 
 
+@pytest.mark.slow
 def test_explore_cli_umap_neighbor_interpolate(trained_run, tmp_path):
     r = cli("explore", trained_run, "--umap", "--json", "--max-images", "500")
     assert r.returncode == 0, r.stderr

@@ -38,6 +38,7 @@ GAUSSIAN_KEYS = {"step", "wall_time", "loss", "mse", "perplexity", "entropy", "s
 VAL_KEYS = {"val_mse", "val_perplexity", "val_entropy", "val_dead_codes"}
 
 
+@pytest.mark.slow
 def test_cli_50_steps_writes_a_complete_run_directory(tmp_path):
     out = tmp_path / "run"
     r = cli("train", "--model", "gaussian_1", "--dataset", "fashion-mnist", "--out", str(out),
@@ -92,6 +93,7 @@ def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, kind)
 
 
 @pytest.mark.parametrize("kind", ["vq", "vq_ema", "vq_rotation"])
+@pytest.mark.slow
 def test_compiled_training_matches_eager_and_saves_plain_weights(tmp_path, kind):
     """--compile changes how the step runs, not what it computes: after 5 VQ steps (argmin,
     straight-through, Adam; for vq_ema the EMA codebook updates, which compiled went wrong until
@@ -139,6 +141,7 @@ def test_existing_run_is_not_overwritten_without_resume(tmp_path):
         train(tiny_cfg(tmp_path / "r", steps=10), progress=False)
 
 
+@pytest.mark.slow
 def test_sigterm_stops_saves_and_resumes(tmp_path):
     out = tmp_path / "run"
     p = subprocess.Popen([sys.executable, "-m", "sqvae_core", "train", "--model", "vq", "--out", str(out),
@@ -177,6 +180,7 @@ def test_nan_loss_marks_failed_and_keeps_the_last_good_checkpoint(tmp_path):
     rd.load_bundle(out)   # still loads
 
 
+@pytest.mark.slow
 def test_missing_dataset_gives_one_clear_line(tmp_path):
     env = {"SQVAE_DATA": str(tmp_path / "nothing"), "XDG_CACHE_HOME": str(tmp_path / "cache"),
            "SQVAE_OFFLINE": "1"}
@@ -200,6 +204,7 @@ def test_temperature_schedule():
 
 
 @pytest.mark.parametrize("kind,port", [("vq_ema", 29531), ("vq_rotation", 29533)])
+@pytest.mark.slow
 def test_ddp_two_gloo_ranks_end_identical(tmp_path, kind, port):
     """vq_rotation: the library's EMA codebook is a buffer that each rank updates from its own batch;
     with sync_codebook (set when the model is built inside a process group) the statistics are
@@ -349,6 +354,7 @@ def test_compile_is_on_by_itself_only_for_long_runs_on_a_device_that_can_compile
         tr._wrap(torch.nn.Linear(1, 1), TrainConfig(compile=True), tr.Dist(), cpu)
 
 
+@pytest.mark.slow
 def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_path):
     """The paper preset keeps each epoch's smaller last batch (drop_last=False): the compiled
     step must take its new batch size, and a new Gumbel temperature every step, in its stride.
@@ -382,6 +388,7 @@ def grey_digits(root: Path, n: int = 64, size: int = 28) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_a_folder_of_grey_28px_images_trains_as_such_and_says_so(tmp_path):
     """Issue 21: a folder of grey 28x28 PNGs trained as RGB 32x32 unless --channels 1 --image-size 28
     were given. The shape is read from the images, the CLI says what it chose in one line, and
@@ -452,6 +459,7 @@ def test_gpu_check_says_there_is_no_gpu_and_exits_cleanly():
     assert "no CUDA GPU visible" in res.stdout and "nothing to measure" in res.stdout
 
 
+@pytest.mark.slow
 def test_train_throughput_runs_every_variant_and_prints_the_cpu_kind():
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "benchmarks" / "train_throughput.py"), "--steps", "1",
