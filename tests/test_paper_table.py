@@ -8,6 +8,7 @@ import torch
 from sqvae_core import rundir as rd
 from sqvae_core.config import ModelConfig
 from sqvae_core.data import ImageData
+from sqvae_core.prior import PriorFitConfig
 from sqvae_core.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -51,12 +52,24 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
     rd.save_weights(out / rd.BEST, tensors, meta)
 
     # a prior counts only with the table's steps, all training grids, and the evaluated weights
-    summary = {"steps": 1500, "n_train_grids": 50_000, "weights_step": best}
+    fixed = PriorFitConfig(steps=1500)
+    summary = {"steps": 1500, "n_train_grids": 50_000, "weights_step": best}     # from before `fit` was kept
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps(summary))
-    assert pt.prior_fitted(out, 1500, None, "best")
-    assert not pt.prior_fitted(out, 3000, None, "best")
+    assert pt.prior_fitted(out, fixed, None, "best")
+    assert not pt.prior_fitted(out, PriorFitConfig(steps=3000), None, "best")
+    assert not pt.prior_fitted(out, PriorFitConfig(), None, "best")            # the plateau fit wants one
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**summary, "weights_step": best - 1}))
-    assert not pt.prior_fitted(out, 1500, None, "best")
+    assert not pt.prior_fitted(out, fixed, None, "best")
+    # a plateau fit: recognised by its settings (compile aside) and a finished stop
+    plateau = PriorFitConfig()
+    rec = {**summary, "steps": 4250, "stop_reason": "plateau", "fit": {**plateau.to_dict(), "compile": True}}
+    (out / rd.PRIOR_SUMMARY).write_text(json.dumps(rec))
+    assert pt.prior_fitted(out, plateau, None, "best") and not pt.prior_fitted(out, fixed, None, "best")
+    assert not pt.prior_fitted(out, PriorFitConfig(patience=8), None, "best")
+    (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**rec, "stop_reason": "callback"}))
+    assert not pt.prior_fitted(out, plateau, None, "best")
+    (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**rec, "stop_reason": "max_steps"}))
+    assert pt.prior_fitted(out, plateau, None, "best")
 
     # stored scores: FDs on as many images, the evaluated weights, written after weights and prior
     doc = {"test_mse": 1.5, "test_perplexity": 9.0, "dead_codes": 3, "test_entropy": 0.0, "rfd": 2.0,
