@@ -33,6 +33,7 @@ from sqvae_core import rundir as rd  # noqa: E402
 from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.device import resolve_device  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
+from sqvae_core.prior import PriorFitConfig  # noqa: E402
 from sqvae_core.scores import bundle_split, score_run, train_run_prior  # noqa: E402
 from sqvae_core.train import TrainConfig, apply_preset, steps_per_epoch, train  # noqa: E402
 
@@ -50,14 +51,14 @@ MULTI_SEED_KINDS = ("gaussian_1", "vq", "vq_ema", "fsq", "simvq")
 def budget(mode: str) -> dict:
     if mode == "paper10":   # the official setup (train.paper_preset) for 11 epochs: >= 10 epochs, >= 17,190 steps
         # evaluated at each run's best-validation weights, as the official code tests its best checkpoint
-        return dict(preset="paper", epochs=11, prior_steps=1500, n_fd=1000, max_images=None, weights="best",
+        return dict(preset="paper", epochs=11, prior=PriorFitConfig(), n_fd=1000, max_images=None, weights="best",
                     seeds=2, seeds_other=1)
     if mode == "quick":
         return dict(model=dict(codebook_size=128, code_dim=32, num_rb=1), steps=1000, batch_size=32, lr=2e-3,
-                    prior_steps=300, n_fd=500, max_images=5000, val_every=500,
+                    prior=PriorFitConfig(steps=300), n_fd=500, max_images=5000, val_every=500,
                     vmf_steps=2000)   # vmf/nc train longer: they need no prior or FDs, and κ_φ moves slowly
     return dict(model=dict(codebook_size=256, code_dim=64, num_rb=2), steps=20000, batch_size=32, lr=1e-3,
-                prior_steps=3000, n_fd=5000, max_images=None, val_every=2000,
+                prior=PriorFitConfig(), n_fd=5000, max_images=None, val_every=2000,
                 vmf_steps=20000)
 
 
@@ -90,11 +91,22 @@ def keeps_best_by(out: Path, best_by: str) -> bool:
     return best_by in rd.Weights(out, "best").kept_by() or not (out / rd.BEST).is_file()
 
 
-def prior_fitted(weights: rd.Weights, steps: int, max_images: int | None) -> bool:
-    """The run holds a prior fitted for `steps` steps on all (or max_images) training grids of the
-    weights the table evaluates."""
+def prior_fitted(weights: rd.Weights, fit: PriorFitConfig, max_images: int | None) -> bool:
+    """The run holds a prior fitted the table's way on all (or max_images) training grids of the
+    weights the table evaluates: a finished plateau fit with the table's settings (prior.json's
+    `fit`; `compile` aside, float noise only), or a fit of the table's fixed step count (a
+    prior.json from before `fit` was recorded: `steps` alone)."""
     s = rd.RunDir(weights.run).prior_summary
-    return s is not None and s.steps == steps and (max_images is None or s.n_train_grids == max_images) \
+    if s is None:
+        return False
+    if s.fit is not None:
+        def settings(d):
+            return {k: v for k, v in d.items() if k != "compile"}
+        same = settings(s.fit) == settings(fit.to_dict()) and \
+            s.stop_reason in (("plateau", "max_steps") if fit.plateau else ("steps",))
+    else:
+        same = not fit.plateau and s.steps == fit.steps
+    return same and (max_images is None or s.n_train_grids == max_images) \
         and (max_images is not None or (s.n_train_grids or 0) >= 40_000) and weights.made(s)
 
 
@@ -163,8 +175,8 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if stored:
         return res
     t0 = time.time()
-    if bundle.model.discrete and not prior_fitted(weights, b["prior_steps"], b["max_images"]):
-        train_run_prior(weights, steps=b["prior_steps"], max_images=b["max_images"], device=device)
+    if bundle.model.discrete and not prior_fitted(weights, b["prior"], b["max_images"]):
+        train_run_prior(weights, b["prior"], max_images=b["max_images"], device=device)
     res["prior_s"], t0 = time.time() - t0, time.time()
     res.update({k: v for k, v in score_run(bundle, n=b["n_fd"]).items() if k != "mse"})
     res["score_s"] = time.time() - t0
@@ -247,7 +259,7 @@ def main():
         Path(args.json).write_text(json.dumps(results, indent=1))
     cmd = "python benchmarks/paper_table.py " + " ".join(sys.argv[1:])
     print(f"Command: `{cmd}`  \nDevice: {device} ({torch.get_num_threads()} threads), torch {torch.__version__}  \n"
-          f"Date: {datetime.date.today()}  \nBudget: {json.dumps(b)}, seeds 0..{seeds - 1}  \n"
+          f"Date: {datetime.date.today()}  \nBudget: {json.dumps(b, default=lambda o: o.to_dict())}, seeds 0..{seeds - 1}  \n"
           f"Wall time: {(time.time() - t0) / 60:.1f} min\n")
     print("## Table 2 layout (Fashion-MNIST, mean ± std over seeds)\n")
     print(table(results, [k for k in args.kinds if k not in CATEGORICAL]))

@@ -1,6 +1,6 @@
 """Turn trained runs into the shipped bundles of checkpoints/ and write checkpoints/README.md.
 
-    python scripts/finish_bundles.py runs/ship [--prior-steps 2000] [--n-fd 1000]
+    python scripts/finish_bundles.py runs/ship [--refit-priors] [--prior-steps N] [--n-fd 1000]
 
 For each run: fit the PixelCNN prior (discrete models), evaluate on the test split,
 compute the Fréchet-distance scores, then copy a compact bundle to checkpoints/<kind>/:
@@ -26,6 +26,7 @@ from sqvae_core.imageio import save_png  # noqa: E402
 from sqvae_core.train import DEMO, paper_preset, steps_per_epoch  # noqa: E402
 from sqvae_core.scores import (PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, prior_summary, score_run,  # noqa: E402
                                train_run_prior)
+from sqvae_core.prior import PriorFitConfig  # noqa: E402
 
 KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMARY]
 MAX_SNAPSHOTS = 15
@@ -70,17 +71,21 @@ def kept_by(run: Path) -> str:
     return "best validation " + rd.figures_text(rd.Weights(run, "best").kept_by())
 
 
-def finish(run: Path, dest_root: Path, prior_steps: int, n_fd: int, prior_images: int | None,
-           which: str = "best", prior_size: dict | None = None, max_snapshots: int = MAX_SNAPSHOTS) -> dict:
+def finish(run: Path, dest_root: Path, prior_steps: int | None, n_fd: int, prior_images: int | None,
+           which: str = "best", prior_size: dict | None = None, max_snapshots: int = MAX_SNAPSHOTS,
+           refit_prior: bool = False) -> dict:
     """which="best": the bundle ships the run's best-validation weights (as the official trainer
     tests its best checkpoint), which="last" its last ones. prior_size: the PixelCNN's hidden and
-    layers when not train_run_prior's defaults."""
+    layers when not train_run_prior's defaults. The prior is fitted when the run has none from
+    these weights, or always with refit_prior: until its validation NLL plateaus
+    (prior_steps=None), else for prior_steps steps."""
     t0 = time.time()
     b = rd.RunDir(run).load(which)
     kind, step = b.model_cfg.kind, b.weights.step
     fitted = prior_summary(b) if (run / PRIOR_WEIGHTS).is_file() else None
-    if b.model.discrete and not (fitted and b.weights.made(fitted)):
-        train_run_prior(b.weights, steps=prior_steps, max_images=prior_images, **(prior_size or {}),
+    if b.model.discrete and (refit_prior or not (fitted and b.weights.made(fitted))):
+        train_run_prior(b.weights, PriorFitConfig(steps=prior_steps), max_images=prior_images,
+                        **(prior_size or {}),
                         log=lambda m: print(f"  {kind}: {m}", flush=True))
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
@@ -134,7 +139,8 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "prior, float16 codebook snapshots, the cached codebook map, 16 test images and `eval.json`.", "",
              "The Fashion-MNIST and fashion-mnist-cat8 bundles are the official SQ-VAE setup (`--preset paper`,",
              "its nets, K=256, d=64, batch 32, Adam 1e-3 with the plateau rule) trained for 11 epochs (17,193",
-             "steps, seed 0); their PixelCNN priors are fitted for 1,500 steps on all 50,000 training code grids.",
+             "steps, seed 0); their PixelCNN priors are fitted on all 50,000 training code grids until the validation",
+             "NLL plateaus, keeping the best-validation weights (each bundle's prior.json says where and why it stopped).",
              "Each bundle holds the run's best-validation weights (`weights step`: the step they are from), as the",
              "official code tests its best checkpoint; all figures are for those weights. `kept at lowest val.`",
              "says which validation figure is lowest at that step: the paper preset keeps best weights at the",
@@ -166,7 +172,7 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
                      f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
     lines += ["", "Commands (each also in the bundle's `eval.json`):", "", "```bash"]
     lines += [d["command"] for d in docs]
-    lines += ["python scripts/finish_bundles.py runs/ship --prior-steps 1500   # prior, scores, compact copy into checkpoints/", "```", ""]
+    lines += ["python scripts/finish_bundles.py runs/ship --refit-priors   # prior, scores, compact copy into checkpoints/", "```", ""]
     if clf_info:
         lines += ["## Feature classifier for Fréchet distances", "",
                   f"`fd_classifier/{clf_info['dataset']}.safetensors`: test accuracy "
@@ -179,7 +185,10 @@ def main():
     p = argparse.ArgumentParser()
     p.add_argument("runs", nargs="?", default="runs/ship")
     p.add_argument("--dest", default=str(ROOT / "checkpoints"))
-    p.add_argument("--prior-steps", type=int, default=2000)
+    p.add_argument("--prior-steps", type=int, default=None,
+                   help="fit priors for exactly N steps (default: until the validation NLL plateaus)")
+    p.add_argument("--refit-priors", action="store_true",
+                   help="fit every prior again, even one already fitted on the shipped weights")
     p.add_argument("--n-fd", type=int, default=1000)
     p.add_argument("--weights", choices=("best", "last"), default="best",
                    help="ship each run's best-validation weights (default, as the official code tests) or its last")
@@ -205,7 +214,8 @@ def main():
             print(f"skip {run}: not finished", flush=True)
             continue
         size = {k: v for k, v in (("hidden", args.prior_hidden), ("layers", args.prior_layers)) if v is not None}
-        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights, size, args.max_snapshots)
+        finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights, size, args.max_snapshots,
+               args.refit_priors)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = list(MODEL_KINDS)           # the catalogue's order

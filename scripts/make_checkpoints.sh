@@ -3,7 +3,7 @@
 # Usage: scripts/make_checkpoints.sh OUT_ROOT EPOCHS [KIND ...]
 # 11 epochs of Fashion-MNIST's 50,000 training images = 17,193 steps of batch 32 (>= 10 epochs).
 # Resumable: a finished kind is skipped, an interrupted one continues from its checkpoint.
-# Then: python scripts/finish_bundles.py runs/ship --prior-steps 1500 (priors, scores, compact bundles in checkpoints/).
+# Then: python scripts/finish_bundles.py runs/ship --refit-priors (priors, scores, compact bundles in checkpoints/).
 set -euo pipefail
 out=${1:-runs/ship}; epochs=${2:-11}; shift 2 || true
 kinds=("$@"); [ ${#kinds[@]} -eq 0 ] && kinds=(gaussian_1 vq vq_ema vmf nc gaussian_4 vq_reset fixed_var vae fsq simvq)

@@ -127,7 +127,17 @@ def build_parser() -> argparse.ArgumentParser:
     psub = pr.add_subparsers(dest="prior_command", required=True)
     pt = psub.add_parser("train", help="fit the prior to the run's training code grids")
     pt.add_argument("run_dir")
-    pt.add_argument("--steps", type=int, default=2000)
+    pt.add_argument("--steps", type=int, default=None,
+                    help="train exactly N steps and keep the last weights (default: stop on a validation plateau)")
+    pt.add_argument("--max-steps", type=int, default=20000, help="hard cap of a plateau fit")
+    pt.add_argument("--patience", type=int, default=4,
+                    help="stop after this many evaluations without a 0.2%% relative improvement")
+    pt.add_argument("--eval-every", type=int, default=250, help="steps between validation-NLL evaluations")
+    pt.add_argument("--lr", type=float, default=1e-3)
+    pt.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the step (default: when the step budget is >= 1,000 and the device can)")
+    pt.add_argument("--bf16", action="store_true",
+                    help="bf16 autocast (where bf16 is native; elsewhere it says so and fits in fp32)")
     pt.add_argument("--batch-size", type=int, default=64)
     pt.add_argument("--hidden", type=int, default=64)
     pt.add_argument("--layers", type=int, default=8)
@@ -333,18 +343,22 @@ def cmd_prior(args) -> int:
     from . import rundir as rd
     from .device import resolve_device
     from .imageio import save_png
+    from .prior import PriorFitConfig
     from .scores import load_run_prior, prior_summary, sample_images, train_run_prior
     device = resolve_device(args.device)
     if args.prior_command == "train":
         log = None if args.json else (lambda msg: print(msg, file=sys.stderr))
-        summary = train_run_prior(args.run_dir, steps=args.steps, batch_size=args.batch_size, hidden=args.hidden,
-                                  layers=args.layers, conditional=not args.unconditional,
-                                  max_images=args.max_images, data_dir=args.data_dir, seed=args.seed,
-                                  device=device, log=log)
+        fit = PriorFitConfig(steps=args.steps, max_steps=args.max_steps, patience=args.patience,
+                             eval_every=args.eval_every, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
+                             compile=args.compile, bf16=args.bf16).validate()
+        summary = train_run_prior(args.run_dir, fit, hidden=args.hidden, layers=args.layers,
+                                  conditional=not args.unconditional, max_images=args.max_images,
+                                  data_dir=args.data_dir, device=device, log=log)
         brief = {k: v for k, v in summary.items() if k != "history"}
         if args.json:
             print(json.dumps(brief))
         else:
+            print(summary["message"])
             print(f"prior NLL {brief['nll_bits_per_code']:.3f} bits/code on the test codes "
                   f"(unigram {brief['unigram_bits']:.3f}, uniform log2 K = {brief['uniform_bits']:.3f})")
         return 0

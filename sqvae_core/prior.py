@@ -44,6 +44,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -59,6 +60,8 @@ from .device import as_device
 __all__ = [
     "PriorConfig",
     "GatedPixelCNN",
+    "PriorFitConfig",
+    "PriorFit",
     "fit_prior",
     "nll_bits_per_code",
     "unigram_entropy_bits",
@@ -178,6 +181,35 @@ class _GatedLayer(nn.Module):
         self.cond = nn.Embedding(num_cond, 2 * hidden) if num_cond else None
 
 
+def _reference_forward(model: "GatedPixelCNN", x: Tensor, cond: Tensor | None) -> Tensor:
+    """The network exactly as the module docstring writes it, every row and layer, unfused.
+
+    Slower than :meth:`GatedPixelCNN._forward_embedded` (the fits' path), which skips work no
+    output reads; kept as the specification the tests and benchmarks/prior_train_speed.py hold
+    the fast path to (its forward before the skips, as fitted priors up to then trained)."""
+    k2 = model.k2
+    v = h = x
+    skip = None
+    for layer in model.layers:
+        c = layer.cond(cond)[:, :, None, None] if layer.cond is not None else None
+        v_pre = layer.v_conv(F.pad(v, (k2, k2, k2, 0)))  # vertical: rows r-k2..r, cols c-k2..c+k2
+        if c is not None:
+            v_pre = v_pre + c
+        v2h = F.pad(layer.v_to_h(v_pre), (0, 0, 1, 0))[:, :, :-1, :]  # down-shift: rows < i
+        h_in = F.pad(h, (k2, 0))[..., :-1] if layer.first else F.pad(h, (k2, 0))
+        h_pre = layer.h_conv(h_in) + v2h
+        if c is not None:
+            h_pre = h_pre + c
+        g = _gate(h_pre)
+        s = layer.h_skip(g)
+        skip = s if skip is None else skip + s
+        out = layer.h_out(g)
+        h = out if layer.first else h + out
+        v = _gate(v_pre)
+    y = F.relu(model.head_hidden(F.relu(skip)))
+    return model.head_out(model.head_dropout(y))
+
+
 class GatedPixelCNN(nn.Module):
     """Gated PixelCNN over (H, W) grids of codes in ``[0, num_codes)``.
 
@@ -274,31 +306,46 @@ class GatedPixelCNN(nn.Module):
         return self._forward_embedded(x, cond)
 
     def _forward_embedded(self, x: Tensor, cond: Tensor | None) -> Tensor:
-        """Network body on embedded input ``x (B, p, H, W)`` (exposed for Jacobian tests)."""
+        """Network body on embedded input ``x (B, p, H, W)`` (exposed for Jacobian tests).
+
+        The architecture of the module docstring (:func:`_reference_forward` writes it out
+        literally; the tests hold the two equal) minus work whose result is never read, which
+        training pays for three times (forward, input and weight gradients):
+
+        - the vertical stack reaches the horizontal one shifted one row down, so its last row only
+          feeds positions below the grid: it runs on rows 0..H-2 (1/H of the vertical convs, which
+          are 16 of a layer's 22 p^2 multiply-adds per position: -10% of the step at 7x7);
+        - the last layer's vertical gate and horizontal output (``h_out``) feed no further layer:
+          not computed;
+        - ``h_out`` and ``h_skip`` read the same gate output: one 1x1 conv of 2p outputs
+          (one matrix product instead of two; the sampler does the same).
+        """
         k2 = self.k2
-        v = h = x
-        skip = None
-        for layer in self.layers:
+        H = x.shape[2]
+        v, h, skip = x[:, :, : H - 1], x, None
+        last = len(self.layers) - 1
+        for l, layer in enumerate(self.layers):
             c = layer.cond(cond)[:, :, None, None] if layer.cond is not None else None
-            # vertical stack: rows r-k2..r, all columns c-k2..c+k2
-            v_pre = layer.v_conv(F.pad(v, (k2, k2, k2, 0)))
-            if c is not None:
-                v_pre = v_pre + c
-            # down-shift: row i of the horizontal stack only sees rows < i
-            v2h = F.pad(layer.v_to_h(v_pre), (0, 0, 1, 0))[:, :, :-1, :]
-            if layer.first:  # mask A: columns c-k2..c-1
-                h_in = F.pad(h, (k2, 0))[..., :-1]
-            else:  # mask B: columns c-k2..c
-                h_in = F.pad(h, (k2, 0))
-            h_pre = layer.h_conv(h_in) + v2h
+            h_in = F.pad(h, (k2, 0))  # mask B: columns c-k2..c; mask A drops column c
+            h_pre = layer.h_conv(h_in[..., :-1] if layer.first else h_in)
+            if H > 1:  # vertical stack on rows 0..H-2, then shifted down one row: rows < i only
+                v_pre = layer.v_conv(F.pad(v, (k2, k2, k2, 0)))
+                if c is not None:
+                    v_pre = v_pre + c
+                h_pre = h_pre + F.pad(layer.v_to_h(v_pre), (0, 0, 1, 0))
+                if l < last:
+                    v = _gate(v_pre)
             if c is not None:
                 h_pre = h_pre + c
             g = _gate(h_pre)
-            s = layer.h_skip(g)
+            if l == last:  # the last layer's horizontal output feeds nothing: its skip only
+                s = layer.h_skip(g)
+            else:
+                w = torch.cat([layer.h_out.weight, layer.h_skip.weight], 0)
+                b = torch.cat([layer.h_out.bias, layer.h_skip.bias], 0)
+                out, s = F.conv2d(g, w, b).chunk(2, dim=1)
+                h = out if layer.first else h + out
             skip = s if skip is None else skip + s
-            out = layer.h_out(g)
-            h = out if layer.first else h + out
-            v = _gate(v_pre)
         y = F.relu(self.head_hidden(F.relu(skip)))
         return self.head_out(self.head_dropout(y))
 
@@ -489,41 +536,250 @@ def unigram_entropy_bits(codes: Any, K: int) -> float:
     return float(-(p * torch.log2(p)).sum())
 
 
+# How a fit stops (PriorFit.stop_reason).
+STOP_REASONS = ("plateau", "max_steps", "steps", "callback")
+# Compiling the training step costs ~10-20 s of CPU (forward and backward graphs) and saves ~25% of
+# each fp32 step, ~45% of a bf16 one (benchmarks/prior_train_speed.py): it pays after a few hundred
+# steps. A plateau fit's budget is its max_steps.
+COMPILE_AUTO_STEPS = 1000
+
+
+@dataclass
+class PriorFitConfig:
+    """How :func:`fit_prior` trains: Adam on cross-entropy, stopped on a validation plateau.
+
+    Plateau stop (``steps=None``, the default): every ``eval_every`` steps the NLL of a fixed
+    validation subset (at most ``val_grids`` of the validation grids; without any, that many but
+    at most ``val_fraction`` of the training grids, held out) is measured; the fit stops when
+    ``patience`` evaluations in a row have not lowered it by ``min_improvement`` (relative) below
+    the last value that did, or at ``max_steps``, and keeps the weights of its lowest value.
+    ``steps=N`` trains exactly N steps and keeps the last weights (validation is still logged).
+    ``compile``: torch.compile the step (None: when the step budget is >= COMPILE_AUTO_STEPS and
+    the device can compile). ``bf16``: bf16 autocast of the network (the loss stays fp32); off by
+    default, and where bf16 is not native the fit says so and runs in fp32.
+    """
+
+    steps: int | None = None
+    max_steps: int = 20_000
+    eval_every: int = 250
+    patience: int = 4
+    min_improvement: float = 0.002
+    val_grids: int = 2000
+    val_fraction: float = 0.1
+    batch_size: int = 64
+    lr: float = 1e-3
+    seed: int = 0
+    compile: bool | None = None
+    bf16: bool = False
+
+    @property
+    def plateau(self) -> bool:
+        return self.steps is None
+
+    @property
+    def budget(self) -> int:
+        """The most steps this fit can take."""
+        return self.max_steps if self.steps is None else self.steps
+
+    def validate(self) -> "PriorFitConfig":
+        """Raise ``ValueError`` naming the field, its bound and its value. Returns self."""
+        if self.steps is not None:
+            check_int("steps", self.steps, 1, 10**9)
+        check_int("max_steps", self.max_steps, 1, 10**9)
+        check_int("eval_every", self.eval_every, 1, 10**9)
+        if self.plateau and self.eval_every > self.max_steps:
+            raise ValueError(f"eval_every must be <= max_steps ({self.max_steps}) for a plateau stop, "
+                             f"got {self.eval_every}")
+        check_int("patience", self.patience, 1, 10_000)
+        _check_unit("min_improvement", self.min_improvement, 0.0, 1.0, "[0, 1)")
+        check_int("val_grids", self.val_grids, 1, 10**8)
+        _check_unit("val_fraction", self.val_fraction, 0.0, 0.5, "(0, 0.5]", open_low=True, closed_high=True)
+        check_int("batch_size", self.batch_size, 1, 1 << 20)
+        check_positive("lr", self.lr)
+        if self.lr > 1.0:
+            raise ValueError(f"lr must be <= 1, got {self.lr}")
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        if self.compile is not None and not isinstance(self.compile, bool):
+            raise ValueError(f"compile must be true, false or null (automatic), got {self.compile!r}")
+        if not isinstance(self.bf16, bool):
+            raise ValueError(f"bf16 must be true or false, got {self.bf16!r}")
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> "PriorFitConfig":
+        """Validated construction from a dict (e.g. prior.json's ``fit``). Raises ValueError."""
+        return config_from_dict(cls, data, ())
+
+
+def _check_unit(name: str, value: Any, lo: float, hi: float, shown: str, *, open_low: bool = False,
+                closed_high: bool = False) -> None:
+    """`value` a finite float in the interval `shown` (its ends lo, hi; [lo, hi) unless told)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a float in {shown}, got {value!r}")
+    if (value <= lo if open_low else value < lo) or (value > hi if closed_high else value >= hi):
+        raise ValueError(f"{name} must be in {shown}, got {value}")
+
+
+@dataclass
+class PriorFit:
+    """What :func:`fit_prior` did: the model (eval mode; the best-validation weights after a
+    plateau fit, the last ones after a fixed count), one history row per evaluation, why it
+    stopped (one of STOP_REASONS) and where."""
+
+    model: GatedPixelCNN
+    history: list[dict]
+    stop_reason: str
+    steps: int                        # optimizer steps taken
+    best_step: int | None             # step of the lowest validation NLL (None: no validation)
+    best_val_nll_bits: float | None
+    config: PriorFitConfig            # as run: `compile` resolved
+    precision: str                    # "fp32", "bf16 autocast" or "fp32 (bf16 asked: ...)"
+    seconds: float
+    n_val_grids: int = 0
+
+    def message(self) -> str:
+        """One line: where the fit stopped and why, and which weights it kept."""
+        cfg = self.config
+        why = {
+            "plateau": f"validation NLL had not improved by {cfg.min_improvement:.1%} for {cfg.patience} "
+                       f"evaluations ({cfg.patience * cfg.eval_every} steps)",
+            "max_steps": f"hard cap max_steps={cfg.max_steps} reached before a plateau",
+            "steps": f"fixed step count {cfg.steps}",
+            "callback": "stopped by the caller",
+        }[self.stop_reason]
+        line = f"prior fit stopped at step {self.steps} ({self.stop_reason}: {why})"
+        if self.best_step is not None:
+            kept = "kept" if cfg.plateau else "last weights kept; best was"
+            line += f"; {kept} step {self.best_step}, val NLL {self.best_val_nll_bits:.4f} bits/code"
+        return line + f"; {self.seconds:.0f} s, {self.precision}{', compiled' if cfg.compile else ''}"
+
+    def summary(self) -> dict:
+        """The JSON-safe record prior.json keeps beside the history."""
+        return {"steps": self.steps, "best_step": self.best_step, "best_val_nll_bits": self.best_val_nll_bits,
+                "stop_reason": self.stop_reason, "n_val_grids": self.n_val_grids, "precision": self.precision,
+                "fit": self.config.to_dict(), "fit_seconds": round(self.seconds, 1)}
+
+
+def _resolve_fit(fit: PriorFitConfig | Mapping[str, Any] | None, overrides: dict, dev: torch.device) -> tuple:
+    """A validated copy of `fit` with the keyword overrides, `compile` decided -> (fit, precision)."""
+    from .train import amp_unavailable, compile_unavailable  # lazy: train imports much of the package
+
+    if fit is None:
+        fit = PriorFitConfig()
+    elif not isinstance(fit, PriorFitConfig):
+        fit = PriorFitConfig.from_dict(fit)
+    fit = dataclasses.replace(fit, **{k: v for k, v in overrides.items() if v is not None}).validate()
+    why_not = compile_unavailable(dev)
+    if fit.compile is None:
+        fit.compile = fit.budget >= COMPILE_AUTO_STEPS and why_not is None
+    elif fit.compile and why_not:
+        raise ValueError(f"{why_not}, or fit without --compile")
+    precision = "fp32"
+    if fit.bf16:
+        no_bf16 = amp_unavailable(dev)
+        precision = f"fp32 (bf16 asked: {no_bf16})" if no_bf16 else "bf16 autocast"
+    return fit, precision
+
+
+def _split_validation(train: Tensor, tr_cond: Tensor | None, val: Tensor | None, val_cond: Tensor | None,
+                      fit: PriorFitConfig) -> tuple:
+    """The fixed validation subset a fit evaluates (a seeded draw of at most val_grids grids), held
+    out of the training grids when no validation grids are given and the fit needs them."""
+    g = torch.Generator().manual_seed(int(fit.seed) + 7919)
+    if val is None:
+        if not fit.plateau:
+            return train, tr_cond, None, None
+        n_hold = min(fit.val_grids, int(fit.val_fraction * train.shape[0]))
+        if n_hold < 1:
+            raise ValueError(f"a plateau stop needs validation grids: pass val_codes, or at least "
+                             f"{math.ceil(1 / fit.val_fraction)} training grids, got {train.shape[0]}")
+        perm = torch.randperm(train.shape[0], generator=g)
+        hold, keep = perm[:n_hold].sort().values, perm[n_hold:].sort().values
+        pick = (lambda t, i: None if t is None else t[i.to(t.device)])
+        return pick(train, keep), pick(tr_cond, keep), pick(train, hold), pick(tr_cond, hold)
+    if val.shape[0] > fit.val_grids:
+        idx = torch.randperm(val.shape[0], generator=g)[: fit.val_grids].sort().values
+        val = val[idx]
+        val_cond = None if val_cond is None else val_cond[idx.to(val_cond.device)]
+    return train, tr_cond, val, val_cond
+
+
+def _mean_nll_bits(model: GatedPixelCNN, codes: Tensor, cond: Tensor | None, batch_size: int = 500) -> float:
+    """nll_bits_per_code on already-checked codes (on the model's device), fp32, eval mode."""
+    total = 0.0
+    with model._eval_mode(), torch.no_grad():
+        for s in range(0, codes.shape[0], batch_size):
+            x = codes[s : s + batch_size]
+            logits = model._logits(x, None if cond is None else cond[s : s + batch_size])
+            total += float(F.cross_entropy(logits.float(), x, reduction="sum"))
+    return total / (codes.numel() * _LN2)
+
+
+def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitConfig, precision: str,
+               dev: torch.device) -> Callable[[Tensor, Tensor | None], Tensor]:
+    """One optimizer step -> the detached loss (nats). The loss (forward and cross-entropy) is
+    what torch.compile sees: its backward is compiled with it; Adam runs eagerly."""
+    bf16 = precision == "bf16 autocast"
+
+    def loss_of(x: Tensor, c: Tensor | None) -> Tensor:
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model._logits(x, c)
+        return F.cross_entropy(logits.float(), x)
+
+    if fit.compile:
+        from .train import COMPILE_OPTIONS
+
+        loss_of = torch.compile(loss_of, options=COMPILE_OPTIONS)
+
+    def step(x: Tensor, c: Tensor | None) -> Tensor:
+        loss = loss_of(x, c)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
 def fit_prior(
     train_codes: Any,
     val_codes: Any,
     config: PriorConfig | Mapping[str, Any],
+    fit: PriorFitConfig | Mapping[str, Any] | None = None,
     *,
-    steps: int = 2000,
-    batch_size: int = 64,
-    lr: float = 1e-3,
+    steps: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    seed: int | None = None,
+    eval_every: int | None = None,
     train_labels: Any = None,
     val_labels: Any = None,
-    seed: int = 0,
     device: Any = None,
-    log_every: int = 100,
     callback: Callable[[dict], Any] | None = None,
-) -> tuple[GatedPixelCNN, list[dict]]:
-    """Fit a :class:`GatedPixelCNN` with Adam on cross-entropy.
+) -> PriorFit:
+    """Fit a :class:`GatedPixelCNN` with Adam on cross-entropy, as ``fit`` says (a
+    :class:`PriorFitConfig`; default: the plateau stop). ``steps``, ``batch_size``, ``lr``,
+    ``seed``, ``eval_every``, when given, override its fields.
 
-    ``train_codes`` / ``val_codes``: integer ``(N, H, W)`` tensors or arrays
-    (``val_codes`` may be None).  Every ``log_every`` steps (and at the last
-    step) a history row ``{"step", "train_nll_bits", "val_nll_bits"}`` is
-    appended (train = mean minibatch NLL since the previous row, bits/code;
-    val = full validation NLL or None) and passed to ``callback(row)``; if the
-    callback returns ``True`` training stops early.  Deterministic given
-    ``seed`` (global RNG state is restored afterwards).  Returns the model in
-    eval mode and the history.
+    ``train_codes`` / ``val_codes``: integer ``(N, H, W)`` tensors or arrays (``val_codes`` may be
+    None). Every ``eval_every`` steps (and at the last step) a history row ``{"step",
+    "train_nll_bits", "val_nll_bits"}`` is appended (train = mean minibatch NLL since the previous
+    row, bits/code; val = NLL of the validation subset or None) and passed to ``callback(row)``;
+    if the callback returns ``True`` training stops. Deterministic given the seed in eager mode
+    (global RNG state is restored afterwards). Returns a :class:`PriorFit`.
     """
     cfg = _as_config(config)
-    check_int("steps", steps, 1, 10**9)
-    check_int("batch_size", batch_size, 1, 1 << 20)
-    check_int("log_every", log_every, 1, 10**9)
-    check_positive("lr", lr)
     dev = as_device(device)
+    fit, precision = _resolve_fit(
+        fit, dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every), dev
+    )
+    t0 = time.perf_counter()
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(fit.seed)
         model = GatedPixelCNN(cfg).to(dev)
         train = model._check_codes(as_tensor(train_codes, "train_codes"), "train_codes")
         if train.shape[0] == 0:
@@ -531,42 +787,60 @@ def fit_prior(
         tr_cond = model._cond_index(
             None if train_labels is None else as_tensor(train_labels, "train_labels"), train.shape[0], dev
         )
-        val = None
+        val = va_cond = None
         if val_codes is not None:
             val = model._check_codes(as_tensor(val_codes, "val_codes"), "val_codes")
-            # validate labels early
-            model._cond_index(None if val_labels is None else as_tensor(val_labels, "val_labels"), val.shape[0], dev)
+            va_cond = model._cond_index(
+                None if val_labels is None else as_tensor(val_labels, "val_labels"), val.shape[0], dev
+            )
         elif val_labels is not None:
             raise ValueError("val_labels given without val_codes")
+        train, tr_cond, val, va_cond = _split_validation(train.to(dev), tr_cond, val, va_cond, fit)
+        if val is not None:
+            val = val.to(dev)
 
-        train = train.to(dev)
-        gen = torch.Generator().manual_seed(int(seed))
-        opt = torch.optim.Adam(model.parameters(), lr=float(lr))
+        gen = torch.Generator().manual_seed(int(fit.seed))
+        # fused Adam: one kernel over all parameters instead of ~10 small ops per tensor (-4% of a step)
+        opt = torch.optim.Adam(model.parameters(), lr=float(fit.lr), fused=dev.type in ("cpu", "cuda"))
+        step_fn = _make_step(model, opt, fit, precision, dev)
         history: list[dict] = []
-        acc, acc_n = 0.0, 0
+        acc, acc_n = torch.zeros((), device=dev), 0
+        best_val, best_step, best_state = math.inf, None, None
+        ref_val, stale, reason, step = math.inf, 0, "steps" if not fit.plateau else "max_steps", 0
         model.train()
-        for step in range(1, steps + 1):
-            idx = torch.randint(train.shape[0], (batch_size,), generator=gen).to(dev)
-            x = train[idx]
-            c = None if tr_cond is None else tr_cond[idx]
-            loss = F.cross_entropy(model._logits(x, c), x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            acc += float(loss.detach())
+        for step in range(1, fit.budget + 1):
+            idx = torch.randint(train.shape[0], (fit.batch_size,), generator=gen).to(dev)
+            acc += step_fn(train[idx], None if tr_cond is None else tr_cond[idx])
             acc_n += 1
-            if step % log_every == 0 or step == steps:
-                row = {
-                    "step": step,
-                    "train_nll_bits": acc / acc_n / _LN2,
-                    "val_nll_bits": None if val is None else nll_bits_per_code(model, val, val_labels),
-                }
-                history.append(row)
-                acc, acc_n = 0.0, 0
-                if callback is not None and callback(row) is True:
-                    break
+            if step % fit.eval_every and step != fit.budget:
+                continue
+            v = None if val is None else _mean_nll_bits(model, val, va_cond)
+            model.train()
+            row = {"step": step, "train_nll_bits": float(acc) / acc_n / _LN2, "val_nll_bits": v}
+            history.append(row)
+            acc, acc_n = torch.zeros((), device=dev), 0
+            if v is not None and v < best_val:
+                best_val, best_step = v, step
+                if fit.plateau:
+                    best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
+            if fit.plateau and v is not None:
+                if v < ref_val * (1.0 - fit.min_improvement):
+                    ref_val, stale = v, 0
+                else:
+                    stale += 1
+            if callback is not None and callback(row) is True:
+                reason = "callback"
+                break
+            if fit.plateau and stale >= fit.patience:
+                reason = "plateau"
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
     model.eval()
-    return model, history
+    return PriorFit(model=model, history=history, stop_reason=reason, steps=step, best_step=best_step,
+                    best_val_nll_bits=None if best_step is None else best_val, config=fit,
+                    precision=precision, seconds=time.perf_counter() - t0,
+                    n_val_grids=0 if val is None else int(val.shape[0]))
 
 
 # --------------------------------------------------------------------------- #

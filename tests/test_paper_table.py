@@ -9,6 +9,7 @@ import torch
 from sqvae_core import rundir as rd
 from sqvae_core.config import ModelConfig
 from sqvae_core.data import ImageData
+from sqvae_core.prior import PriorFitConfig
 from sqvae_core.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -53,12 +54,24 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
 
     # a prior counts only with the table's steps, all training grids, and the evaluated weights
     best_w = rd.Weights(out, "best")
-    summary = {"steps": 1500, "n_train_grids": 50_000, "weights_step": best}
+    fixed = PriorFitConfig(steps=1500)
+    summary = {"steps": 1500, "n_train_grids": 50_000, "weights_step": best}     # from before `fit` was kept
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps(summary))
-    assert pt.prior_fitted(best_w, 1500, None)
-    assert not pt.prior_fitted(best_w, 3000, None)
+    assert pt.prior_fitted(best_w, fixed, None)
+    assert not pt.prior_fitted(best_w, PriorFitConfig(steps=3000), None)
+    assert not pt.prior_fitted(best_w, PriorFitConfig(), None)            # the plateau fit wants one
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**summary, "weights_step": best - 1}))
-    assert not pt.prior_fitted(best_w, 1500, None)
+    assert not pt.prior_fitted(best_w, fixed, None)
+    # a plateau fit: recognised by its settings (compile aside) and a finished stop
+    plateau = PriorFitConfig()
+    rec = {**summary, "steps": 4250, "stop_reason": "plateau", "fit": {**plateau.to_dict(), "compile": True}}
+    (out / rd.PRIOR_SUMMARY).write_text(json.dumps(rec))
+    assert pt.prior_fitted(best_w, plateau, None) and not pt.prior_fitted(best_w, fixed, None)
+    assert not pt.prior_fitted(best_w, PriorFitConfig(patience=8), None)
+    (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**rec, "stop_reason": "callback"}))
+    assert not pt.prior_fitted(best_w, plateau, None)
+    (out / rd.PRIOR_SUMMARY).write_text(json.dumps({**rec, "stop_reason": "max_steps"}))
+    assert pt.prior_fitted(best_w, plateau, None)
 
     # stored scores: FDs on as many images, the evaluated weights, written after weights and prior
     doc = {"test_mse": 1.5, "test_perplexity": 9.0, "dead_codes": 3, "test_entropy": 0.0, "rfd": 2.0,

@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from sqvae_core import prior as prior_mod
 from sqvae_core.prior import (
     GatedPixelCNN,
     PriorConfig,
+    PriorFitConfig,
+    _reference_forward,
     fit_prior,
     load_prior,
     nll_bits_per_code,
@@ -335,14 +338,15 @@ def test_fit_prior_beats_unigram_entropy():
     val = _structured_codes(400, K, seed=1)
     cfg = PriorConfig(K, 7, 7, hidden=32, layers=3)
     rows = []
-    model, hist = fit_prior(train, val, cfg, steps=200, batch_size=32, lr=3e-3, log_every=100,
-                            seed=0, callback=rows.append)
+    res = fit_prior(train, val, cfg, steps=200, batch_size=32, lr=3e-3, eval_every=100,
+                    seed=0, callback=rows.append, fit=PriorFitConfig(compile=False))
+    model, hist = res.model, res.history
     assert [r["step"] for r in hist] == [100, 200]
-    assert rows == hist
+    assert rows == hist and res.stop_reason == "steps" and res.steps == 200
     assert set(hist[0]) == {"step", "train_nll_bits", "val_nll_bits"}
     uni = unigram_entropy_bits(val, K)
     val_nll = nll_bits_per_code(model, val)
-    assert val_nll == pytest.approx(hist[-1]["val_nll_bits"])
+    assert val_nll == pytest.approx(hist[-1]["val_nll_bits"])   # fixed count: the last weights
     assert uni > 3.5  # codes are ~uniform marginally ...
     assert val_nll < uni - 1.5, (val_nll, uni)  # ... but highly predictable from context
     assert not model.training
@@ -355,10 +359,10 @@ def test_fit_prior_conditional_and_early_stop():
     train = _structured_codes(64, K, seed=2) % K
     labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(0))
     cfg = {"num_codes": K, "height": 7, "width": 7, "hidden": 8, "layers": 2, "num_classes": 3}
-    model, hist = fit_prior(train, None, cfg, steps=50, batch_size=8, log_every=5,
-                            train_labels=labels, callback=lambda row: row["step"] >= 10)
-    assert [r["step"] for r in hist] == [5, 10]
-    assert hist[-1]["val_nll_bits"] is None
+    res = fit_prior(train, None, cfg, steps=50, batch_size=8, eval_every=5,
+                    train_labels=labels, callback=lambda row: row["step"] >= 10)
+    assert [r["step"] for r in res.history] == [5, 10] and res.stop_reason == "callback"
+    assert res.history[-1]["val_nll_bits"] is None and res.best_step is None
     with pytest.raises(ValueError, match="train_codes values"):
         fit_prior(train + K, None, cfg, steps=1)
     with pytest.raises(ValueError, match="train_codes grid shape"):
@@ -368,11 +372,178 @@ def test_fit_prior_conditional_and_early_stop():
 def test_fit_prior_is_deterministic():
     train = _structured_codes(64, 8, seed=3) % 8
     cfg = PriorConfig(8, 7, 7, hidden=8, layers=2)
-    m1, h1 = fit_prior(train, train, cfg, steps=10, batch_size=8, log_every=10, seed=4)
-    m2, h2 = fit_prior(train, train, cfg, steps=10, batch_size=8, log_every=10, seed=4)
-    assert h1 == h2
-    for a, b in zip(m1.state_dict().values(), m2.state_dict().values()):
+    r1 = fit_prior(train, train, cfg, steps=10, batch_size=8, eval_every=10, seed=4)
+    r2 = fit_prior(train, train, cfg, steps=10, batch_size=8, eval_every=10, seed=4)
+    assert r1.history == r2.history
+    for a, b in zip(r1.model.state_dict().values(), r2.model.state_dict().values()):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- plateau stop
+def _flat_validation(monkeypatch, values):
+    """Replace the fit's validation NLL by `values`, one per evaluation, recording the weights
+    each evaluation saw: a synthetic loss curve whose best point is known."""
+    seen = []
+
+    def fake(model, codes, cond, batch_size=500):
+        seen.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return values[len(seen) - 1]
+
+    monkeypatch.setattr(prior_mod, "_mean_nll_bits", fake)
+    return seen
+
+
+def test_plateau_stop_on_a_flat_loss_keeps_the_best_weights(monkeypatch):
+    # 5.0 -> 4.0 improves by 20%; then 3.999, 3.998 are lower but by < 0.2% of 4.0: not improvements,
+    # yet 3.998 is the best value, whose weights are kept; the 4th stale evaluation (step 60) stops.
+    values = [5.0, 4.0, 3.999, 3.998, 3.9995, 4.1, 1.0, 1.0]
+    seen = _flat_validation(monkeypatch, values)
+    train = _structured_codes(200, 8, seed=5) % 8
+    fit = PriorFitConfig(eval_every=10, patience=4, batch_size=8, lr=1e-2, compile=False)
+    res = fit_prior(train, train[:20], PriorConfig(8, 7, 7, hidden=8, layers=2), fit)
+    assert res.stop_reason == "plateau" and res.steps == 60 and len(res.history) == 6
+    assert [r["val_nll_bits"] for r in res.history] == values[:6]
+    assert res.best_step == 40 and res.best_val_nll_bits == 3.998
+    final = res.model.state_dict()
+    assert all(torch.equal(final[k], seen[3][k]) for k in final)            # the weights of step 40 ...
+    assert not all(torch.equal(final[k], seen[5][k]) for k in final)        # ... not the last ones
+    assert "stopped at step 60 (plateau" in res.message() and "kept step 40" in res.message()
+    summary = res.summary()
+    assert {"steps", "best_step", "best_val_nll_bits", "stop_reason", "fit"} <= set(summary)
+    assert PriorFitConfig.from_dict(summary["fit"]) == res.config
+    json.dumps(summary)
+
+
+def test_plateau_hard_cap_and_held_out_validation(monkeypatch):
+    seen = _flat_validation(monkeypatch, [5.0 - i for i in range(5)])    # always improving
+    train = _structured_codes(100, 8, seed=6) % 8
+    res = fit_prior(train, None, PriorConfig(8, 7, 7, hidden=8, layers=2),
+                    PriorFitConfig(max_steps=50, eval_every=10, batch_size=8, compile=False))
+    assert res.stop_reason == "max_steps" and res.steps == 50 and len(seen) == 5
+    assert res.best_step == 50 and "hard cap max_steps=50" in res.message()
+    assert res.n_val_grids == 10     # 10% of the training grids held out (under val_grids=2000)
+    with pytest.raises(ValueError, match="plateau stop needs validation grids"):
+        fit_prior(train[:5], None, PriorConfig(8, 7, 7, hidden=8, layers=2), PriorFitConfig(compile=False))
+
+
+def test_plateau_fit_really_converges_and_keeps_its_best_weights():
+    """On real (overfittable) data: few training grids, so the validation NLL turns up again."""
+    train = _structured_codes(16, 8, seed=7) % 8
+    val = _structured_codes(200, 8, seed=8) % 8
+    fit = PriorFitConfig(eval_every=20, patience=3, batch_size=16, lr=1e-2, max_steps=2000, compile=False)
+    res = fit_prior(train, val, PriorConfig(8, 7, 7, hidden=16, layers=2), fit)
+    vals = [r["val_nll_bits"] for r in res.history]
+    assert res.stop_reason == "plateau" and res.steps < 2000
+    assert res.best_val_nll_bits == min(vals) and res.best_step == res.history[vals.index(min(vals))]["step"]
+    assert nll_bits_per_code(res.model, val) == pytest.approx(res.best_val_nll_bits, rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        ({"steps": 0}, r"steps must be in \[1, 1000000000\], got 0"),
+        ({"max_steps": -1}, r"max_steps must be in \[1, 1000000000\], got -1"),
+        ({"eval_every": 300, "max_steps": 200}, r"eval_every must be <= max_steps \(200\) .* got 300"),
+        ({"patience": 0}, r"patience must be in \[1, 10000\], got 0"),
+        ({"min_improvement": 1.0}, r"min_improvement must be in \[0, 1\), got 1.0"),
+        ({"min_improvement": float("nan")}, "min_improvement must be a float"),
+        ({"val_fraction": 0.0}, r"val_fraction must be in \(0, 0.5\], got 0.0"),
+        ({"val_fraction": 0.6}, r"val_fraction must be in \(0, 0.5\], got 0.6"),
+        ({"val_grids": 0}, r"val_grids must be in \[1, 100000000\], got 0"),
+        ({"batch_size": 2.5}, "batch_size must be an int"),
+        ({"lr": 0.0}, "lr must be a positive float, got 0.0"),
+        ({"lr": 2.0}, "lr must be <= 1, got 2.0"),
+        ({"compile": "yes"}, "compile must be true, false or null"),
+        ({"bf16": 1}, "bf16 must be true or false, got 1"),
+        ({"patience": True}, "patience must be an int"),
+    ],
+)
+def test_fit_config_refusals(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        PriorFitConfig.from_dict(overrides)
+    with pytest.raises(ValueError, match=match):
+        fit_prior(torch.zeros(4, 7, 7, dtype=torch.long), None, PriorConfig(8, 7, 7), overrides)
+    with pytest.raises(ValueError, match="unknown key"):
+        PriorFitConfig.from_dict({"patiense": 3})
+    assert PriorFitConfig.from_dict({}) == PriorFitConfig()    # the plateau stop by default
+    assert PriorFitConfig(eval_every=300, max_steps=200, steps=100).validate()   # fixed count: no cap check
+
+
+# --------------------------------------------------------------------------- the fast path
+_U = 2.0 ** -24      # fp32 unit roundoff
+
+
+def _rounding_bound(cfg: PriorConfig, batch: int) -> float:
+    """Relative bound of fp32 rounding between two orderings of the same computation: each of the
+    ~2 L + 2 products on a path sums n = (k2+1) * kernel * hidden terms (the vertical conv, the
+    longest) forward, n + batch*H*W for a weight gradient; each path can err by n*u relative
+    (the classic dot-product bound), both paths do (x2), and tanh/sigmoid approximations add a
+    few ulps per layer (+4 L). Independent of the CPU: IEEE fp32 and any summation order."""
+    n = (cfg.kernel // 2 + 1) * cfg.kernel * cfg.hidden + batch * cfg.height * cfg.width
+    return 2 * ((2 * cfg.layers + 2) * n + 4 * cfg.layers) * _U
+
+
+def _assert_close(a, b, bound, what):
+    scale = max(float(b.abs().max()), 1e-30)
+    assert float((a - b).abs().max()) <= bound * scale, (what, float((a - b).abs().max()) / scale, bound)
+
+
+@pytest.mark.parametrize("nc", [None, 3])
+@pytest.mark.parametrize("hw", [(7, 7), (1, 5), (4, 6)])
+def test_fast_forward_equals_reference(nc, hw):
+    """The fit's forward (dead row, fused skip/out) against the literal architecture: logits and
+    every gradient, within the rounding bound (equal in exact arithmetic)."""
+    m = _model(K=16, H=hw[0], W=hw[1], hidden=8, layers=3, num_classes=nc).train()
+    codes = torch.randint(0, 16, (6, *hw), generator=torch.Generator().manual_seed(1))
+    cond = None if nc is None else m._cond_index(_labels(nc, 6), 6, torch.device("cpu"))
+    out = {}
+    for name, fwd in (("fast", m._forward_embedded), ("ref", lambda x, c: _reference_forward(m, x, c))):
+        m.zero_grad()
+        logits = fwd(m.embed(codes).permute(0, 3, 1, 2), cond)
+        F.cross_entropy(logits, codes).backward()
+        # a parameter no output reads has no gradient (None) or a zero one
+        out[name] = (logits.detach(), {k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                                       for k, p in m.named_parameters()})
+    bound = _rounding_bound(m.config, 6)
+    _assert_close(out["fast"][0], out["ref"][0], bound, "logits")
+    for k, g in out["ref"][1].items():
+        _assert_close(out["fast"][1][k], g, bound, k)
+
+
+def test_compiled_fit_equals_eager():
+    """Along an eager fit, the compiled step's loss and gradients equal the eager step's on the
+    same weights within the rounding bound (inductor only reorders and fuses fp32 arithmetic);
+    end to end, 20 compiled steps of Adam land on the eager fit's validation NLL within the
+    plateau rule's own resolution (min_improvement, relative)."""
+    from sqvae_core.train import compile_unavailable
+    if compile_unavailable(torch.device("cpu")):
+        pytest.skip(compile_unavailable(torch.device("cpu")))
+    cfg = PriorConfig(16, 7, 7, hidden=8, layers=2, num_classes=3)
+    train = _structured_codes(64, 16, seed=9)
+    labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
+    m = GatedPixelCNN(cfg)
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    eager = prior_mod._make_step(m, opt, PriorFitConfig(compile=False), "fp32", torch.device("cpu"))
+    compiled_loss = torch.compile(lambda x, c: F.cross_entropy(m._logits(x, c), x))
+    bound = _rounding_bound(cfg, 8)
+    for step in range(5):
+        x, c = train[step * 8:(step + 1) * 8], labels[step * 8:(step + 1) * 8]
+        got = compiled_loss(x, c)
+        m.zero_grad()
+        got.backward()
+        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        want = eager(x, c)       # eager loss and gradients on the same weights, then Adam steps
+        assert abs(float(got) - float(want)) <= bound * float(want)
+        assert grads.keys() == {k for k, p in m.named_parameters() if p.grad is not None}
+        for k, p in m.named_parameters():
+            if p.grad is not None:
+                _assert_close(grads[k], p.grad, bound, k)
+    runs = [fit_prior(train, train[:32], cfg, PriorFitConfig(steps=20, eval_every=10, batch_size=8, lr=3e-3,
+                                                             compile=flag), train_labels=labels, val_labels=labels[:32])
+            for flag in (False, True)]
+    assert runs[1].config.compile and not runs[0].config.compile
+    a, b = (r.history[-1]["val_nll_bits"] for r in runs)
+    assert abs(a - b) <= PriorFitConfig().min_improvement * a, (a, b)
 
 
 def test_nll_and_unigram_helpers():

@@ -1,5 +1,6 @@
 """The prior and explore command lines, and the Table 2 scores, on a trained run."""
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -54,6 +55,28 @@ def test_prior_sample_writes_png_and_json(run_with_prior, tmp_path):
     r2 = cli("prior", "sample", run, "--n", "16", "--out", tmp_path / "t.png", "--seed", "4", "--label", "2")
     assert r2.returncode == 0
     assert out.read_bytes() != (tmp_path / "t.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_prior_train_says_where_its_plateau_fit_stopped(tmp_path):
+    """The default fit stops on a validation plateau (or its cap); one stdout line says where and
+    why, and prior.json records it with the fit's settings. Bad settings are refused by name."""
+    run = tmp_path / "run"
+    shutil.copytree(ROOT / "checkpoints" / "gaussian_1", run)
+    r = cli("prior", "train", run, "--max-steps", "60", "--eval-every", "20", "--patience", "2",
+            "--max-images", "1000", "--hidden", "8", "--layers", "2", "--no-compile")
+    assert r.returncode == 0, r.stderr
+    first = r.stdout.splitlines()[0]
+    m = re.match(r"prior fit stopped at step (\d+) \((plateau|max_steps): .*; kept step (\d+), val NLL", first)
+    assert m, first
+    doc = json.loads((run / "prior.json").read_text())
+    assert {"steps", "best_step", "best_val_nll_bits", "stop_reason", "fit", "message", "history"} <= set(doc)
+    assert (doc["steps"], doc["stop_reason"], doc["best_step"]) == (int(m[1]), m[2], int(m[3]))
+    assert doc["message"] == first and doc["fit"]["steps"] is None and doc["fit"]["compile"] is False
+    assert doc["fit"]["patience"] == 2 and doc["fit"]["eval_every"] == 20 and doc["fit"]["max_steps"] == 60
+    assert doc["best_val_nll_bits"] == min(row["val_nll_bits"] for row in doc["history"])
+    r = cli("prior", "train", run, "--patience", "0")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "patience must be in [1, 10000], got 0" in r.stderr
 
 
 @pytest.mark.slow

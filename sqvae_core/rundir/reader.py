@@ -224,13 +224,17 @@ class PriorSummary:
     uniform_bits: float | None           # log2 K
     conditional: bool | None
     weights_step: int | None
+    stop_reason: str | None              # "plateau", "max_steps" or "steps" (a fixed count); None before
+    fit: Mapping[str, Any] | None        # the PriorFitConfig as run; None for priors from before it
 
     @classmethod
     def from_dict(cls, doc: dict, run_dir: Path) -> "PriorSummary":
-        cond = doc.get("conditional")
+        cond, stop, fit = doc.get("conditional"), doc.get("stop_reason"), doc.get("fit")
         return cls(MappingProxyType(dict(doc)), _int_or_none(doc.get("steps")), _int_or_none(doc.get("n_train_grids")),
                    *(_num_or_none(doc.get(k)) for k in ("nll_bits_per_code", "unigram_bits", "uniform_bits")),
-                   cond if isinstance(cond, bool) else None, _weights_step(doc, run_dir))
+                   cond if isinstance(cond, bool) else None, _weights_step(doc, run_dir),
+                   stop if isinstance(stop, str) else None,
+                   MappingProxyType(dict(fit)) if isinstance(fit, dict) else None)
 
 
 # --------------------------------------------------------------------------- bundles
