@@ -359,14 +359,18 @@ def compile_unavailable(device: torch.device) -> str | None:
     return None
 
 
+def x86_bf16_units() -> list[str]:
+    """The bf16 units torch's own CPUID probes find on this x86 CPU: AVX512-BF16, AMX (none elsewhere)."""
+    probes = (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
+    return [label for label, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware: x86 AVX512-BF16 or AMX tiles, or Arm's bf16
     extension. Elsewhere oneDNN emulates bf16 with fp32 arithmetic plus conversions, so `--amp` would
     only slow a step down."""
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        f = getattr(torch.cpu, probe, None)       # torch's own CPUID probes (x86)
-        if f is not None and f():
-            return True
+    if x86_bf16_units():
+        return True
     if platform.machine().lower() in ("aarch64", "arm64"):
         try:
             return " bf16" in Path("/proc/cpuinfo").read_text()
@@ -388,8 +392,7 @@ def cpu_kind() -> str:
         pass
     name = info.get("model name") or platform.processor() or platform.machine()
     vendor = info.get("vendor_id") or platform.machine()
-    probes = [("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported")]
-    units = [label for label, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
+    units = x86_bf16_units()
     return (f"{name} ({vendor}), {os.cpu_count()} logical CPUs, torch ISA "
             f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {', '.join(units) or 'none'}")
 
