@@ -1,6 +1,11 @@
 """Turn trained runs into the shipped bundles of checkpoints/ and write checkpoints/README.md.
 
     python scripts/finish_bundles.py runs/ship [--refit-priors] [--prior-steps N] [--n-fd 1000]
+    python scripts/finish_bundles.py --refit-shipped [--bf16] [--only KIND ...]
+
+--refit-shipped refits the priors of the bundles already in checkpoints/ in place (their runs need
+not be on disk: a bundle is a run directory holding the weights it was evaluated with), at the
+prior size each one has, and updates the prior-dependent figures of its eval.json.
 
 For each run: fit the PixelCNN prior (discrete models), evaluate on the test split,
 compute the Fréchet-distance scores, then copy a compact bundle to checkpoints/<kind>/:
@@ -45,6 +50,30 @@ def compact(dest: Path, max_snapshots: int = MAX_SNAPSHOTS) -> None:
     for p in snaps:
         if p not in keep:
             p.unlink()
+
+
+def refit_shipped(bundle: Path, n_fd: int, fit: PriorFitConfig, max_images: int | None = None) -> dict:
+    """Fit the bundle's prior again as `fit` says (the default: until its validation NLL plateaus),
+    at the size and conditioning of the prior it ships, store it in float16, and rescore generation
+    FD and prior NLL in eval.json. Nothing else of the bundle changes."""
+    t0 = time.time()
+    old = json.loads((bundle / PRIOR_SUMMARY).read_text())["config"]
+    kind = json.loads((bundle / rd.EVAL).read_text())["kind"]
+    summary = train_run_prior(rd.Weights(bundle), fit, max_images=max_images, hidden=old["hidden"],
+                              layers=old["layers"], conditional=old["num_classes"] is not None,
+                              log=lambda m: print(f"  {kind}: {m}", flush=True))
+    compact(bundle, max_snapshots=10**6)           # the prior in float16; every snapshot stays
+    doc = json.loads((bundle / rd.EVAL).read_text())
+    try:
+        scores = score_run(rd.RunDir(bundle).load("last"), n=n_fd)
+        doc.update({k: scores[k] for k in ("fd_generation", "prior_nll_bits")})
+    except rd.BundleError as e:        # no feature classifier for this data set: NLL only
+        print(f"  {bundle.name}: no Fréchet distances ({e})", flush=True)
+        doc["prior_nll_bits"] = summary["nll_bits_per_code"]
+    rd.atomic_write_json(bundle / rd.EVAL, doc)
+    print(f"{bundle.name}: {summary['message']}; test NLL {summary['nll_bits_per_code']:.3f} bits, gen FD "
+          f"{fmt(doc.get('fd_generation'))} ({time.time() - t0:.0f} s)", flush=True)
+    return doc
 
 
 def train_command(b: rd.Bundle, run: Path) -> str:
@@ -172,7 +201,9 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
                      f"{fmt(d.get('fd_generation'), 3)} | {fmt(d.get('prior_nll_bits'), 3)} |")
     lines += ["", "Commands (each also in the bundle's `eval.json`):", "", "```bash"]
     lines += [d["command"] for d in docs]
-    lines += ["python scripts/finish_bundles.py runs/ship --refit-priors   # prior, scores, compact copy into checkpoints/", "```", ""]
+    lines += ["python scripts/finish_bundles.py runs/ship --refit-priors   # prior, scores, compact copy into checkpoints/",
+              "python scripts/finish_bundles.py --refit-shipped --bf16   # or: refit the priors of the bundles in place",
+              "```", ""]
     if clf_info:
         lines += ["## Feature classifier for Fréchet distances", "",
                   f"`fd_classifier/{clf_info['dataset']}.safetensors`: test accuracy "
@@ -200,6 +231,9 @@ def main():
     p.add_argument("--max-snapshots", type=int, default=MAX_SNAPSHOTS,
                    help=f"codebook snapshots kept per bundle (default {MAX_SNAPSHOTS})")
     p.add_argument("--compact-only", action="store_true", help="only shrink the bundles already in --dest")
+    p.add_argument("--refit-shipped", action="store_true",
+                   help="refit the priors of the bundles in --dest in place, until the validation NLL plateaus")
+    p.add_argument("--bf16", action="store_true", help="with --refit-shipped: fit under bf16 autocast where native")
     args = p.parse_args()
     if args.compact_only:
         for d in rd.list_runs(args.dest):
@@ -207,7 +241,7 @@ def main():
         return
     torch.set_num_threads(1)
     dest = Path(args.dest)
-    for run in rd.list_runs(args.runs):
+    for run in rd.list_runs(args.runs) if not args.refit_shipped else []:
         if args.only and run.name not in args.only:
             continue
         if rd.RunDir(run).status.state != "finished":
@@ -216,6 +250,10 @@ def main():
         size = {k: v for k, v in (("hidden", args.prior_hidden), ("layers", args.prior_layers)) if v is not None}
         finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights, size, args.max_snapshots,
                args.refit_priors)
+    if args.refit_shipped:
+        for bundle in rd.list_runs(dest):
+            if (bundle / PRIOR_SUMMARY).is_file() and (not args.only or bundle.name in args.only):
+                refit_shipped(bundle, args.n_fd, PriorFitConfig(bf16=args.bf16))
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = list(MODEL_KINDS)           # the catalogue's order

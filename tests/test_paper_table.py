@@ -1,5 +1,6 @@
 """benchmarks/paper_table.py --root: which finished runs, priors and stored scores it reuses."""
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -123,3 +124,25 @@ def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
     x, _, _ = bundle_split(b, "test")
     assert abs(evaluate_model(b.model, x)["mse"] - doc["test_mse"]) < 1e-4 * doc["test_mse"]
     assert json.loads((run / rd.EVAL).read_text()) == doc                            # beside the run too
+
+    # --refit-shipped: the bundle alone (no run beside it) gets a plateau-stopped prior of the size it
+    # had, stored in float16; eval.json's prior figures follow it and nothing else of the bundle moves
+    shutil.rmtree(run)
+    ck = tmp_path / "ck" / "vq"
+    before = {p.relative_to(ck): p.read_bytes() for p in ck.rglob("*") if p.is_file()}
+    old_prior = json.loads((ck / rd.PRIOR_SUMMARY).read_text())
+    fit = PriorFitConfig(max_steps=60, eval_every=5, patience=2, min_improvement=0.9)
+    new = fb.refit_shipped(ck, n_fd=40, fit=fit, max_images=200)
+    summary = json.loads((ck / rd.PRIOR_SUMMARY).read_text())
+    assert summary["stop_reason"] == "plateau" and summary["steps"] == 15       # 2 evaluations without a 90% gain
+    assert summary["best_step"] == min(summary["history"], key=lambda r: r["val_nll_bits"])["step"]
+    assert summary["config"] == old_prior["config"] and summary["weights_step"] == 4
+    tensors, _ = rd.load_weights(ck / rd.PRIOR, "prior")
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
+    assert new["prior_nll_bits"] == summary["nll_bits_per_code"] and new["fd_generation"] > 0
+    assert {k: v for k, v in new.items() if k not in ("fd_generation", "prior_nll_bits")} == \
+        {k: v for k, v in doc.items() if k not in ("fd_generation", "prior_nll_bits")}
+    after = {p.relative_to(ck) for p in ck.rglob("*") if p.is_file()}
+    assert after == set(before)
+    changed = {p for p in after if (ck / p).read_bytes() != before[p]}
+    assert changed == {Path(rd.PRIOR), Path(rd.PRIOR_SUMMARY), Path(rd.EVAL)}
