@@ -51,14 +51,14 @@ MULTI_SEED_KINDS = ("gaussian_1", "vq", "vq_ema", "fsq", "simvq")
 def budget(mode: str) -> dict:
     if mode == "paper10":   # the official setup (train.paper_preset) for 11 epochs: >= 10 epochs, >= 17,190 steps
         # evaluated at each run's best-validation weights, as the official code tests its best checkpoint
-        return dict(preset="paper", epochs=11, prior=PriorFitConfig(), n_fd=1000, max_images=None, weights="best",
+        return dict(preset="paper", epochs=11, prior=PriorFitConfig(), n_fd=1000, n_gen=10_000, max_images=None, weights="best",
                     seeds=2, seeds_other=1)
     if mode == "quick":
         return dict(model=dict(codebook_size=128, code_dim=32, num_rb=1), steps=1000, batch_size=32, lr=2e-3,
-                    prior=PriorFitConfig(steps=300), n_fd=500, max_images=5000, val_every=500,
+                    prior=PriorFitConfig(steps=300), n_fd=500, n_gen=500, max_images=5000, val_every=500,
                     vmf_steps=2000)   # vmf/nc train longer: they need no prior or FDs, and κ_φ moves slowly
     return dict(model=dict(codebook_size=256, code_dim=64, num_rb=2), steps=20000, batch_size=32, lr=1e-3,
-                prior=PriorFitConfig(), n_fd=5000, max_images=None, val_every=2000,
+                prior=PriorFitConfig(), n_fd=5000, n_gen=10_000, max_images=None, val_every=2000,
                 vmf_steps=20000)
 
 
@@ -110,20 +110,22 @@ def prior_fitted(weights: rd.Weights, fit: PriorFitConfig, max_images: int | Non
         and (max_images is not None or (s.n_train_grids or 0) >= 40_000) and weights.made(s)
 
 
-def stored_scores(weights: rd.Weights, n_fd: int) -> dict | None:
+def stored_scores(weights: rd.Weights, n_fd: int, n_gen: int) -> dict | None:
     """The test figures and scores scripts/finish_bundles.py stored in the run's eval.json, if they
-    were computed the table's way (FDs on n_fd test images) after the weights and the prior."""
+    were computed the table's way (FDs on n_fd test images, generation FD on n_gen samples with the
+    test classes: scores from before that protocol have no n_gen_images) after the weights and the prior."""
     out, doc_path = weights.run, weights.run / rd.EVAL
     ev = rd.RunDir(out).eval(weights)
     if ev is None:
         return None
     newer = all(doc_path.stat().st_mtime >= (out / f).stat().st_mtime for f in (rd.WEIGHTS, rd.PRIOR_SUMMARY)
                 if (out / f).is_file())
-    if not newer or ev.n_fd_images != n_fd:
+    if not newer or ev.n_fd_images != n_fd or ("fd_generation" in ev.raw and ev.raw.get("n_gen_images") != n_gen):
         return None
     return {"test_mse": ev.test_mse, "perplexity": ev.test_perplexity, "dead_codes": ev.dead_codes,
             "entropy": ev.test_entropy, **{k: ev.raw[k] for k in ("rfd", "fd_generation", "fd_neighbor_3",
-            "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation", "prior_nll_bits", "n_fd_images") if k in ev.raw}}
+            "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation", "prior_nll_bits", "n_fd_images", "n_gen_images")
+            if k in ev.raw}}
 
 
 def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
@@ -155,7 +157,7 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     bundle = rd.RunDir(out).load(weights.which, device)
     res["weights_step"] = weights.step
     # (a run trained just now is newer than any eval.json beside it: stored_scores refuses that)
-    stored = stored_scores(weights, b["n_fd"]) if b.get("preset") else None
+    stored = stored_scores(weights, b["n_fd"], b["n_gen"]) if b.get("preset") else None
     if stored:
         print(f"using {out / rd.EVAL} (scored the same way after training)", file=sys.stderr, flush=True)
         res.update(stored)
@@ -178,7 +180,7 @@ def run_one(kind: str, seed: int, b: dict, root: Path, device: str) -> dict:
     if bundle.model.discrete and not prior_fitted(weights, b["prior"], b["max_images"]):
         train_run_prior(weights, b["prior"], max_images=b["max_images"], device=device)
     res["prior_s"], t0 = time.time() - t0, time.time()
-    res.update({k: v for k, v in score_run(bundle, n=b["n_fd"]).items() if k != "mse"})
+    res.update({k: v for k, v in score_run(bundle, n=b["n_fd"], n_gen=b["n_gen"]).items() if k != "mse"})
     res["score_s"] = time.time() - t0
     return res
 

@@ -2,6 +2,7 @@
 
     python scripts/finish_bundles.py runs/ship [--refit-priors] [--prior-steps N] [--n-fd 1000]
     python scripts/finish_bundles.py --refit-shipped [--bf16] [--only KIND ...]
+    python scripts/finish_bundles.py --rescore-shipped [--only KIND ...]
 
 --refit-shipped refits the priors of the bundles already in checkpoints/ in place (their runs need
 not be on disk: a bundle is a run directory holding the weights it was evaluated with), at the
@@ -29,8 +30,8 @@ from sqvae_core.config import MODEL_KINDS  # noqa: E402
 from sqvae_core.evaluate import evaluate_model  # noqa: E402
 from sqvae_core.imageio import save_png  # noqa: E402
 from sqvae_core.train import DEMO, paper_preset, steps_per_epoch  # noqa: E402
-from sqvae_core.scores import (PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, prior_summary, score_run,  # noqa: E402
-                               train_run_prior)
+from sqvae_core.scores import (GEN_FD_IMAGES, PRIOR_SUMMARY, PRIOR_WEIGHTS, bundle_split, generation_fd,  # noqa: E402
+                               load_fd_classifier, prior_summary, score_run, train_run_prior)
 from sqvae_core.prior import PriorFitConfig  # noqa: E402
 
 KEEP = [rd.CONFIG, rd.METRICS, rd.STATUS, rd.WEIGHTS, PRIOR_WEIGHTS, PRIOR_SUMMARY]
@@ -52,7 +53,8 @@ def compact(dest: Path, max_snapshots: int = MAX_SNAPSHOTS) -> None:
             p.unlink()
 
 
-def refit_shipped(bundle: Path, n_fd: int, fit: PriorFitConfig, max_images: int | None = None) -> dict:
+def refit_shipped(bundle: Path, fit: PriorFitConfig, max_images: int | None = None,
+                  n_gen: int = GEN_FD_IMAGES) -> dict:
     """Fit the bundle's prior again as `fit` says (the default: until its validation NLL plateaus),
     at the size and conditioning of the prior it ships, store it in float16, and rescore generation
     FD and prior NLL in eval.json. Nothing else of the bundle changes."""
@@ -63,16 +65,25 @@ def refit_shipped(bundle: Path, n_fd: int, fit: PriorFitConfig, max_images: int 
                               layers=old["layers"], conditional=old["num_classes"] is not None,
                               log=lambda m: print(f"  {kind}: {m}", flush=True))
     compact(bundle, max_snapshots=10**6)           # the prior in float16; every snapshot stays
-    doc = json.loads((bundle / rd.EVAL).read_text())
-    try:
-        scores = score_run(rd.RunDir(bundle).load("last"), n=n_fd)
-        doc.update({k: scores[k] for k in ("fd_generation", "prior_nll_bits")})
-    except rd.BundleError as e:        # no feature classifier for this data set: NLL only
-        print(f"  {bundle.name}: no Fréchet distances ({e})", flush=True)
-        doc["prior_nll_bits"] = summary["nll_bits_per_code"]
-    rd.atomic_write_json(bundle / rd.EVAL, doc)
+    doc = rescore_generation(bundle, n_gen)
     print(f"{bundle.name}: {summary['message']}; test NLL {summary['nll_bits_per_code']:.3f} bits, gen FD "
           f"{fmt(doc.get('fd_generation'))} ({time.time() - t0:.0f} s)", flush=True)
+    return doc
+
+
+GEN_KEYS = ("fd_generation", "fd_generation_rounds", "n_gen_images", "prior_nll_bits")
+
+
+def rescore_generation(bundle: Path, n_gen: int = GEN_FD_IMAGES) -> dict:
+    """Generation FD and prior NLL of a bundle's stored prior, written into its eval.json."""
+    doc = json.loads((bundle / rd.EVAL).read_text())
+    b = rd.RunDir(bundle).load("last")
+    try:
+        doc.update(generation_fd(b, load_fd_classifier(b.dataset), n_gen))
+    except rd.BundleError as e:        # no feature classifier for this data set: NLL only
+        print(f"  {bundle.name}: no Fréchet distances ({e})", flush=True)
+    doc["prior_nll_bits"] = prior_summary(b).nll_bits_per_code
+    rd.atomic_write_json(bundle / rd.EVAL, doc)
     return doc
 
 
@@ -102,7 +113,7 @@ def kept_by(run: Path) -> str:
 
 def finish(run: Path, dest_root: Path, prior_steps: int | None, n_fd: int, prior_images: int | None,
            which: str = "best", prior_size: dict | None = None, max_snapshots: int = MAX_SNAPSHOTS,
-           refit_prior: bool = False) -> dict:
+           refit_prior: bool = False, n_gen: int = GEN_FD_IMAGES) -> dict:
     """which="best": the bundle ships the run's best-validation weights (as the official trainer
     tests its best checkpoint), which="last" its last ones. prior_size: the PixelCNN's hidden and
     layers when not train_run_prior's defaults. The prior is fitted when the run has none from
@@ -119,7 +130,7 @@ def finish(run: Path, dest_root: Path, prior_steps: int | None, n_fd: int, prior
     test_x, test_y, data = bundle_split(b, "test")
     ev = evaluate_model(b.model, test_x)
     try:
-        scores = score_run(b, n=n_fd)
+        scores = score_run(b, n=n_fd, n_gen=n_gen)
     except rd.BundleError as e:        # no feature classifier for this data set: no FD columns
         print(f"  {run.name}: no Fréchet distances ({e})", flush=True)
         summary = prior_summary(b)
@@ -234,6 +245,8 @@ def main():
     p.add_argument("--refit-shipped", action="store_true",
                    help="refit the priors of the bundles in --dest in place, until the validation NLL plateaus")
     p.add_argument("--bf16", action="store_true", help="with --refit-shipped: fit under bf16 autocast where native")
+    p.add_argument("--rescore-shipped", action="store_true",
+                   help="only recompute the generation FD and prior NLL of the bundles in --dest (their priors as they are)")
     args = p.parse_args()
     if args.compact_only:
         for d in rd.list_runs(args.dest):
@@ -241,7 +254,8 @@ def main():
         return
     torch.set_num_threads(1)
     dest = Path(args.dest)
-    for run in rd.list_runs(args.runs) if not args.refit_shipped else []:
+    in_place = args.refit_shipped or args.rescore_shipped
+    for run in rd.list_runs(args.runs) if not in_place else []:
         if args.only and run.name not in args.only:
             continue
         if rd.RunDir(run).status.state != "finished":
@@ -250,10 +264,13 @@ def main():
         size = {k: v for k, v in (("hidden", args.prior_hidden), ("layers", args.prior_layers)) if v is not None}
         finish(run, dest, args.prior_steps, args.n_fd, args.prior_images, args.weights, size, args.max_snapshots,
                args.refit_priors)
-    if args.refit_shipped:
-        for bundle in rd.list_runs(dest):
-            if (bundle / PRIOR_SUMMARY).is_file() and (not args.only or bundle.name in args.only):
-                refit_shipped(bundle, args.n_fd, PriorFitConfig(bf16=args.bf16))
+    for bundle in rd.list_runs(dest) if in_place else []:
+        if (bundle / PRIOR_SUMMARY).is_file() and (not args.only or bundle.name in args.only):
+            if args.refit_shipped:
+                refit_shipped(bundle, PriorFitConfig(bf16=args.bf16))
+            else:
+                doc = rescore_generation(bundle)
+                print(f"{bundle.name}: gen FD {fmt(doc.get('fd_generation'))}", flush=True)
     docs = [{"bundle": d.name, **json.loads((d / rd.EVAL).read_text())}
             for d in sorted(dest.iterdir()) if (d / rd.EVAL).is_file()]
     order = list(MODEL_KINDS)           # the catalogue's order

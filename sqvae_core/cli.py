@@ -121,7 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     e.add_argument("--scores", action="store_true",
                    help="add the paper's Table 2 scores: rFD, generation/Neighbor-k/interpolation FD, prior NLL")
-    e.add_argument("--n-fd", type=int, default=1000, help="test images (and samples) per Fréchet distance")
+    e.add_argument("--n-fd", type=int, default=1000, help="test images per Fréchet distance (rFD, Neighbor-k, "
+                   "interpolation)")
+    e.add_argument("--n-gen", type=int, default=10_000, help="prior samples (and test images) of the generation FD, "
+                   "drawn twice with the test images' classes")
 
     pr = sub.add_parser("prior", help="PixelCNN prior over a run's code grids")
     psub = pr.add_subparsers(dest="prior_command", required=True)
@@ -303,7 +306,7 @@ def cmd_eval(args) -> int:
                data_source=data.source)
     if args.scores:
         from .scores import score_run
-        res.update(score_run(b, n=args.n_fd, data_dir=args.data_dir))
+        res.update(score_run(b, n=args.n_fd, n_gen=args.n_gen, data_dir=args.data_dir))
     if args.json:
         print(json.dumps(res))
     else:

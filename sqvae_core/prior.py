@@ -455,7 +455,11 @@ class GatedPixelCNN(nn.Module):
         per position, H*W steps in total).  ``temperature`` (> 0) divides the
         logits; small values (e.g. 1e-3) approach greedy argmax decoding.
         ``labels``: None, an int, or an ``(n,)`` integer tensor (conditional
-        models only).  ``generator`` must live on the model's device.
+        models only).  A conditional prior given None draws each grid's class
+        uniformly at random (with ``generator``): it was fitted on labelled
+        grids, so its extra "unconditional" embedding is untrained and samples
+        through it are not samples of the data's codes.  ``generator`` must
+        live on the model's device.
 
         ``threads``: intra-op CPU threads used while sampling (default 1; the
         per-position ops are tiny, and with more threads OpenMP synchronisation
@@ -467,6 +471,8 @@ class GatedPixelCNN(nn.Module):
         check_positive("temperature", temperature)
         temperature = float(temperature)
         dev = self._device()
+        if labels is None and self.config.num_classes is not None:
+            labels = torch.randint(self.config.num_classes, (n,), generator=generator, device=dev)
         cond = self._cond_index(labels, n, dev)
 
         def choose(logits: Tensor, i: int, j: int) -> Tensor:

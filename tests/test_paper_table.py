@@ -76,14 +76,17 @@ def test_a_run_is_reused_only_if_it_trained_the_same_thing_and_scores_only_for_t
 
     # stored scores: FDs on as many images, the evaluated weights, written after weights and prior
     doc = {"test_mse": 1.5, "test_perplexity": 9.0, "dead_codes": 3, "test_entropy": 0.0, "rfd": 2.0,
-           "n_fd_images": 1000, "weights_step": best}
+           "n_fd_images": 1000, "fd_generation": 4.0, "n_gen_images": 10000, "weights_step": best}
     (out / rd.PRIOR_SUMMARY).write_text(json.dumps(summary))
     rd.atomic_write_json(out / rd.EVAL, doc)
-    got = pt.stored_scores(best_w, 1000)
-    assert got["test_mse"] == 1.5 and got["perplexity"] == 9.0 and got["rfd"] == 2.0
-    assert pt.stored_scores(best_w, 2000) is None
+    got = pt.stored_scores(best_w, 1000, 10000)
+    assert got["test_mse"] == 1.5 and got["perplexity"] == 9.0 and got["rfd"] == 2.0 and got["fd_generation"] == 4.0
+    assert pt.stored_scores(best_w, 2000, 10000) is None and pt.stored_scores(best_w, 1000, 500) is None
+    # a generation FD from before the test-class protocol (no n_gen_images) is scored again
+    rd.atomic_write_json(out / rd.EVAL, {k: v for k, v in doc.items() if k != "n_gen_images"})
+    assert pt.stored_scores(best_w, 1000, 10000) is None
     rd.atomic_write_json(out / rd.EVAL, {**doc, "weights_step": best + 100})
-    assert pt.stored_scores(best_w, 1000) is None
+    assert pt.stored_scores(best_w, 1000, 10000) is None
 
 
 @pytest.mark.slow
@@ -110,7 +113,7 @@ def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
     (run / rd.METRICS).write_text("".join(json.dumps(r) + "\n" for r in rows))       # lowest both at step 8
     (run / rd.PRIOR).write_bytes(b"stale")
 
-    doc = fb.finish(run, tmp_path / "ck", prior_steps=3, n_fd=40, prior_images=200, which="best")
+    doc = fb.finish(run, tmp_path / "ck", prior_steps=3, n_fd=40, prior_images=200, which="best", n_gen=40)
     shipped, meta = rd.load_weights(tmp_path / "ck" / "vq" / rd.WEIGHTS)
     assert all(torch.equal(shipped[k], best[k]) for k in best) and meta["step"] == "4" and "config" in meta
     assert doc["weights_step"] == 4 and doc["weights"] == "best validation MSE" and doc["steps"] == 8
@@ -132,16 +135,16 @@ def test_finish_bundles_ships_and_scores_the_best_validation_weights(tmp_path):
     before = {p.relative_to(ck): p.read_bytes() for p in ck.rglob("*") if p.is_file()}
     old_prior = json.loads((ck / rd.PRIOR_SUMMARY).read_text())
     fit = PriorFitConfig(max_steps=60, eval_every=5, patience=2, min_improvement=0.9)
-    new = fb.refit_shipped(ck, n_fd=40, fit=fit, max_images=200)
+    new = fb.refit_shipped(ck, fit=fit, max_images=200, n_gen=40)
     summary = json.loads((ck / rd.PRIOR_SUMMARY).read_text())
     assert summary["stop_reason"] == "plateau" and summary["steps"] == 15       # 2 evaluations without a 90% gain
     assert summary["best_step"] == min(summary["history"], key=lambda r: r["val_nll_bits"])["step"]
     assert summary["config"] == old_prior["config"] and summary["weights_step"] == 4
     tensors, _ = rd.load_weights(ck / rd.PRIOR, "prior")
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float16}
-    assert new["prior_nll_bits"] == summary["nll_bits_per_code"] and new["fd_generation"] > 0
-    assert {k: v for k, v in new.items() if k not in ("fd_generation", "prior_nll_bits")} == \
-        {k: v for k, v in doc.items() if k not in ("fd_generation", "prior_nll_bits")}
+    assert new["prior_nll_bits"] == summary["nll_bits_per_code"] and new["n_gen_images"] == 40
+    assert new["fd_generation"] == sum(new["fd_generation_rounds"]) / 2 > 0
+    assert {k: v for k, v in new.items() if k not in fb.GEN_KEYS} == {k: v for k, v in doc.items() if k not in fb.GEN_KEYS}
     after = {p.relative_to(ck) for p in ck.rglob("*") if p.is_file()}
     assert after == set(before)
     changed = {p for p in after if (ck / p).read_bytes() != before[p]}

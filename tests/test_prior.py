@@ -231,6 +231,27 @@ def test_conditioning_changes_samples():
         assert not torch.allclose(m(codes, torch.tensor([0, 0])), m(codes, torch.tensor([3, 3])))
 
 
+def test_conditional_prior_without_labels_samples_the_data_classes():
+    """A conditional prior is fitted on labelled grids only; sampled without a label it draws a class per
+    grid. Data: class c is the constant grid of code c. Through the never-trained "unconditional"
+    embedding (what labels=None did before) the samples were not such grids; now every sample is one,
+    and the four classes come out about equally often."""
+    K, n_cls = 4, 4
+    labels = torch.arange(200) % n_cls
+    train = labels[:, None, None].expand(200, 3, 3).clone()
+    res = fit_prior(train, None, PriorConfig(K, 3, 3, hidden=16, layers=2, num_classes=n_cls),
+                    steps=150, batch_size=32, lr=1e-2, train_labels=labels, eval_every=150)
+    s = res.model.sample(400, generator=torch.Generator().manual_seed(0))
+    constant = (s == s[:, :1, :1]).flatten(1).all(1)
+    assert constant.float().mean() > 0.97
+    counts = torch.bincount(s[:, 0, 0], minlength=K)
+    assert counts.min() > 60, counts
+    # the same draw as passing the classes it picked with the same generator
+    g = torch.Generator().manual_seed(0)
+    picked = torch.randint(n_cls, (400,), generator=g)
+    assert torch.equal(s, res.model.sample(400, labels=picked, generator=g))
+
+
 # --------------------------------------------------------------------------- validation
 def test_invalid_codes_raise():
     m = _model(K=16, H=7, W=7, hidden=8, layers=2)

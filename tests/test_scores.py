@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from sqvae_core import rundir as rd
@@ -121,10 +122,22 @@ def test_explore_cli_umap_neighbor_interpolate(trained_run, tmp_path):
     assert r.returncode != 0 and "--image-index" in r.stderr
 
 
-def test_score_table_columns(run_with_prior):
+def test_score_table_columns(run_with_prior, monkeypatch):
     from sqvae_core.scores import score_run
+    from sqvae_core.prior import GatedPixelCNN
+    from sqvae_core.scores import bundle_split
     run, _ = run_with_prior
-    res = score_run(rd.load_bundle(run), n=300)       # the shipped feature classifier
+    asked = []
+    real_sample = GatedPixelCNN.sample
+    monkeypatch.setattr(GatedPixelCNN, "sample", lambda self, n, **kw: asked.append(kw["labels"]) or
+                        real_sample(self, n, **kw))
+    b = rd.load_bundle(run)
+    res = score_run(b, n=300, n_gen=300)       # the shipped feature classifier
+    # generation FD: two rounds of 300 samples, sample i drawn with test image i's class
+    assert res["n_gen_images"] == 300 and len(asked) == 2
+    assert res["fd_generation"] == pytest.approx(sum(res["fd_generation_rounds"]) / 2)
+    test_y = bundle_split(b, "test", None, 300)[1]
+    assert all(torch.equal(a.cpu(), torch.as_tensor(test_y).long()) for a in asked)
     for key in ("rfd", "fd_generation", "fd_neighbor_3", "fd_neighbor_5", "fd_neighbor_10", "fd_interpolation"):
         assert res[key] >= 0, key
     # reconstructions are closer to the data than Neighbor-10 edits
