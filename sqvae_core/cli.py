@@ -156,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     ps.add_argument("--out", required=True, help="PNG file to write")
     ps.add_argument("--seed", type=int, default=0)
     ps.add_argument("--temperature", type=float, default=1.0)
-    ps.add_argument("--label", type=int, default=None, help="class to condition on (conditional priors)")
+    ps.add_argument("--label", type=int, default=None, help="class to condition on (conditional priors; without it each image draws a class uniformly)")
     ps.add_argument("--json", action="store_true")
     ps.add_argument("--device", default="auto")
     for q in (pr, pt, ps):
