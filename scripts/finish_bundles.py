@@ -181,7 +181,7 @@ def write_readme(docs: list[dict], dest_root: Path, clf_info: dict | None):
              "its nets, K=256, d=64, batch 32, Adam 1e-3 with the plateau rule) trained for 11 epochs (17,193",
              "steps, seed 0). Every bundle's PixelCNN prior is fitted on all of its training code grids until the",
              "validation NLL plateaus, keeping the best-validation weights, under bf16 autocast (`--refit-shipped",
-             "--bf16`, 2026-12-04); each bundle's prior.json says where and why its fit stopped.",
+             "--bf16`, 2026-12-05); each bundle's prior.json says where and why its fit stopped.",
              "Each bundle holds the run's best-validation weights (`weights step`: the step they are from), as the",
              "official code tests its best checkpoint; all figures are for those weights. `kept at lowest val.`",
              "says which validation figure is lowest at that step: the paper preset keeps best weights at the",
