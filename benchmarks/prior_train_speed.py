@@ -16,12 +16,13 @@ Variants (default prior: hidden 64, 8 layers, kernel 3; batch 64 unless named):
     compile      skip+fused, torch.compile'd loss and backward (fit_prior's default for long fits)
     compile+bf16 + bf16 autocast (`--bf16`; AMX/AVX512-BF16 make it native)
     compile b128 compile at batch 128: per-step ratio per grid (a step sees twice the grids)
+    compile+bf16 bN  compile + bf16 at batch N (32, 128, 256): the ratio per grid
 
 Rounds are interleaved (old, v1, v2, ..., old, v1, ...) so that a machine shared with other jobs
 slows every variant alike; each variant's figure is its fastest round. Times are CPU seconds of
 this process (process_time: the work, not the waiting on a busy machine) beside wall seconds.
 Per fit: compile time (CPU seconds of its warm-up, once) + steps x per-step time, for a fit of
---fit-steps steps (batch 128: half as many steps, the same grids seen). Quality: each variant
+--fit-steps steps (at batch N: --batch/N as many steps, the same grids seen). Quality: each variant
 trained --quality-steps steps from the same seed; its validation NLL (bits/code) on the same grids.
 """
 from __future__ import annotations
@@ -30,6 +31,7 @@ import argparse
 import contextlib
 import os
 import platform
+import re
 import sys
 import time
 
@@ -41,7 +43,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sqvae_core import prior as P  # noqa: E402
 from sqvae_core.prior import GatedPixelCNN, PriorConfig, PriorFitConfig  # noqa: E402
 
-VARIANTS = ("old", "skip", "skip+fused", "channels_last", "compile", "compile+bf16", "compile b128")
+VARIANTS = ("old", "skip", "skip+fused", "channels_last", "compile", "compile+bf16", "compile b128",
+            "compile+bf16 b32", "compile+bf16 b128", "compile+bf16 b256")
 
 
 def cpu_kind() -> str:
@@ -89,7 +92,9 @@ def make_step(variant: str, cfg: PriorConfig, lr: float):
 
 
 def batch_of(variant: str, batch: int) -> int:
-    return 2 * batch if "b128" in variant else batch
+    """A variant named "... bN" runs at batch N; the others at --batch."""
+    m = re.search(r" b(\d+)$", variant)
+    return int(m.group(1)) if m else batch
 
 
 def main() -> None:
