@@ -246,7 +246,8 @@ def main():
     p.add_argument("--compact-only", action="store_true", help="only shrink the bundles already in --dest")
     p.add_argument("--refit-shipped", action="store_true",
                    help="refit the priors of the bundles in --dest in place, until the validation NLL plateaus")
-    p.add_argument("--bf16", action="store_true", help="with --refit-shipped: fit under bf16 autocast where native")
+    p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                   help="with --refit-shipped: bf16 autocast (default: where bf16 is native)")
     p.add_argument("--rescore-shipped", action="store_true",
                    help="only recompute the generation FD and prior NLL of the bundles in --dest (their priors as they are)")
     args = p.parse_args()

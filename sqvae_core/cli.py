@@ -139,8 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--lr", type=float, default=1e-3)
     pt.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the step (default: when the step budget is >= 1,000 and the device can)")
-    pt.add_argument("--bf16", action="store_true",
-                    help="bf16 autocast (where bf16 is native; elsewhere it says so and fits in fp32)")
+    pt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                    help="bf16 autocast (default: where bf16 is native, AVX512-BF16/AMX or a bf16 GPU; "
+                         "--bf16 elsewhere says so and fits in fp32)")
     pt.add_argument("--batch-size", type=int, default=64)
     pt.add_argument("--hidden", type=int, default=64)
     pt.add_argument("--layers", type=int, default=8)

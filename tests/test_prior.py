@@ -447,6 +447,30 @@ def test_plateau_hard_cap_and_held_out_validation(monkeypatch):
         fit_prior(train[:5], None, PriorConfig(8, 7, 7, hidden=8, layers=2), PriorFitConfig(compile=False))
 
 
+def test_bf16_is_on_where_native_and_says_so_where_asked_for_without(monkeypatch):
+    """bf16=None (the default) fits in bf16 where it is native and quietly in fp32 elsewhere;
+    bf16=True where it is not native says why in the precision and the message; both record what ran."""
+    import sqvae_core.train as train_mod
+
+    train = _structured_codes(40, 8, seed=9) % 8
+    cfg = PriorConfig(8, 7, 7, hidden=8, layers=2)
+    quick = dict(steps=2, eval_every=2, batch_size=4, compile=False)
+
+    monkeypatch.setattr(train_mod, "amp_unavailable", lambda dev: None)
+    res = fit_prior(train, None, cfg, PriorFitConfig(**quick))
+    assert res.config.bf16 is True and res.precision == "bf16 autocast" and "bf16 autocast" in res.message()
+    res = fit_prior(train, None, cfg, PriorFitConfig(**quick, bf16=False))
+    assert res.config.bf16 is False and res.precision == "fp32"
+
+    monkeypatch.setattr(train_mod, "amp_unavailable", lambda dev: "this CPU has no native bf16")
+    res = fit_prior(train, None, cfg, PriorFitConfig(**quick))
+    assert res.config.bf16 is False and res.precision == "fp32"
+    res = fit_prior(train, None, cfg, PriorFitConfig(**quick, bf16=True))
+    assert res.config.bf16 is True and res.precision == "fp32 (bf16 asked: this CPU has no native bf16)"
+    assert "fp32 (bf16 asked: this CPU has no native bf16)" in res.message()
+    assert PriorFitConfig.from_dict(res.summary()["fit"]).bf16 is True
+
+
 def test_plateau_fit_really_converges_and_keeps_its_best_weights():
     """On real (overfittable) data: few training grids, so the validation NLL turns up again."""
     train = _structured_codes(16, 8, seed=7) % 8
@@ -475,7 +499,7 @@ def test_plateau_fit_really_converges_and_keeps_its_best_weights():
         ({"lr": 0.0}, "lr must be a positive float, got 0.0"),
         ({"lr": 2.0}, "lr must be <= 1, got 2.0"),
         ({"compile": "yes"}, "compile must be true, false or null"),
-        ({"bf16": 1}, "bf16 must be true or false, got 1"),
+        ({"bf16": 1}, r"bf16 must be true, false or null \(automatic\), got 1"),
         ({"patience": True}, "patience must be an int"),
     ],
 )
