@@ -13,8 +13,8 @@ Variants (default prior: hidden 64, 8 layers, kernel 3; batch 64 unless named):
                  gate or h_out, h_out/h_skip fused (same logits)
     skip+fused   + fused Adam (fit_prior's eager step)
     channels_last  skip+fused with channels_last weights
-    compile      skip+fused, torch.compile'd loss and backward (fit_prior's default for long fits)
-    compile+bf16 + bf16 autocast (`--bf16`; AMX/AVX512-BF16 make it native)
+    compile      skip+fused, torch.compile'd loss and backward (long fits; fp32 without native bf16)
+    compile+bf16 + bf16 autocast (fit_prior's default where bf16 is native: AMX/AVX512-BF16)
     compile b128 compile at batch 128: per-step ratio per grid (a step sees twice the grids)
     compile+bf16 bN  compile + bf16 at batch N (32, 128, 256): the ratio per grid
 
