@@ -1,0 +1,91 @@
+"""The CPU fast path for the decoder's output layer (nets.MatmulConvTranspose2d) is the same layer as
+nn.ConvTranspose2d: same results and gradients to float rounding, same parameters and state-dict keys,
+under autocast and torch.compile too."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sqvae_core.config import ModelConfig
+from sqvae_core.models import build_model
+from sqvae_core.nets import MatmulConvTranspose2d, matmul_output_head_
+from sqvae_core.train import TrainConfig, apply_preset, make_model
+
+
+def layer_pair(c_in: int, c_out: int, bias: bool = True):
+    torch.manual_seed(0)
+    ref = nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=bias).double()
+    fast = copy.deepcopy(ref)
+    fast.__class__ = MatmulConvTranspose2d
+    return ref, fast
+
+
+def forward_backward(layer: nn.Module, x: torch.Tensor):
+    x = x.detach().clone().requires_grad_(True)
+    y = layer(x)
+    g = torch.linspace(-1, 2, y.numel(), dtype=y.dtype).view_as(y)      # fixed, non-uniform, not summing to 0
+    (y * g).sum().backward()
+    return y.detach(), x.grad, [p.grad.clone() for p in layer.parameters()]
+
+
+@pytest.mark.parametrize("c_out", [1, 3])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_matmul_transposed_conv_is_the_transposed_conv(c_out, bias, channels_last):
+    """y = fold(x_nhwc @ w) is the 4x4 stride-2 transposed conv; its backward is unfold(dy) @ wᵀ, xᵀ @ unfold(dy).
+    In float64 the two agree to 1e-12: any mistake in the patch order or padding would be O(1)."""
+    ref, fast = layer_pair(32, c_out, bias)
+    x = torch.randn(5, 32, 7, 6, dtype=torch.float64)      # odd sizes and h != w catch a transposed index
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y0, dx0, dp0 = forward_backward(ref, x)
+    y1, dx1, dp1 = forward_backward(fast, x)
+    assert y1.shape == (5, c_out, 14, 12)
+    torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-12, atol=1e-12)
+    for a, b in zip(dp1, dp0):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_matmul_transposed_conv_under_autocast_and_compile():
+    """bf16 autocast gives a bf16 output (as the conv does) within bf16 rounding, and float32 weight
+    gradients; torch.compile calls the custom ops and gets the eager figures."""
+    ref, fast = layer_pair(32, 1)
+    ref, fast = ref.float(), fast.float()
+    x = torch.randn(4, 32, 14, 14)
+    y0, dx0, dp0 = forward_backward(ref, x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16 = fast(x)
+    assert y16.dtype == torch.bfloat16
+    torch.testing.assert_close(y16.float(), y0, rtol=2e-2, atol=3e-2)
+    y16.float().sum().backward()
+    assert fast.weight.grad.dtype == torch.float32
+    fast.zero_grad()
+    y1, dx1, dp1 = forward_backward(torch.compile(fast), x)
+    torch.testing.assert_close(y1, y0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-5, atol=1e-5)
+    for a, b in zip(dp1, dp0):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dataset, swapped", [("fashion-mnist", 1), ("cifar10", 1)])
+def test_cpu_models_get_the_fast_output_layer_and_keep_their_weights(dataset, swapped):
+    """make_model on a CPU swaps exactly the output layer (to 1 or 3 channels), nothing else; checkpoints
+    keep their keys, so a model trained this way loads into the plain nets and decodes the same."""
+    cfg = apply_preset(TrainConfig(model=ModelConfig(kind="gaussian_1"), dataset=dataset), "paper")
+    torch.manual_seed(0)
+    model = make_model(cfg, torch.device("cpu")).eval()
+    fast = [m for m in model.modules() if isinstance(m, MatmulConvTranspose2d)]
+    assert len(fast) == swapped and fast[0].out_channels in (1, 3)
+    plain = build_model(cfg.model).eval()
+    assert not any(isinstance(m, MatmulConvTranspose2d) for m in plain.modules())
+    assert list(plain.state_dict()) == list(model.state_dict())
+    plain.load_state_dict(model.state_dict())
+    size = 28 if dataset == "fashion-mnist" else 32
+    x = torch.rand(2, 1 if dataset == "fashion-mnist" else 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(model.decoder(model.encoder(x)[0]), plain.decoder(plain.encoder(x)[0]),
+                                   rtol=1e-4, atol=1e-4)
+    assert matmul_output_head_(plain.decoder, max_channels=0) == 0        # 32 -> 1 is not <= 0 outputs
