@@ -142,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     pt.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                     help="bf16 autocast (default: where bf16 is native, AVX512-BF16/AMX or a bf16 GPU; "
                          "--bf16 elsewhere says so and fits in fp32)")
+    pt.add_argument("--ema", type=float, default=None,
+                    help="decay of the moving average of the weights that is validated and kept "
+                         "(default: PriorFitConfig.ema; 0: off, the raw weights)")
     pt.add_argument("--batch-size", type=int, default=64)
     pt.add_argument("--hidden", type=int, default=64)
     pt.add_argument("--layers", type=int, default=8)
@@ -354,7 +357,8 @@ def cmd_prior(args) -> int:
         log = None if args.json else (lambda msg: print(msg, file=sys.stderr))
         fit = PriorFitConfig(steps=args.steps, max_steps=args.max_steps, patience=args.patience,
                              eval_every=args.eval_every, lr=args.lr, batch_size=args.batch_size, seed=args.seed,
-                             compile=args.compile, bf16=args.bf16).validate()
+                             compile=args.compile, bf16=args.bf16,
+                             **({} if args.ema is None else {"ema": args.ema})).validate()
         summary = train_run_prior(args.run_dir, fit, hidden=args.hidden, layers=args.layers,
                                   conditional=not args.unconditional, max_images=args.max_images,
                                   data_dir=args.data_dir, device=device, log=log)

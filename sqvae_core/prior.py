@@ -564,7 +564,9 @@ class PriorFitConfig:
     the device can compile). ``bf16``: bf16 autocast of the network (the loss stays fp32); None (the
     default) turns it on where bf16 is native (a CPU with AVX512-BF16 or AMX, a bf16 GPU): about twice
     the compiled fp32 step's speed there, at the same converged NLL (benchmarks/RESULTS.md). Asked for
-    (True) where bf16 is not native, the fit says so and runs in fp32.
+    (True) where bf16 is not native, the fit says so and runs in fp32. ``ema``: the decay β of an
+    exponential moving average of the weights (Polyak averaging, as PixelCNN++ trains); when > 0,
+    validation scores the averaged weights and the fit keeps them. 0 turns it off.
     """
 
     steps: int | None = None
@@ -579,6 +581,7 @@ class PriorFitConfig:
     seed: int = 0
     compile: bool | None = None
     bf16: bool | None = None
+    ema: float = 0.0
 
     @property
     def plateau(self) -> bool:
@@ -611,6 +614,7 @@ class PriorFitConfig:
             raise ValueError(f"compile must be true, false or null (automatic), got {self.compile!r}")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise ValueError(f"bf16 must be true, false or null (automatic), got {self.bf16!r}")
+        _check_unit("ema", self.ema, 0.0, 1.0, "[0, 1)")
         return self
 
     def to_dict(self) -> dict:
@@ -662,7 +666,8 @@ class PriorFit:
         if self.best_step is not None:
             kept = "kept" if cfg.plateau else "last weights kept; best was"
             line += f"; {kept} step {self.best_step}, val NLL {self.best_val_nll_bits:.4f} bits/code"
-        return line + f"; {self.seconds:.0f} s, {self.precision}{', compiled' if cfg.compile else ''}"
+        avg = f", weights averaged (EMA {cfg.ema:g})" if cfg.ema > 0 else ""
+        return line + f"; {self.seconds:.0f} s, {self.precision}{', compiled' if cfg.compile else ''}{avg}"
 
     def summary(self) -> dict:
         """The JSON-safe record prior.json keeps beside the history."""
@@ -726,6 +731,35 @@ def _mean_nll_bits(model: GatedPixelCNN, codes: Tensor, cond: Tensor | None, bat
             logits = model._logits(x, None if cond is None else cond[s : s + batch_size])
             total += float(F.cross_entropy(logits.float(), x, reduction="sum"))
     return total / (codes.numel() * _LN2)
+
+
+class _WeightAverage:
+    """Exponential moving average of a model's parameters: avg ← avg + (1 − β_t)·(θ − avg) after each
+    step, β_t = min(β, (1 + t)/(10 + t)) so that the first steps do not pin it to the initial
+    weights. One foreach lerp a step (well under 1% of a prior step)."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        self.params = [p for p in model.parameters()]
+        self.avg = [p.detach().clone() for p in self.params]
+        self.decay, self.t = decay, 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.t += 1
+        beta = min(self.decay, (1 + self.t) / (10 + self.t))
+        torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1.0 - beta)
+
+    @contextlib.contextmanager
+    def swapped_in(self):
+        """The model holds the averaged weights inside the block, its own ones again after it."""
+        with torch.no_grad():
+            own = [p.detach().clone() for p in self.params]
+            torch._foreach_copy_([p.detach() for p in self.params], self.avg)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in self.params], own)
 
 
 def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitConfig, precision: str,
@@ -813,6 +847,8 @@ def fit_prior(
         # fused Adam: one kernel over all parameters instead of ~10 small ops per tensor (-4% of a step)
         opt = torch.optim.Adam(model.parameters(), lr=float(fit.lr), fused=dev.type in ("cpu", "cuda"))
         step_fn = _make_step(model, opt, fit, precision, dev)
+        average = _WeightAverage(model, fit.ema) if fit.ema > 0 else None
+        scored = average.swapped_in if average is not None else contextlib.nullcontext   # the weights validated and kept
         history: list[dict] = []
         acc, acc_n = torch.zeros((), device=dev), 0
         best_val, best_step, best_state = math.inf, None, None
@@ -822,17 +858,20 @@ def fit_prior(
             idx = torch.randint(train.shape[0], (fit.batch_size,), generator=gen).to(dev)
             acc += step_fn(train[idx], None if tr_cond is None else tr_cond[idx])
             acc_n += 1
+            if average is not None:
+                average.update()
             if step % fit.eval_every and step != fit.budget:
                 continue
-            v = None if val is None else _mean_nll_bits(model, val, va_cond)
+            with scored():
+                v = None if val is None else _mean_nll_bits(model, val, va_cond)
+                if v is not None and v < best_val and fit.plateau:
+                    best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
             model.train()
             row = {"step": step, "train_nll_bits": float(acc) / acc_n / _LN2, "val_nll_bits": v}
             history.append(row)
             acc, acc_n = torch.zeros((), device=dev), 0
             if v is not None and v < best_val:
                 best_val, best_step = v, step
-                if fit.plateau:
-                    best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
             if fit.plateau and v is not None:
                 if v < ref_val * (1.0 - fit.min_improvement):
                     ref_val, stale = v, 0
@@ -846,6 +885,9 @@ def fit_prior(
                 break
         if best_state is not None:
             model.load_state_dict(best_state)
+        elif average is not None:                  # a fixed step count keeps the last averaged weights
+            with torch.no_grad():
+                torch._foreach_copy_([p.detach() for p in average.params], average.avg)
     model.eval()
     return PriorFit(model=model, history=history, stop_reason=reason, steps=step, best_step=best_step,
                     best_val_nll_bits=None if best_step is None else best_val, config=fit,

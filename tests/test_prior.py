@@ -483,9 +483,61 @@ def test_plateau_fit_really_converges_and_keeps_its_best_weights():
     assert nll_bits_per_code(res.model, val) == pytest.approx(res.best_val_nll_bits, rel=1e-5)
 
 
+# --------------------------------------------------------------------------- weight averaging
+def test_weight_average_is_the_bias_corrected_recurrence():
+    """avg_t = avg_{t-1} + (1 - β_t)(θ_t - avg_{t-1}), β_t = min(β, (1+t)/(10+t)), recomputed by hand;
+    swapped_in shows the average inside the block and gives the model its own weights back after it,
+    an exception included."""
+    m = torch.nn.Linear(3, 2)
+    avg = prior_mod._WeightAverage(m, 0.9)
+    ref = [p.detach().clone() for p in m.parameters()]
+    for t in range(1, 100):                          # (1+t)/(10+t) reaches β = 0.9 at t = 80
+        with torch.no_grad():
+            for p in m.parameters():
+                p.copy_(torch.full_like(p, float(t * t % 7)))
+        avg.update()
+        beta = min(0.9, (1 + t) / (10 + t))
+        ref = [r + (1 - beta) * (p.detach() - r) for r, p in zip(ref, m.parameters())]
+    for a, r in zip(avg.avg, ref):
+        torch.testing.assert_close(a, r, rtol=1e-6, atol=1e-6)
+    own = [p.detach().clone() for p in m.parameters()]
+    with pytest.raises(RuntimeError, match="inside"):
+        with avg.swapped_in():
+            for p, a in zip(m.parameters(), avg.avg):
+                assert torch.equal(p, a)
+            raise RuntimeError("inside")
+    assert all(torch.equal(p, o) for p, o in zip(m.parameters(), own))
+
+
+def test_averaged_fit_keeps_and_validates_the_averaged_weights():
+    """A fixed one-step fit with ema keeps θ0 + (1 - β_1)(θ1 - θ0) (θ0: the seeded initial weights,
+    θ1: the one-step fit's without averaging, β_1 = 2/11); a plateau fit with ema keeps the averaged
+    weights its best validation NLL was measured on."""
+    train = _structured_codes(64, 8, seed=3) % 8
+    cfg = PriorConfig(8, 7, 7, hidden=8, layers=2)
+    quick = dict(steps=1, batch_size=8, eval_every=1, seed=4, compile=False, bf16=False)
+    raw = fit_prior(train, train, cfg, PriorFitConfig(**quick)).model.state_dict()
+    res = fit_prior(train, train, cfg, PriorFitConfig(**quick, ema=0.5))
+    torch.manual_seed(4)
+    init = GatedPixelCNN(cfg).state_dict()
+    for k, v in res.model.state_dict().items():
+        torch.testing.assert_close(v, init[k] + (1 - 2 / 11) * (raw[k] - init[k]), rtol=1e-6, atol=1e-7)
+    assert "weights averaged (EMA 0.5)" in res.message()
+    assert nll_bits_per_code(res.model, train) == pytest.approx(res.history[-1]["val_nll_bits"], rel=1e-6)
+
+    val = _structured_codes(200, 8, seed=8) % 8
+    fit = PriorFitConfig(eval_every=20, patience=3, batch_size=16, lr=1e-2, max_steps=400, compile=False,
+                         bf16=False, ema=0.9)
+    res = fit_prior(_structured_codes(16, 8, seed=7) % 8, val, PriorConfig(8, 7, 7, hidden=16, layers=2), fit)
+    assert nll_bits_per_code(res.model, val) == pytest.approx(res.best_val_nll_bits, rel=1e-5)
+    assert PriorFitConfig.from_dict(res.summary()["fit"]).ema == 0.9
+
+
 @pytest.mark.parametrize(
     "overrides,match",
     [
+        ({"ema": 1.0}, r"ema must be in \[0, 1\), got 1.0"),
+        ({"ema": -0.1}, r"ema must be in \[0, 1\), got -0.1"),
         ({"steps": 0}, r"steps must be in \[1, 1000000000\], got 0"),
         ({"max_steps": -1}, r"max_steps must be in \[1, 1000000000\], got -1"),
         ({"eval_every": 300, "max_steps": 200}, r"eval_every must be <= max_steps \(200\) .* got 300"),
