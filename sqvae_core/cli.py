@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "--bf16 elsewhere says so and fits in fp32)")
     pt.add_argument("--ema", type=float, default=None,
                     help="decay of the moving average of the weights that is validated and kept "
-                         "(default: PriorFitConfig.ema; 0: off, the raw weights)")
+                         "(default 0.999; 0: off, the raw weights)")
     pt.add_argument("--batch-size", type=int, default=64)
     pt.add_argument("--hidden", type=int, default=64)
     pt.add_argument("--layers", type=int, default=8)

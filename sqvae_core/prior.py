@@ -566,7 +566,10 @@ class PriorFitConfig:
     the compiled fp32 step's speed there, at the same converged NLL (benchmarks/RESULTS.md). Asked for
     (True) where bf16 is not native, the fit says so and runs in fp32. ``ema``: the decay β of an
     exponential moving average of the weights (Polyak averaging, as PixelCNN++ trains); when > 0,
-    validation scores the averaged weights and the fit keeps them. 0 turns it off.
+    validation scores the averaged weights and the fit keeps them ("the weights" above are then the
+    averaged ones). 0 turns it off. The default 0.999 (a horizon of about 1,000 steps) lowered the
+    converged test NLL by 0.08-0.11 bits and the generation FD's spread between fits from 16-18% to
+    2-4% (benchmarks/RESULTS.md).
     """
 
     steps: int | None = None
@@ -581,7 +584,7 @@ class PriorFitConfig:
     seed: int = 0
     compile: bool | None = None
     bf16: bool | None = None
-    ema: float = 0.0
+    ema: float = 0.999
 
     @property
     def plateau(self) -> bool:

@@ -65,7 +65,7 @@ def test_prior_train_says_where_its_plateau_fit_stopped(tmp_path):
     run = tmp_path / "run"
     shutil.copytree(ROOT / "checkpoints" / "gaussian_1", run)
     r = cli("prior", "train", run, "--max-steps", "60", "--eval-every", "20", "--patience", "2",
-            "--max-images", "1000", "--hidden", "8", "--layers", "2", "--no-compile", "--no-bf16")
+            "--max-images", "1000", "--hidden", "8", "--layers", "2", "--no-compile", "--no-bf16", "--ema", "0.99")
     assert r.returncode == 0, r.stderr
     first = r.stdout.splitlines()[0]
     m = re.match(r"prior fit stopped at step (\d+) \((plateau|max_steps): .*; kept step (\d+), val NLL", first)
@@ -74,11 +74,14 @@ def test_prior_train_says_where_its_plateau_fit_stopped(tmp_path):
     assert {"steps", "best_step", "best_val_nll_bits", "stop_reason", "fit", "message", "history"} <= set(doc)
     assert (doc["steps"], doc["stop_reason"], doc["best_step"]) == (int(m[1]), m[2], int(m[3]))
     assert doc["message"] == first and doc["fit"]["steps"] is None and doc["fit"]["compile"] is False
-    assert doc["fit"]["bf16"] is False and doc["precision"] == "fp32" and first.endswith("s, fp32")
+    assert doc["fit"]["bf16"] is False and doc["precision"] == "fp32" and doc["fit"]["ema"] == 0.99
+    assert first.endswith("s, fp32, weights averaged (EMA 0.99)")
     assert doc["fit"]["patience"] == 2 and doc["fit"]["eval_every"] == 20 and doc["fit"]["max_steps"] == 60
     assert doc["best_val_nll_bits"] == min(row["val_nll_bits"] for row in doc["history"])
     r = cli("prior", "train", run, "--patience", "0")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "patience must be in [1, 10000], got 0" in r.stderr
+    r = cli("prior", "train", run, "--ema", "1")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "ema must be in [0, 1), got 1.0" in r.stderr
 
 
 @pytest.mark.slow
