@@ -85,6 +85,8 @@ def official_init(module: nn.Module) -> None:
 # 4x4 stride-2 patches of dy), dx = dcols @ wᵀ, dw = xᵀ @ dcols. Custom ops, so that torch.compile
 # calls them as they are (inductor's own code for the patch sums was slower than oneDNN's).
 # Why: oneDNN runs the decoder's last transposed conv (32 -> 1 or 3 channels) at a few GFLOP/s.
+# Note: torch.compile's on-disk cache does not key on the fake impls below; after changing one, clear it
+# (TORCHINDUCTOR_FORCE_DISABLE_CACHES=1, or remove /tmp/torchinductor_$USER) or a stale graph asserts on strides.
 
 
 @torch.library.custom_op("sqvae::convt4s2", mutates_args=())
