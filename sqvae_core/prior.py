@@ -752,17 +752,20 @@ class _WeightAverage:
         beta = min(self.decay, (1 + self.t) / (10 + self.t))
         torch._foreach_lerp_(self.avg, [p.detach() for p in self.params], 1.0 - beta)
 
+    @torch.no_grad()
+    def load(self, tensors: list[Tensor] | None = None) -> None:
+        """Copy `tensors` (default: the average) into the model's parameters."""
+        torch._foreach_copy_([p.detach() for p in self.params], self.avg if tensors is None else tensors)
+
     @contextlib.contextmanager
     def swapped_in(self):
         """The model holds the averaged weights inside the block, its own ones again after it."""
-        with torch.no_grad():
-            own = [p.detach().clone() for p in self.params]
-            torch._foreach_copy_([p.detach() for p in self.params], self.avg)
+        own = [p.detach().clone() for p in self.params]
+        self.load()
         try:
             yield
         finally:
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in self.params], own)
+            self.load(own)
 
 
 def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitConfig, precision: str,
@@ -867,13 +870,14 @@ def fit_prior(
                 continue
             with scored():
                 v = None if val is None else _mean_nll_bits(model, val, va_cond)
-                if v is not None and v < best_val and fit.plateau:
+                improved = v is not None and v < best_val
+                if improved and fit.plateau:
                     best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
             model.train()
             row = {"step": step, "train_nll_bits": float(acc) / acc_n / _LN2, "val_nll_bits": v}
             history.append(row)
             acc, acc_n = torch.zeros((), device=dev), 0
-            if v is not None and v < best_val:
+            if improved:
                 best_val, best_step = v, step
             if fit.plateau and v is not None:
                 if v < ref_val * (1.0 - fit.min_improvement):
@@ -889,8 +893,7 @@ def fit_prior(
         if best_state is not None:
             model.load_state_dict(best_state)
         elif average is not None:                  # a fixed step count keeps the last averaged weights
-            with torch.no_grad():
-                torch._foreach_copy_([p.detach() for p in average.params], average.avg)
+            average.load()
     model.eval()
     return PriorFit(model=model, history=history, stop_reason=reason, steps=step, best_step=best_step,
                     best_val_nll_bits=None if best_step is None else best_val, config=fit,
