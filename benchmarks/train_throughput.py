@@ -1,7 +1,7 @@
 """Training throughput (images/s) and peak memory at the paper preset, against the official trainer's step.
 
     python benchmarks/train_throughput.py [--size 28|32|64] [--steps 30] [--rounds 7] [--threads N] [--compile]
-                                          [--amp] [--clock wall|cpu] [--device cpu|cuda]
+                                          [--amp] [--python-wrapper] [--clock wall|cpu] [--device cpu|cuda]
 
 The CPU's kind and ISA are printed first: ratios differ between CPU kinds. On a GPU
 (benchmarks/gpu_check.sh) every round ends with a synchronize, so queued kernels count.
@@ -17,7 +17,9 @@ Same machine, same nets (the official SQ-VAE nets at that size: 28 = Fashion-MNI
   ours            the same as `sqvae train` runs it on a CPU (channels_last convolutions): a run of
                   fewer than 5,000 steps, or --no-compile
   ours+compile    ... and torch.compile (with --compile), as `sqvae train` runs 5,000+ steps
-                  (the paper preset) where a C++ compiler exists
+                  (the paper preset) where a C++ compiler exists: train.compile_options, on a CPU
+                  with the graph's host code in C++ (cpp_wrapper)
+  ..., py wrap    (--python-wrapper) the same compiled with Python host code, as before
 Every variant runs `steps` steps in every round, in turn (interleaved: machine drift hits all
 alike). Prints images/s (median over rounds), the median per-round ratio to official-style,
 and the process's peak RSS.
@@ -41,8 +43,8 @@ from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.data import ImageData  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
 from sqvae_core.nets import Decoder, Encoder  # noqa: E402
-from sqvae_core.train import (COMPILE_OPTIONS, Batches, Dist, TrainConfig, Window, cpu_kind, make_model,  # noqa: E402
-                              make_optimizer, temperature_at, train_step)
+from sqvae_core.train import (COMPILE_OPTIONS, Batches, Dist, TrainConfig, Window, compile_options,  # noqa: E402
+                              cpu_kind, make_model, make_optimizer, temperature_at, train_step)
 
 B = 32
 SETTINGS = {   # image size -> (channels, K, blocks, exp(s) at init)
@@ -142,12 +144,15 @@ def official_style_step(model, images, tcfg):
     return step
 
 
-def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, compile_: bool, amp: bool = False):
-    """train.py's own step: Batches -> train_step -> Window, a log-point read every 10 steps."""
+def ours_step(cfg: ModelConfig, images, tcfg: TrainConfig, channels_last: bool, compile_: bool, amp: bool = False,
+              python_wrapper: bool = False):
+    """train.py's own step: Batches -> train_step -> Window, a log-point read every 10 steps.
+    python_wrapper: compile with the options train.py used before compile_options (Python host code)."""
     device = torch.device(tcfg.device)
     model = (make_model(TrainConfig(model=cfg), device) if channels_last else build_model(cfg).to(device)).train()
     opt = make_optimizer(model, 1e-3, device)
-    fwd = torch.compile(model, options=COMPILE_OPTIONS) if compile_ else model
+    options = COMPILE_OPTIONS if python_wrapper else compile_options(device)
+    fwd = torch.compile(model, options=options) if compile_ else model
     tcfg = dataclasses.replace(tcfg, compile=compile_, amp=amp)     # compiled: train_step passes τ as a tensor
     pixels = (images * 255).round().to(torch.uint8)          # as the data sets store them
     batches = Batches(ImageData(pixels, None, "bench", "train", "memory", None, None), tcfg, Dist(), device)
@@ -194,6 +199,9 @@ def main():
     p.add_argument("--compile", action="store_true")
     p.add_argument("--amp", action="store_true", help="also bf16 autocast (`sqvae train --amp`), with --compile "
                    "if given")
+    p.add_argument("--python-wrapper", action="store_true",
+                   help="with --compile: also the compiled step with Python host code (train.py before "
+                        "compile_options), to measure what the C++ wrapper gives on this CPU")
     p.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                    help="cpu: the process's CPU time (with --threads 1, a measure that other load on a "
                         "shared machine barely moves; images per CPU-second)")
@@ -217,15 +225,17 @@ def main():
         tcfg = TrainConfig(model=cfg, batch_size=B, log_every=10, device=args.device)
         plain_cls = OfficialStyleVQVAE if kind.startswith("vq") else OfficialStyleGaussianSQVAE
         variants = {"official-style": official_style_step(plain_cls(cfg).to(args.device).train(), images, tcfg)}
-        options = [("ours NCHW", False, False, False), ("ours (train <5k st.)", True, False, False)]
+        options = [("ours NCHW", False, False, False, False), ("ours (train <5k st.)", True, False, False, False)]
+        if args.compile and args.python_wrapper:
+            options += [("ours+compile, py wrap", True, True, False, True)]
         if args.compile:
-            options += [("ours+compile (5k+)", True, True, False)]
+            options += [("ours+compile (5k+)", True, True, False, False)]
         if args.amp:
-            options += [("ours+compile+bf16" if args.compile else "ours+bf16", True, args.compile, True)]
-        for name, cl, comp, amp in options:
-            variants[name] = ours_step(cfg, images, tcfg, cl, comp, amp)
+            options += [("ours+compile+bf16" if args.compile else "ours+bf16", True, args.compile, True, False)]
+        for name, cl, comp, amp, py in options:
+            variants[name] = ours_step(cfg, images, tcfg, cl, comp, amp, python_wrapper=py)
         for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds, clock=clock, sync=sync).items():
-            print(f"{kind:<11} {name:<20} {ips:8.0f} img/s   {ratio:.2f}x")
+            print(f"{kind:<11} {name:<21} {ips:8.0f} img/s   {ratio:.2f}x")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
                                        if cuda else ""))

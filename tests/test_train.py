@@ -376,6 +376,35 @@ def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_pat
     assert taus == [temperature_at(cfg, s) for s in range(5)] and len(set(taus)) == 5
 
 
+
+@pytest.mark.slow
+def test_cpu_step_compiled_with_cpp_host_code_computes_what_the_python_wrapper_did():
+    """compile_options adds inductor's cpp_wrapper on a CPU (the graph's allocations and kernel
+    calls in C++, not Python): the same kernels, so three steps of Gaussian SQ-VAE I -- Gumbel
+    noise, Adam, batch-norm statistics -- give the losses of the graph compiled as before. A wrapper
+    that reused or freed a buffer wrongly would be off by far more than the 1e-5 allowed."""
+    pytest.importorskip("torch._inductor")
+    import sqvae_core.train as tr
+    cpu = torch.device("cpu")
+    if tr.compile_unavailable(cpu):
+        pytest.skip("no C++ compiler for torch.compile")
+    assert tr.compile_options(cpu)["cpp_wrapper"] is True
+    assert "cpp_wrapper" not in tr.compile_options(torch.device("cuda"))
+    losses = {}
+    for host in ("cpp", "python"):
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        cfg = tiny_cfg("unused", "gaussian_1", compile=True)
+        model = tr.make_model(cfg, cpu).train()
+        opt = tr.make_optimizer(model, 1e-3, cpu)
+        step_model = tr._wrap(model, cfg, tr.Dist(), cpu) if host == "cpp" else \
+            torch.compile(model, options=tr.COMPILE_OPTIONS)
+        g = torch.Generator().manual_seed(1)
+        losses[host] = [float(tr.train_step(step_model, opt, torch.rand(16, 1, 28, 28, generator=g), 0.5, cfg,
+                                             cpu, s).loss.detach()) for s in range(3)]
+    torch._dynamo.reset()
+    assert losses["cpp"] == pytest.approx(losses["python"], rel=1e-5), losses
+
 def grey_digits(root: Path, n: int = 64, size: int = 28) -> Path:
     """A folder of grey size x size PNGs (mode L): a bright stroke on black, MNIST-like."""
     import numpy as np
