@@ -224,8 +224,8 @@ def main():
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, {c}x{args.size}x{args.size}, "
           f"{args.rounds} interleaved rounds of {args.steps} steps per variant (medians; ratio = median of "
           f"per-round ratios to official-style), {args.clock} clock")
-    no_amp = amp_unavailable(torch.device(args.device))
-    if args.amp and no_amp:     # what `sqvae train --amp` does here: emulated bf16 would only be slower
+    no_amp = amp_unavailable(torch.device(args.device)) if args.amp else None
+    if no_amp:     # what `sqvae train --amp` does here: emulated bf16 would only be slower
         print(f"--amp: {no_amp}; `sqvae train --amp` trains in fp32 here (the compiled fp32 row), so no bf16 "
               "row is measured")
     for kind in args.kinds.split(","):
@@ -238,7 +238,7 @@ def main():
             options += [("ours+compile, py wrap", True, True, False, True)]
         if args.compile:
             options += [("ours+compile (5k+)", True, True, False, False)]
-        if args.amp and not no_amp:
+        if args.amp and no_amp is None:
             options += [("ours+compile+bf16" if args.compile else "ours+bf16", True, args.compile, True, False)]
         for name, cl, comp, amp, py in options:
             variants[name] = ours_step(cfg, images, tcfg, cl, comp, amp, python_wrapper=py)
