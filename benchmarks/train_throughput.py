@@ -226,7 +226,7 @@ def main():
           f"per-round ratios to official-style), {args.clock} clock")
     no_amp = amp_unavailable(torch.device(args.device)) if args.amp else None
     if no_amp:     # what `sqvae train --amp` does here: emulated bf16 would only be slower
-        print(f"--amp: {no_amp}; `sqvae train --amp` trains in fp32 here (the compiled fp32 row), so no bf16 "
+        print(f"--amp: {no_amp}; `sqvae train --amp` trains in fp32 here (the fp32 rows), so no bf16 "
               "row is measured")
     for kind in args.kinds.split(","):
         cfg = model_config(args.size, kind)
