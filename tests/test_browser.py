@@ -491,11 +491,14 @@ def test_logged_run_grows_in_train_live_while_its_loop_runs(servers, browser):
         assert len(seen) >= 3 and seen[-1] > seen[0], f"the logged run's curve did not grow: {seen}"
         assert loop.poll() is None                            # it grew while the loop was still running
         assert page.locator("button[kind='primary']", has_text="Stop").count() == 0
-        # the panels below the first row may be drawn only once in view, and a moment after the loss (a
-        # slow CI machine showed the second row still missing): scroll to them and wait
+        # the panels below the first row come a moment after the loss (a slow CI machine showed the second
+        # row still missing), and the live view redraws them every refresh, so a located panel may be
+        # replaced before it is "stable" (CI: scroll_into_view_if_needed -> "not attached to the DOM").
+        # Scroll with the mouse wheel, which needs no element, and wait for the titles.
         panels = page.locator("[data-testid='stPlotlyChart']")
         expect(panels.nth(2)).to_be_attached(timeout=30_000)     # loss, perplexity, other scalars (+ usage)
-        panels.nth(2).scroll_into_view_if_needed()
+        page.mouse.move(720, 750)
+        page.mouse.wheel(0, 1200)
         for title in ("Perplexity and dead codes", "Other logged scalars"):
             expect(page.locator(".gtitle", has_text=title).first).to_be_attached(timeout=30_000)
         expect(page.locator(".g-y2title", has_text="dead codes (window)").first).to_be_attached(timeout=30_000)
