@@ -24,8 +24,9 @@ Same machine, same nets (the official SQ-VAE nets at that size: 28 = Fashion-MNI
                   native (train.amp_unavailable): elsewhere the run trains in fp32, and emulated
                   bf16 was 0.13-0.14x the official fp32 step on an AVX2-only AMD EPYC
 Every variant runs `steps` steps in every round, in turn (interleaved: machine drift hits all
-alike). Prints images/s (median over rounds), the median per-round ratio to official-style,
-and the process's peak RSS.
+alike). Prints images/s (median over rounds), the median per-round ratio to official-style with
+the range of the per-round ratios (on a shared VM, medians of 5 rounds moved by +-5% between runs:
+read the range before a second decimal), and the process's peak RSS.
 """
 from __future__ import annotations
 
@@ -188,8 +189,11 @@ def bench_interleaved(variants: dict, steps: int, rounds: int, warmup: int = 10,
             sync()        # a GPU's queued kernels count in the round that queued them
             ips[name].append(B * steps / (clock() - t0))
     base = next(iter(variants))
-    return {name: (statistics.median(v), statistics.median(a / b for a, b in zip(v, ips[base])))
-            for name, v in ips.items()}
+    out = {}
+    for name, v in ips.items():
+        ratios = [a / b for a, b in zip(v, ips[base])]
+        out[name] = (statistics.median(v), statistics.median(ratios), min(ratios), max(ratios))
+    return out
 
 
 def main():
@@ -223,7 +227,7 @@ def main():
         print(f"GPU: {torch.cuda.get_device_name(args.device)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {B}, {c}x{args.size}x{args.size}, "
           f"{args.rounds} interleaved rounds of {args.steps} steps per variant (medians; ratio = median of "
-          f"per-round ratios to official-style), {args.clock} clock")
+          f"per-round ratios to official-style, their range in brackets), {args.clock} clock")
     no_amp = amp_unavailable(torch.device(args.device)) if args.amp else None
     if no_amp:     # what `sqvae train --amp` does here: emulated bf16 would only be slower
         print(f"--amp: {no_amp}; `sqvae train --amp` trains in fp32 here (the fp32 rows), so no bf16 "
@@ -242,8 +246,9 @@ def main():
             options += [("ours+compile+bf16" if args.compile else "ours+bf16", True, args.compile, True, False)]
         for name, cl, comp, amp, py in options:
             variants[name] = ours_step(cfg, images, tcfg, cl, comp, amp, python_wrapper=py)
-        for name, (ips, ratio) in bench_interleaved(variants, args.steps, args.rounds, clock=clock, sync=sync).items():
-            print(f"{kind:<11} {name:<21} {ips:8.0f} img/s   {ratio:.2f}x")
+        for name, (ips, ratio, lo, hi) in bench_interleaved(variants, args.steps, args.rounds, clock=clock,
+                                                             sync=sync).items():
+            print(f"{kind:<11} {name:<21} {ips:8.0f} img/s   {ratio:.2f}x   ({lo:.2f}-{hi:.2f})")
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"peak RSS {peak:.0f} MB" + (f", peak GPU memory {torch.cuda.max_memory_allocated() / 2**20:.0f} MB"
                                        if cuda else ""))
