@@ -204,6 +204,14 @@ def first_plot_seconds(page, url: str) -> float:
     return first_paint(page, url)[0]
 
 
+def wheel_down(page, pixels: int) -> None:
+    """Scroll the app down with the mouse wheel. Live views redraw their panels on every refresh, so a
+    located panel can be replaced before it is "stable", and scroll_into_view_if_needed then fails with
+    "not attached to the DOM" (seen in CI); the wheel needs no element."""
+    page.mouse.move(720, 750)
+    page.mouse.wheel(0, pixels)
+
+
 def shot(page, name: str, height: int = 2300):
     """Screenshot of the whole app (Streamlit scrolls inside its own container: use a tall viewport)."""
     size = page.viewport_size
@@ -281,8 +289,7 @@ def test_app_in_browser(servers, browser):
     expect(page.get_by_text("shown", exact=False).first).to_be_visible()
     charts = page.locator("[data-testid='stPlotlyChart'] .js-plotly-plot .main-svg")
     expect(page.locator("[data-testid='stPlotlyChart']")).to_have_count(8, timeout=30_000)   # 6 curves, raster, map
-    page.mouse.move(720, 750)           # the wheel needs no element that a rerun could replace (see below)
-    page.mouse.wheel(0, 3000)
+    wheel_down(page, 3000)
     charts.last.wait_for(state="visible")
     for title in ("Self-annealing", "Codebook map over training (PCA)"):   # each panel draws on its own
         expect(page.locator(".gtitle", has_text=title).first).to_be_attached(timeout=30_000)
@@ -493,13 +500,10 @@ def test_logged_run_grows_in_train_live_while_its_loop_runs(servers, browser):
         assert loop.poll() is None                            # it grew while the loop was still running
         assert page.locator("button[kind='primary']", has_text="Stop").count() == 0
         # the panels below the first row come a moment after the loss (a slow CI machine showed the second
-        # row still missing), and the live view redraws them every refresh, so a located panel may be
-        # replaced before it is "stable" (CI: scroll_into_view_if_needed -> "not attached to the DOM").
-        # Scroll with the mouse wheel, which needs no element, and wait for the titles.
+        # row still missing): scroll down and wait for their titles
         panels = page.locator("[data-testid='stPlotlyChart']")
         expect(panels.nth(2)).to_be_attached(timeout=30_000)     # loss, perplexity, other scalars (+ usage)
-        page.mouse.move(720, 750)
-        page.mouse.wheel(0, 1200)
+        wheel_down(page, 1200)
         for title in ("Perplexity and dead codes", "Other logged scalars"):
             expect(page.locator(".gtitle", has_text=title).first).to_be_attached(timeout=30_000)
         expect(page.locator(".g-y2title", has_text="dead codes (window)").first).to_be_attached(timeout=30_000)
