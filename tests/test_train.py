@@ -502,12 +502,12 @@ def test_train_throughput_runs_every_variant_and_prints_the_cpu_kind():
     assert res.returncode == 0, res.stderr
     lines = res.stdout.splitlines()
     assert lines[0].startswith("CPU: ") and "torch ISA" in lines[0]
-    rows = [line.split()[1] for line in lines if line.startswith("vq ")]
-    for line in lines:                  # "... 1.24x   (1.15-1.31)": the median ratio inside its rounds' range
-        if line.startswith("vq "):
-            ratio, spread = line.split()[-2:]
-            lo, hi = map(float, spread.strip("()").split("-"))
-            assert lo <= float(ratio.rstrip("x")) <= hi, line
+    vq_lines = [line for line in lines if line.startswith("vq ")]
+    rows = [line.split()[1] for line in vq_lines]
+    for line in vq_lines:               # "... 1.24x   (1.15-1.31)": the median ratio inside its rounds' range
+        ratio, spread = line.split()[-2:]
+        lo, hi = map(float, spread.strip("()").split("-"))
+        assert lo <= float(ratio.rstrip("x")) <= hi, line
     if cpu_has_native_bf16():
         assert rows == ["official-style", "ours", "ours", "ours+bf16"], rows
     else:
