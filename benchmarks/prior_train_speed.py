@@ -14,7 +14,10 @@ Variants (default prior: hidden 64, 8 layers, kernel 3; batch 64 unless named):
     skip+fused   + fused Adam (fit_prior's eager step)
     channels_last  skip+fused with channels_last weights
     compile      skip+fused, torch.compile'd loss and backward (long fits; fp32 without native bf16)
+    compile matmul  compile, the network as channels-last matmuls (GatedPixelCNN._logits_matmul;
+                 fit_prior's fp32 step on an AVX2-only CPU: prior.step_form)
     compile+bf16 + bf16 autocast (fit_prior's default where bf16 is native: AMX/AVX512-BF16)
+    compile+bf16 matmul  compile+bf16 as matmuls
     compile b128 compile at batch 128: per-step ratio per grid (a step sees twice the grids)
     compile+bf16 bN  compile + bf16 at batch N (32, 128, 256): the ratio per grid
 
@@ -43,7 +46,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from sqvae_core import prior as P  # noqa: E402
 from sqvae_core.prior import GatedPixelCNN, PriorConfig, PriorFitConfig  # noqa: E402
 
-VARIANTS = ("old", "skip", "skip+fused", "channels_last", "compile", "compile+bf16", "compile b128",
+VARIANTS = ("old", "skip", "skip+fused", "channels_last", "compile", "compile matmul", "compile+bf16",
+            "compile+bf16 matmul", "compile b128",
             "compile+bf16 b32", "compile+bf16 b128", "compile+bf16 b256")
 
 
@@ -61,6 +65,29 @@ def cpu_kind() -> str:
     amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
     bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     return f"{name}; {os.cpu_count()} CPUs; torch ISA {isa}; AVX512-BF16 {bf16}; AMX {amx}"
+
+
+def step_gflop(cfg: PriorConfig, batch: int) -> float:
+    """Multiply-adds x 2 of one training step (forward and backward) as the fit computes it."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = GatedPixelCNN(cfg)
+    x = torch.randint(cfg.num_codes, (batch, cfg.height, cfg.width))
+    c = None if cfg.num_classes is None else torch.randint(cfg.num_classes, (batch,))
+    with FlopCounterMode(display=False) as counter:
+        F.cross_entropy(model._logits(x, model._cond_index(c, batch, torch.device("cpu"))), x).backward()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_peak_gflops(dtype: torch.dtype, n: int = 2048, reps: int = 5) -> float:
+    """This core's matrix-product rate at a large square size (CPU time: the work, not the wait)."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.process_time()
+        a @ b
+        best = min(best, time.process_time() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def make_step(variant: str, cfg: PriorConfig, lr: float):
@@ -88,7 +115,7 @@ def make_step(variant: str, cfg: PriorConfig, lr: float):
         model = model.to(memory_format=torch.channels_last)
     fit = PriorFitConfig(compile=variant.startswith("compile"), bf16="bf16" in variant, lr=lr)
     precision = "bf16 autocast" if fit.bf16 else "fp32"
-    return model, P._make_step(model, opt, fit, precision, dev)
+    return model, P._make_step(model, opt, fit, precision, dev, "matmul" if "matmul" in variant else "conv")
 
 
 def batch_of(variant: str, batch: int) -> int:
@@ -175,6 +202,18 @@ def main() -> None:
         fit_ratio = old_fit / (compile_s + t * fit_steps)
         print(f"| {v} | {bs} | {t * 1e3:.1f} | {min(wall[v]) * 1e3:.1f} | {per_grid:.2f}x | {warm[v][0]:.1f} | "
               f"{fit_ratio:.2f}x |")
+
+    # The ceiling: every product at this core's large-matmul rate, nothing else costing anything.
+    flops, peak = step_gflop(cfg, args.batch), matmul_peak_gflops(torch.float32)
+    floor_ms = flops / peak * 1e3
+    print(f"\nCeiling: a step is {flops:.1f} GFLOP of products; at this core's fp32 matmul rate "
+          f"({peak:.0f} GFLOP/s, 2048x2048) it cannot take under {floor_ms:.0f} ms: {old * 1e3 / floor_ms:.2f}x old "
+          f"in fp32.")
+    from sqvae_core.train import cpu_has_native_bf16
+    if cpu_has_native_bf16():
+        peak16 = matmul_peak_gflops(torch.bfloat16)
+        print(f"In bf16 ({peak16:.0f} GFLOP/s): {flops / peak16 * 1e3:.0f} ms, "
+              f"{old * 1e3 / (flops / peak16 * 1e3):.2f}x old.")
 
     if args.quality_steps:
         print(f"\nValidation NLL after {args.quality_steps} steps (same seed, same grids; bits/code):\n")

@@ -142,9 +142,20 @@ def _as_config(config: PriorConfig | Mapping[str, Any]) -> PriorConfig:
 # --------------------------------------------------------------------------- #
 # model
 # --------------------------------------------------------------------------- #
-def _gate(t: Tensor) -> Tensor:
-    a, b = t.chunk(2, dim=1)
+def _gate(t: Tensor, dim: int = 1) -> Tensor:
+    a, b = t.chunk(2, dim=dim)
     return torch.tanh(a) * torch.sigmoid(b)
+
+
+def _windows(t: Tensor, rows: int, cols: int, out_h: int, out_w: int) -> Tensor:
+    """im2col of a padded channels-last ``t (B, H', W', C)``: the rows x cols shifted windows
+    concatenated on channels, ``(B, out_h, out_w, rows*cols*C)`` in (r, s, C) order."""
+    return torch.cat([t[:, r:r + out_h, s:s + out_w] for r in range(rows) for s in range(cols)], -1)
+
+
+def _as_matrix(weight: Tensor) -> Tensor:
+    """A conv weight ``(out, in, kh, kw)`` as the ``(out, kh*kw*in)`` matrix :func:`_windows` multiplies."""
+    return weight.permute(0, 2, 3, 1).reshape(weight.shape[0], -1)
 
 
 @contextlib.contextmanager
@@ -348,6 +359,48 @@ class GatedPixelCNN(nn.Module):
             skip = s if skip is None else skip + s
         y = F.relu(self.head_hidden(F.relu(skip)))
         return self.head_out(self.head_dropout(y))
+
+    def _logits_matmul(self, codes: Tensor, cond: Tensor | None) -> Tensor:
+        """The network of :meth:`_forward_embedded` on channels-last activations, every convolution
+        written as one matrix product: logits ``(B, H, W, K)``, equal to it in exact arithmetic.
+
+        A kh x kw convolution over a padded input is im2col and a GEMM:
+        ``out[b,i,j] = W' . concat_{r<kh, s<kw} x_pad[b, i+r, j+s]`` with ``W'`` the weight laid out
+        (out, r, s, in). On a CPU whose widest vector unit is AVX2, oneDNN runs these 7x7-grid
+        convolutions at 46-75 GFLOP/s and torch.mm the same products at ~84, and inductor fuses the
+        window copies into the gate kernels around them: the compiled fp32 step is 1.19-1.27x faster
+        there (benchmarks/RESULTS.md). Not used elsewhere: with bf16 on AMX the convolutions won."""
+        k2, kk = self.k2, 2 * self.k2 + 1
+        x = self.embed(codes)                                        # (B, H, W, p)
+        B, H, W, p = x.shape
+        v, h, skip = x[:, : H - 1], x, None
+        last = len(self.layers) - 1
+        for l, layer in enumerate(self.layers):
+            c = layer.cond(cond)[:, None, None, :] if layer.cond is not None else None
+            kh = layer.h_conv.kernel_size[1]                         # mask A: k2 columns, mask B: k2 + 1
+            h_win = _windows(F.pad(h, (0, 0, k2, 0)), 1, kh, H, W)   # columns c-k2 .. c-k2+kh-1
+            h_pre = F.linear(h_win, _as_matrix(layer.h_conv.weight), layer.h_conv.bias)
+            if H > 1:   # as in _forward_embedded: rows 0..H-2, then one row down
+                v_win = _windows(F.pad(v, (0, 0, k2, k2, k2, 0)), k2 + 1, kk, H - 1, W)
+                v_pre = F.linear(v_win, _as_matrix(layer.v_conv.weight), layer.v_conv.bias)
+                if c is not None:
+                    v_pre = v_pre + c
+                v2h = F.linear(v_pre, _as_matrix(layer.v_to_h.weight), layer.v_to_h.bias)
+                h_pre = h_pre + F.pad(v2h, (0, 0, 0, 0, 1, 0))
+                if l < last:
+                    v = _gate(v_pre, dim=-1)
+            if c is not None:
+                h_pre = h_pre + c
+            g = _gate(h_pre, dim=-1)
+            if l == last:
+                s = F.linear(g, _as_matrix(layer.h_skip.weight), layer.h_skip.bias)
+            else:
+                w = _as_matrix(torch.cat([layer.h_out.weight, layer.h_skip.weight], 0))
+                out, s = F.linear(g, w, torch.cat([layer.h_out.bias, layer.h_skip.bias], 0)).chunk(2, dim=-1)
+                h = out if layer.first else h + out
+            skip = s if skip is None else skip + s
+        y = F.relu(F.linear(F.relu(skip), _as_matrix(self.head_hidden.weight), self.head_hidden.bias))
+        return F.linear(self.head_dropout(y), _as_matrix(self.head_out.weight), self.head_out.bias)
 
     # --------------------------------------------------------------- sampling
     def _autoregress(self, n: int, cond: Tensor | None, choose: Callable[[Tensor, int, int], Tensor]) -> Tensor:
@@ -654,6 +707,7 @@ class PriorFit:
     precision: str                    # "fp32", "bf16 autocast" or "fp32 (bf16 asked: ...)"
     seconds: float
     n_val_grids: int = 0
+    form: str = "conv"                # STEP_FORMS: how the step computed the network (step_form)
 
     def message(self) -> str:
         """One line: where the fit stopped and why, and which weights it kept."""
@@ -670,12 +724,14 @@ class PriorFit:
             kept = "kept" if cfg.plateau else "last weights kept; best was"
             line += f"; {kept} step {self.best_step}, val NLL {self.best_val_nll_bits:.4f} bits/code"
         avg = f", weights averaged (EMA {cfg.ema:g})" if cfg.ema > 0 else ""
-        return line + f"; {self.seconds:.0f} s, {self.precision}{', compiled' if cfg.compile else ''}{avg}"
+        how = f"{', compiled' if cfg.compile else ''}{', as matmuls' if self.form == 'matmul' else ''}"
+        return line + f"; {self.seconds:.0f} s, {self.precision}{how}{avg}"
 
     def summary(self) -> dict:
         """The JSON-safe record prior.json keeps beside the history."""
         return {"steps": self.steps, "best_step": self.best_step, "best_val_nll_bits": self.best_val_nll_bits,
                 "stop_reason": self.stop_reason, "n_val_grids": self.n_val_grids, "precision": self.precision,
+                "step_form": self.form,
                 "fit": self.config.to_dict(), "fit_seconds": round(self.seconds, 1)}
 
 
@@ -768,16 +824,35 @@ class _WeightAverage:
             self.load(own)
 
 
+STEP_FORMS = ("conv", "matmul")
+
+
+def step_form(dev: torch.device, precision: str, compiled: bool) -> str:
+    """How a fit's step computes the network: "matmul" (:meth:`GatedPixelCNN._logits_matmul`) for a
+    compiled fp32 step on a CPU whose widest vector unit is AVX2, where it measured 1.19-1.27x the
+    convolutions; "conv" everywhere else. Eager, the window copies cost what the products gain
+    (1.01x); in bf16 on AMX the matmul form lost (2.32-2.52x against 2.60-2.87x the old step); fp32 on
+    AVX-512 is unmeasured (benchmarks/prior_train_speed.py's "compile matmul" variant measures it)."""
+    avx2 = dev.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
+    return "matmul" if avx2 and compiled and precision.startswith("fp32") else "conv"
+
+
 def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitConfig, precision: str,
-               dev: torch.device) -> Callable[[Tensor, Tensor | None], Tensor]:
+               dev: torch.device, form: str = "conv") -> Callable[[Tensor, Tensor | None], Tensor]:
     """One optimizer step -> the detached loss (nats). The loss (forward and cross-entropy) is
-    what torch.compile sees: its backward is compiled with it; Adam runs eagerly."""
+    what torch.compile sees: its backward is compiled with it; Adam runs eagerly. ``form``: one of
+    STEP_FORMS, the network as convolutions or as channels-last matrix products (same function)."""
     bf16 = precision == "bf16 autocast"
+    if form not in STEP_FORMS:
+        raise ValueError(f"form must be one of {STEP_FORMS}, got {form!r}")
 
     def loss_of(x: Tensor, c: Tensor | None) -> Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = model._logits(x, c)
-        return F.cross_entropy(logits.float(), x)
+            if form == "matmul":                  # (B, H, W, K): the classes on the last dim
+                logits = model._logits_matmul(x, c).flatten(0, 2)
+            else:
+                logits = model._logits(x, c)
+        return F.cross_entropy(logits.float(), x.flatten() if form == "matmul" else x)
 
     if fit.compile:
         from .train import COMPILE_OPTIONS
@@ -852,7 +927,8 @@ def fit_prior(
         gen = torch.Generator().manual_seed(int(fit.seed))
         # fused Adam: one kernel over all parameters instead of ~10 small ops per tensor (-4% of a step)
         opt = torch.optim.Adam(model.parameters(), lr=float(fit.lr), fused=dev.type in ("cpu", "cuda"))
-        step_fn = _make_step(model, opt, fit, precision, dev)
+        form = step_form(dev, precision, bool(fit.compile))
+        step_fn = _make_step(model, opt, fit, precision, dev, form)
         average = _WeightAverage(model, fit.ema) if fit.ema > 0 else None
         scored = average.swapped_in if average is not None else contextlib.nullcontext   # the weights validated and kept
         history: list[dict] = []
@@ -898,7 +974,7 @@ def fit_prior(
     return PriorFit(model=model, history=history, stop_reason=reason, steps=step, best_step=best_step,
                     best_val_nll_bits=None if best_step is None else best_val, config=fit,
                     precision=precision, seconds=time.perf_counter() - t0,
-                    n_val_grids=0 if val is None else int(val.shape[0]))
+                    n_val_grids=0 if val is None else int(val.shape[0]), form=form)
 
 
 # --------------------------------------------------------------------------- #

@@ -586,25 +586,30 @@ def _assert_close(a, b, bound, what):
 
 
 @pytest.mark.parametrize("nc", [None, 3])
-@pytest.mark.parametrize("hw", [(7, 7), (1, 5), (4, 6)])
-def test_fast_forward_equals_reference(nc, hw):
-    """The fit's forward (dead row, fused skip/out) against the literal architecture: logits and
-    every gradient, within the rounding bound (equal in exact arithmetic)."""
-    m = _model(K=16, H=hw[0], W=hw[1], hidden=8, layers=3, num_classes=nc).train()
+@pytest.mark.parametrize("hw, kernel", [((7, 7), 3), ((1, 5), 3), ((4, 6), 3), ((6, 7), 5)])
+def test_fast_forward_equals_reference(nc, hw, kernel):
+    """The fit's forwards (dead row, fused skip/out; as convolutions and as channels-last matrix
+    products) against the literal architecture: logits and every gradient, within the rounding
+    bound (equal in exact arithmetic). Kernel 5 too: the windows' offsets follow k2."""
+    m = _model(K=16, H=hw[0], W=hw[1], hidden=8, layers=3, num_classes=nc, kernel=kernel).train()
     codes = torch.randint(0, 16, (6, *hw), generator=torch.Generator().manual_seed(1))
     cond = None if nc is None else m._cond_index(_labels(nc, 6), 6, torch.device("cpu"))
+    embedded = (lambda fwd: lambda: fwd(m.embed(codes).permute(0, 3, 1, 2), cond))
+    forms = {"conv": embedded(m._forward_embedded), "ref": embedded(lambda x, c: _reference_forward(m, x, c)),
+             "matmul": lambda: m._logits_matmul(codes, cond).permute(0, 3, 1, 2)}
     out = {}
-    for name, fwd in (("fast", m._forward_embedded), ("ref", lambda x, c: _reference_forward(m, x, c))):
+    for name, logits_of in forms.items():
         m.zero_grad()
-        logits = fwd(m.embed(codes).permute(0, 3, 1, 2), cond)
+        logits = logits_of()
         F.cross_entropy(logits, codes).backward()
         # a parameter no output reads has no gradient (None) or a zero one
         out[name] = (logits.detach(), {k: torch.zeros_like(p) if p.grad is None else p.grad.clone()
                                        for k, p in m.named_parameters()})
     bound = _rounding_bound(m.config, 6)
-    _assert_close(out["fast"][0], out["ref"][0], bound, "logits")
-    for k, g in out["ref"][1].items():
-        _assert_close(out["fast"][1][k], g, bound, k)
+    for name in ("conv", "matmul"):
+        _assert_close(out[name][0], out["ref"][0], bound, (name, "logits"))
+        for k, g in out["ref"][1].items():
+            _assert_close(out[name][1][k], g, bound, (name, k))
 
 
 def test_compiled_fit_equals_eager():
@@ -621,26 +626,51 @@ def test_compiled_fit_equals_eager():
     m = GatedPixelCNN(cfg)
     opt = torch.optim.Adam(m.parameters(), lr=3e-3)
     eager = prior_mod._make_step(m, opt, PriorFitConfig(compile=False), "fp32", torch.device("cpu"))
-    compiled_loss = torch.compile(lambda x, c: F.cross_entropy(m._logits(x, c), x))
+    compiled_losses = {   # both forms a fit can run (step_form picks one by CPU), compiled
+        "conv": torch.compile(lambda x, c: F.cross_entropy(m._logits(x, c), x)),
+        "matmul": torch.compile(lambda x, c: F.cross_entropy(m._logits_matmul(x, c).flatten(0, 2), x.flatten())),
+    }
     bound = _rounding_bound(cfg, 8)
     for step in range(5):
         x, c = train[step * 8:(step + 1) * 8], labels[step * 8:(step + 1) * 8]
-        got = compiled_loss(x, c)
-        m.zero_grad()
-        got.backward()
-        grads = {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None}
+        got = {}
+        for form, compiled_loss in compiled_losses.items():
+            m.zero_grad()
+            loss = compiled_loss(x, c)
+            loss.backward()
+            got[form] = (loss.detach(), {k: p.grad.clone() for k, p in m.named_parameters() if p.grad is not None})
         want = eager(x, c)       # eager loss and gradients on the same weights, then Adam steps
-        assert abs(float(got) - float(want)) <= bound * float(want)
-        assert grads.keys() == {k for k, p in m.named_parameters() if p.grad is not None}
-        for k, p in m.named_parameters():
-            if p.grad is not None:
-                _assert_close(grads[k], p.grad, bound, k)
+        for form, (loss, grads) in got.items():
+            assert abs(float(loss) - float(want)) <= bound * float(want), form
+            assert grads.keys() == {k for k, p in m.named_parameters() if p.grad is not None}, form
+            for k, p in m.named_parameters():
+                if p.grad is not None:
+                    _assert_close(grads[k], p.grad, bound, (form, k))
     runs = [fit_prior(train, train[:32], cfg, PriorFitConfig(steps=20, eval_every=10, batch_size=8, lr=3e-3,
                                                              compile=flag), train_labels=labels, val_labels=labels[:32])
             for flag in (False, True)]
     assert runs[1].config.compile and not runs[0].config.compile
+    assert (runs[0].form, runs[1].form) == ("conv", prior_mod.step_form(torch.device("cpu"), "fp32", True))
+    assert runs[1].summary()["step_form"] == runs[1].form
     a, b = (r.history[-1]["val_nll_bits"] for r in runs)
     assert abs(a - b) <= PriorFitConfig().min_improvement * a, (a, b)
+
+
+def test_step_form_is_matmuls_only_for_a_compiled_fp32_step_on_an_avx2_cpu(monkeypatch):
+    """The matmul form was measured faster only there (benchmarks/RESULTS.md): every other case
+    keeps the convolutions, and an unknown form is refused by name."""
+    cpu = torch.device("cpu")
+    for isa, want in (("AVX2", "matmul"), ("AVX512", "conv"), ("DEFAULT", "conv")):
+        monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
+        assert prior_mod.step_form(cpu, "fp32", True) == want, isa
+        assert prior_mod.step_form(cpu, "fp32 (bf16 asked: no native bf16)", True) == want, isa
+        assert prior_mod.step_form(cpu, "fp32", False) == "conv", isa
+        assert prior_mod.step_form(cpu, "bf16 autocast", True) == "conv", isa
+    assert prior_mod.step_form(torch.device("meta"), "fp32", True) == "conv"
+    m = _model(K=16, hidden=8, layers=2)
+    opt = torch.optim.Adam(m.parameters())
+    with pytest.raises(ValueError, match=r"form must be one of \('conv', 'matmul'\), got 'nhwc'"):
+        prior_mod._make_step(m, opt, PriorFitConfig(compile=False), "fp32", torch.device("cpu"), "nhwc")
 
 
 def test_nll_and_unigram_helpers():
