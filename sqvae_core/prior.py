@@ -368,8 +368,9 @@ class GatedPixelCNN(nn.Module):
         ``out[b,i,j] = W' . concat_{r<kh, s<kw} x_pad[b, i+r, j+s]`` with ``W'`` the weight laid out
         (out, r, s, in). On a CPU whose widest vector unit is AVX2, oneDNN runs these 7x7-grid
         convolutions at 46-75 GFLOP/s and torch.mm the same products at ~84, and inductor fuses the
-        window copies into the gate kernels around them: the compiled fp32 step is 1.19-1.27x faster
-        there (benchmarks/RESULTS.md). Not used elsewhere: with bf16 on AMX the convolutions won."""
+        window copies into the gate kernels around them: there the compiled fp32 step ran 1.18-1.28x
+        faster in 7 of 9 A/Bs and a converged fit 1.22x (benchmarks/RESULTS.md). :func:`step_form`
+        says where the fits use it."""
         k2, kk = self.k2, 2 * self.k2 + 1
         x = self.embed(codes)                                        # (B, H, W, p)
         B, H, W, p = x.shape
@@ -829,10 +830,11 @@ STEP_FORMS = ("conv", "matmul")
 
 def step_form(dev: torch.device, precision: str, compiled: bool) -> str:
     """How a fit's step computes the network: "matmul" (:meth:`GatedPixelCNN._logits_matmul`) for a
-    compiled fp32 step on a CPU whose widest vector unit is AVX2, where it measured 1.19-1.27x the
-    convolutions; "conv" everywhere else. Eager, the window copies cost what the products gain
-    (1.01x); in bf16 on AMX the matmul form lost (2.32-2.52x against 2.60-2.87x the old step); fp32 on
-    AVX-512 is unmeasured (benchmarks/prior_train_speed.py's "compile matmul" variant measures it)."""
+    compiled fp32 step on a CPU whose widest vector unit is AVX2, where it measured 1.18-1.28x the
+    convolutions (7 of 9 A/Bs; 1.01-1.08x in the other two); "conv" everywhere else. Eager, the
+    window copies cost more than the products gain (0.97x); in bf16 on AMX the matmul form lost
+    (2.32-2.52x against 2.60-2.87x the old step); fp32 on AVX-512 is unmeasured
+    (benchmarks/prior_train_speed.py's "compile matmul" variant measures it)."""
     avx2 = dev.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
     return "matmul" if avx2 and compiled and precision.startswith("fp32") else "conv"
 
