@@ -850,11 +850,11 @@ def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitCo
 
     def loss_of(x: Tensor, c: Tensor | None) -> Tensor:
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            if form == "matmul":                  # (B, H, W, K): the classes on the last dim
-                logits = model._logits_matmul(x, c).flatten(0, 2)
+            if form == "matmul":                  # (B, H, W, K): one row of K logits per code
+                logits, target = model._logits_matmul(x, c).flatten(0, 2), x.flatten()
             else:
-                logits = model._logits(x, c)
-        return F.cross_entropy(logits.float(), x.flatten() if form == "matmul" else x)
+                logits, target = model._logits(x, c), x
+        return F.cross_entropy(logits.float(), target)
 
     if fit.compile:
         from .train import COMPILE_OPTIONS
