@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sqvae_core import rundir as rd
 from sqvae_core.config import ModelConfig
@@ -325,6 +326,34 @@ def test_amp_keeps_the_quantizer_and_the_loss_in_fp32():
     zf = z.float().permute(0, 2, 3, 1).reshape(-1, 16)    # ... the code choice did not
     nearest = torch.cdist(zf.double(), model.codebook_vectors().double()).argmin(1)
     assert torch.equal(out.indices.reshape(-1), nearest)
+
+
+def test_amp_backward_runs_outside_autocast_compiled_as_eager():
+    """train_step's autocast covers the forward only. torch.compile traces the backward with the forward,
+    by default under the same autocast, which would run the backward of a full_precision matmul in bf16
+    (pytorch/pytorch#153044); train._autocast turns that off, so compiled gradients are eager's, fp32."""
+    import sqvae_core.train as tr
+    from sqvae_core.models import full_precision
+    torch.manual_seed(0)
+    conv_w, x = torch.randn(8, 3, 3, 3), torch.randn(4, 3, 9, 9)
+    b = torch.randn(8 * 7 * 7, 16, requires_grad=True)          # fp32, as the codebook is
+
+    def loss_of(x, b):
+        h = F.conv2d(x, conv_w)                                  # bf16 under autocast
+        with full_precision(h):
+            return (h.float().flatten(1) @ b).sin().sum()        # fp32 forward, as the quantizer
+
+    cfg = TrainConfig(model=ModelConfig(kind="gaussian_1"), amp=True)
+    grads = []
+    for fn in (loss_of, torch.compile(loss_of, backend="aot_eager")):
+        with tr._autocast(cfg, torch.device("cpu")):
+            loss = fn(x, b)
+        b.grad = None
+        loss.backward()
+        grads.append(b.grad.clone())
+    eager, compiled = grads
+    # a bf16 backward matmul would be off by ~2^-8 relative; fp32 agrees to float rounding
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5 * float(eager.abs().max()))
 
 
 def _synthetic(n: int, split: str, seed: int = 0):
