@@ -34,13 +34,30 @@ def _bn_relu(ch: int, batch_norm: bool) -> list[nn.Module]:
     return [_norm(ch, batch_norm), nn.ReLU()]
 
 
+class ReLUInAutocastDtype(nn.ReLU):
+    """ReLU that, under autocast, first casts an fp32 input to the autocast dtype (bf16), as the
+    convolution after it would: relu(round(x)) = round(relu(x)) bit for bit (rounding is monotone
+    and keeps 0), and so is its gradient. What changes is what torch.compile saves for the backward:
+    the bf16 output, which the convolution saves anyway, instead of a bool mask of relu(x) <= 0.
+    Inductor's kernels store and load such masks slowly (VecMask <-> bool, ~1 ms per 100k elements):
+    the decoder's two masks took about 4 ms of a 32 ms compiled bf16 step on an AMD EPYC, and the
+    step runs 1.07x (gaussian_1) and 1.15x (vq) faster without them. Without autocast it is nn.ReLU."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dev = x.device.type
+        if x.dtype == torch.float32 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+            x = x.to(torch.get_autocast_dtype(dev))
+        return F.relu(x)
+
+
 class ResBlock(nn.Module):
-    """x + BN(Conv1x1(ReLU(BN(Conv3x3(ReLU(x)))))), batch-norm optional."""
+    """x + BN(Conv1x1(ReLU(BN(Conv3x3(ReLU(x)))))), batch-norm optional. Under --amp the decoder's
+    stream x (from the fp32 quantizer) stays fp32; the first ReLU feeds its conv in bf16."""
 
     def __init__(self, dim: int, batch_norm: bool = True):
         super().__init__()
         self.block = nn.Sequential(
-            nn.ReLU(), nn.Conv2d(dim, dim, 3, 1, 1), _norm(dim, batch_norm),
+            ReLUInAutocastDtype(), nn.Conv2d(dim, dim, 3, 1, 1), _norm(dim, batch_norm),
             nn.ReLU(), nn.Conv2d(dim, dim, 1), _norm(dim, batch_norm),
         )
 

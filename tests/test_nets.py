@@ -1,6 +1,6 @@
 """The CPU fast path for the decoder's output layer (nets.MatmulConvTranspose2d) is the same layer as
 nn.ConvTranspose2d: same results and gradients to float rounding, same parameters and state-dict keys,
-under autocast and torch.compile too."""
+under autocast and torch.compile too. The residual blocks' ReLUInAutocastDtype is nn.ReLU bit for bit."""
 import copy
 
 import pytest
@@ -10,7 +10,7 @@ from torch import nn
 
 from sqvae_core.config import ModelConfig
 from sqvae_core.models import build_model
-from sqvae_core.nets import MatmulConvTranspose2d, matmul_output_head_
+from sqvae_core.nets import MatmulConvTranspose2d, ReLUInAutocastDtype, ResBlock, matmul_output_head_
 from sqvae_core.train import TrainConfig, apply_preset, make_model
 
 
@@ -89,3 +89,27 @@ def test_cpu_models_get_the_fast_output_layer_and_keep_their_weights(dataset, sw
         torch.testing.assert_close(model.decoder(model.encoder(x)[0]), plain.decoder(plain.encoder(x)[0]),
                                    rtol=1e-4, atol=1e-4)
     assert matmul_output_head_(plain.decoder, max_channels=0) == 0        # 32 -> 1 is not <= 0 outputs
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_relu_in_autocast_dtype_is_relu_then_conv_bit_for_bit(autocast):
+    """Casting before the ReLU instead of at the convolution changes no bit: relu(round(x)) = round(relu(x))
+    (rounding is monotone and keeps 0), and the gradient it passes back is masked the same way. A
+    residual block with it and one with nn.ReLU give identical outputs and gradients, fp32 or bf16."""
+    torch.manual_seed(0)
+    new = ResBlock(16).train()
+    old = copy.deepcopy(new)
+    old.block[0] = nn.ReLU()
+    assert isinstance(new.block[0], ReLUInAutocastDtype)
+    x = torch.randn(4, 16, 7, 7)
+    x[0, 0] = 0.0                                          # exact zeros: the mask's edge
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y_new, dx_new, dp_new = forward_backward(new, x)
+        y_old, dx_old, dp_old = forward_backward(old, x)
+    assert y_new.dtype == (torch.float32 if not autocast else y_old.dtype)
+    assert torch.equal(y_new, y_old) and torch.equal(dx_new, dx_old)
+    assert all(torch.equal(a, b) for a, b in zip(dp_new, dp_old))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        r = new.block[0](x)
+    assert r.dtype == (torch.bfloat16 if autocast else torch.float32)
+    assert torch.equal(r.float(), F.relu(x).to(r.dtype).float())
