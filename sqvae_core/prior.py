@@ -833,8 +833,8 @@ def step_form(dev: torch.device, precision: str, compiled: bool) -> str:
     compiled fp32 step on a CPU whose widest vector unit is AVX2, where it measured 1.18-1.28x the
     convolutions (7 of 9 A/Bs; 1.01-1.08x in the other two); "conv" everywhere else. Eager, the
     window copies cost more than the products gain (0.97x); in bf16 on AMX the matmul form lost
-    (2.32-2.52x against 2.60-2.87x the old step); fp32 on AVX-512 is unmeasured
-    (benchmarks/prior_train_speed.py's "compile matmul" variant measures it)."""
+    (2.32-2.52x against 2.60-2.87x the old step); on an AMD EPYC with AVX-512 and AVX512-BF16 it
+    lost in fp32 (1.19x against 1.24x) and tied in bf16 (2.02x against 1.96x, one run each)."""
     avx2 = dev.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
     return "matmul" if avx2 and compiled and precision.startswith("fp32") else "conv"
 
