@@ -829,14 +829,21 @@ STEP_FORMS = ("conv", "matmul")
 
 
 def step_form(dev: torch.device, precision: str, compiled: bool) -> str:
-    """How a fit's step computes the network: "matmul" (:meth:`GatedPixelCNN._logits_matmul`) for a
-    compiled fp32 step on a CPU whose widest vector unit is AVX2, where it measured 1.18-1.28x the
-    convolutions (7 of 9 A/Bs; 1.01-1.08x in the other two); "conv" everywhere else. Eager, the
-    window copies cost more than the products gain (0.97x); in bf16 on AMX the matmul form lost
-    (2.32-2.52x against 2.60-2.87x the old step); on an AMD EPYC with AVX-512 and AVX512-BF16 it
-    lost in fp32 (1.19x against 1.24x) and tied in bf16 (2.02x against 1.96x, one run each)."""
-    avx2 = dev.type == "cpu" and torch.backends.cpu.get_cpu_capability() == "AVX2"
-    return "matmul" if avx2 and compiled and precision.startswith("fp32") else "conv"
+    """How a fit's step computes the network: "matmul" (:meth:`GatedPixelCNN._logits_matmul`) where
+    oneDNN's convolutions on 7x7 grids lag its GEMMs, for a compiled step on a CPU:
+    - fp32 where the widest vector unit is AVX2: 1.18-1.28x the convolutions (7 of 9 A/Bs; 1.01-1.08x
+      in the other two), a converged fit 1.22x faster at a test NLL 0.004 bits apart;
+    - bf16 on AVX512-BF16 without AMX: 1.03x, 1.10x and 1.10x (three A/Bs on an AMD EPYC), a converged
+      fit 1.16x faster at a test NLL 0.004 bits apart.
+    "conv" everywhere else: eager, the window copies cost more than the products gain (0.97x); bf16 on
+    AMX lost (2.32-2.52x against 2.60-2.87x the old step); fp32 on AVX-512 lost (1.16x and 1.19x against
+    1.21x and 1.24x). benchmarks/RESULTS.md has the runs."""
+    if dev.type != "cpu" or not compiled:
+        return "conv"
+    if precision.startswith("fp32"):
+        return "matmul" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "conv"
+    from .train import x86_bf16_units   # lazy, as in fit_prior: train imports much of the package
+    return "matmul" if x86_bf16_units() == ["AVX512-BF16"] else "conv"
 
 
 def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitConfig, precision: str,

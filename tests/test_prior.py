@@ -650,23 +650,32 @@ def test_compiled_fit_equals_eager():
                                                              compile=flag), train_labels=labels, val_labels=labels[:32])
             for flag in (False, True)]
     assert runs[1].config.compile and not runs[0].config.compile
-    assert (runs[0].form, runs[1].form) == ("conv", prior_mod.step_form(torch.device("cpu"), "fp32", True))
+    assert runs[0].precision == runs[1].precision       # bf16 where native, else fp32: the form follows
+    assert (runs[0].form, runs[1].form) == ("conv", prior_mod.step_form(torch.device("cpu"), runs[1].precision, True))
     assert runs[1].summary()["step_form"] == runs[1].form
     a, b = (r.history[-1]["val_nll_bits"] for r in runs)
     assert abs(a - b) <= PriorFitConfig().min_improvement * a, (a, b)
 
 
-def test_step_form_is_matmuls_only_for_a_compiled_fp32_step_on_an_avx2_cpu(monkeypatch):
-    """The matmul form was measured faster only there (benchmarks/RESULTS.md): every other case
-    keeps the convolutions, and an unknown form is refused by name."""
+def test_step_form_is_matmuls_only_where_they_measured_faster(monkeypatch):
+    """A compiled step on a CPU: fp32 on AVX2, bf16 on AVX512-BF16 without AMX (benchmarks/RESULTS.md).
+    Every other case keeps the convolutions, and an unknown form is refused by name."""
+    import sqvae_core.train as tr
     cpu = torch.device("cpu")
-    for isa, want in (("AVX2", "matmul"), ("AVX512", "conv"), ("DEFAULT", "conv")):
+    for isa, units, fp32_form, bf16_form in (("AVX2", [], "matmul", "conv"),
+                                              ("AVX512", ["AVX512-BF16"], "conv", "matmul"),
+                                              ("AVX512", ["AVX512-BF16", "AMX"], "conv", "conv"),
+                                              ("AVX512", [], "conv", "conv"),
+                                              ("DEFAULT", [], "conv", "conv")):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
-        assert prior_mod.step_form(cpu, "fp32", True) == want, isa
-        assert prior_mod.step_form(cpu, "fp32 (bf16 asked: no native bf16)", True) == want, isa
-        assert prior_mod.step_form(cpu, "fp32", False) == "conv", isa
-        assert prior_mod.step_form(cpu, "bf16 autocast", True) == "conv", isa
+        monkeypatch.setattr(tr, "x86_bf16_units", lambda units=units: list(units))
+        case = (isa, units)
+        assert prior_mod.step_form(cpu, "fp32", True) == fp32_form, case
+        assert prior_mod.step_form(cpu, "fp32 (bf16 asked: no native bf16)", True) == fp32_form, case
+        assert prior_mod.step_form(cpu, "bf16 autocast", True) == bf16_form, case
+        assert prior_mod.step_form(cpu, "fp32", False) == prior_mod.step_form(cpu, "bf16 autocast", False) == "conv"
     assert prior_mod.step_form(torch.device("meta"), "fp32", True) == "conv"
+    assert prior_mod.step_form(torch.device("meta"), "bf16 autocast", True) == "conv"
     m = _model(K=16, hidden=8, layers=2)
     opt = torch.optim.Adam(m.parameters())
     with pytest.raises(ValueError, match=r"form must be one of \('conv', 'matmul'\), got 'nhwc'"):
