@@ -40,8 +40,9 @@ class ReLUInAutocastDtype(nn.ReLU):
     and keeps 0), and so is its gradient. What changes is what torch.compile saves for the backward:
     the bf16 output, which the convolution saves anyway, instead of a bool mask of relu(x) <= 0.
     Inductor's kernels store and load such masks slowly (VecMask <-> bool, ~1 ms per 100k elements):
-    the decoder's two masks took about 4 ms of a 32 ms compiled bf16 step on an AMD EPYC, and the
-    step runs 1.07x (gaussian_1) and 1.15x (vq) faster without them. Without autocast it is nn.ReLU."""
+    the decoder's two masks took about 4 ms of a 32 ms compiled bf16 step on an AMD EPYC; without
+    them (and with train._autocast's fp32 quantizer backward, which costs ~0.5 ms) the step ran 1.06x
+    (gaussian_1) and 1.12x (vq) faster, interleaved A/B. Without autocast it is nn.ReLU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dev = x.device.type

@@ -629,6 +629,7 @@ def _wrap(model: torch.nn.Module, cfg: TrainConfig, dist: Dist, device: torch.de
     return model
 
 
+@contextlib.contextmanager
 def _autocast(cfg: TrainConfig, device: torch.device):
     """bf16 autocast of the forward with --amp (train() has turned it off where bf16 is not native),
     else nothing. The backward runs outside autocast, as eager autograd runs it: torch.compile traces
@@ -636,11 +637,11 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     (torch._functorch.config.backward_pass_autocast = "same_as_forward"), which would run the
     quantizer's backward matmuls in bf16 although models.full_precision keeps its forward fp32."""
     if not cfg.amp:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch._functorch.config.patch(backward_pass_autocast="off"))
-    stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-    return stack
+        yield
+        return
+    with torch._functorch.config.patch(backward_pass_autocast="off"), \
+            torch.autocast(device.type, dtype=torch.bfloat16):
+        yield
 
 
 def validate_and_log(model, val_data: ImageData, cfg: TrainConfig, p: Progress, device, writer, scheduler,
