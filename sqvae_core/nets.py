@@ -34,6 +34,15 @@ def _bn_relu(ch: int, batch_norm: bool) -> list[nn.Module]:
     return [_norm(ch, batch_norm), nn.ReLU()]
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast gives x's device's convolutions now (bf16 under --amp), or None when it is
+    off; devices without autocast (the meta device of the no-host-sync test) have none."""
+    dev = x.device.type
+    if torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return None
+
+
 class ReLUInAutocastDtype(nn.ReLU):
     """ReLU that, under autocast, first casts an fp32 input to the autocast dtype (bf16), as the
     convolution after it would: relu(round(x)) = round(relu(x)) bit for bit (rounding is monotone
@@ -45,9 +54,9 @@ class ReLUInAutocastDtype(nn.ReLU):
     (gaussian_1) and 1.12x (vq) faster, interleaved A/B. Without autocast it is nn.ReLU."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dev = x.device.type
-        if x.dtype == torch.float32 and torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev):
-            x = x.to(torch.get_autocast_dtype(dev))
+        dtype = autocast_dtype(x)
+        if dtype is not None and x.dtype == torch.float32:
+            x = x.to(dtype)
         return F.relu(x)
 
 
@@ -155,8 +164,8 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight
-        if torch.is_autocast_enabled(x.device.type):
-            dtype = torch.get_autocast_dtype(x.device.type)
+        dtype = autocast_dtype(x)
+        if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
         y = _convt4s2(x, w)
         return y + self.bias.view(1, -1, 1, 1).to(y.dtype) if self.bias is not None else y
