@@ -32,10 +32,13 @@ from .vmf_norm import log_cf
 class ModelOutput:
     loss: torch.Tensor                       # scalar to minimise
     terms: dict[str, torch.Tensor]           # named parts of the loss (sum to loss)
-    x_rec: torch.Tensor                      # (B, C, S, S) decoded image in [0, 1]
+    x_rec: torch.Tensor                      # (B, C, S, S) decoded image in [0, 1], detached
     indices: torch.Tensor | None             # (B, H, W) code indices; None for the VAE
-    probs: torch.Tensor | None = None        # (B, H, W, K) P̂(z_q | z) for stochastic quantizers
+    probs: torch.Tensor | None = None        # (B, H, W, K) P̂(z_q | z) for stochastic quantizers, detached
     stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached 0-dim tensors
+    # Gradients flow through `loss` and `terms` only. x_rec and probs are for looking at: an output
+    # that required grad but fed no loss would get a zero gradient buffer in every backward (autograd
+    # fills it in), and a compiled step did fill P̂'s, (B, H, W, K), at ~0.55 ms of a 34 ms CPU step.
 
 
 def check_images(x: torch.Tensor, cfg: ModelConfig) -> None:
@@ -169,8 +172,8 @@ class _Autoencoder(nn.Module):
             rec_loss, rec_stats, x_rec = self.reconstruction(logits.float(), x)
         terms = {"reconstruction": rec_loss, **q.terms}
         stats = {"mse": per_image_sq_error(x_rec, x).mean().detach(), **q.stats, **rec_stats}
-        return ModelOutput(loss=rec_loss + q.loss, terms=terms, x_rec=x_rec, indices=q.indices,
-                           probs=q.probs, stats=stats)
+        return ModelOutput(loss=rec_loss + q.loss, terms=terms, x_rec=x_rec.detach(), indices=q.indices,
+                           probs=None if q.probs is None else q.probs.detach(), stats=stats)
 
 
 class GaussianSQVAE(_Autoencoder):
@@ -323,7 +326,7 @@ class GaussianVAE(_Autoencoder):
         stats = {"mse": per_image_sq_error(x_rec, x).mean().detach(), "sigma2_x": var_x,
                  "kl": kl.detach()}
         return ModelOutput(loss=rec_loss + kl, terms={"reconstruction": rec_loss, "kl": kl},
-                           x_rec=x_rec, indices=None, stats=stats)
+                           x_rec=x_rec.detach(), indices=None, stats=stats)
 
 
 MODELS: dict[str, type[_Autoencoder]] = {

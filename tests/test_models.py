@@ -274,6 +274,18 @@ def test_every_forward_reports_what_the_app_plots():
         assert torch.isclose(out.loss, sum(out.terms.values()))
 
 
+def test_only_the_loss_carries_gradients_in_every_forward():
+    """x_rec and P̂ are outputs to look at: were they attached to the graph, every backward would
+    allocate and zero a gradient for them (for P̂, (B, H, W, K) floats) that no loss uses."""
+    x = torch.rand(2, 1, 28, 28)
+    for kind in MODEL_KINDS:
+        out = build_model(small_cfg(kind)).train()(x)
+        assert out.loss.requires_grad and all(t.requires_grad for t in out.terms.values()), kind
+        assert not out.x_rec.requires_grad, kind
+        assert out.probs is None or not out.probs.requires_grad, kind
+        assert not any(v.requires_grad for v in out.stats.values()), kind
+
+
 def test_fixed_var_does_not_learn_its_variance():
     model = build_model(small_cfg("fixed_var", var_q_init=3.0))
     names = [n for n, _ in model.named_parameters()]
