@@ -171,21 +171,47 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
         return y + self.bias.view(1, -1, 1, 1).to(y.dtype) if self.bias is not None else y
 
 
+# The CPU training path adds each conv's bias after the convolution instead of inside it (every one
+# is followed by batch norm in these nets). oneDNN is slow to compute the bias gradient: for the
+# transposed convs in bf16 (an AMD EPYC with AVX512-BF16, 1 thread, batch 32, channels last: Fashion-
+# MNIST's 64 -> 32 layer's backward took 2.11 ms with it and 1.29 ms without; CelebA's, 9.09 and 5.45),
+# and less so for the others (fp32 32 -> 64, 4x4 stride 2: 2.29 against 2.03 ms). As a broadcast add,
+# that gradient is dy summed over (B, H, W): 12-50 µs, fused into the next kernel when compiled.
+# Compiled --amp steps: +3.2% (gaussian_1) and +2.4% (vq) images/s for the transposed convs; then
+# +1.0% (both, fp32; 21 and 11 rounds) and +1.3% (--amp) for the others. Same parameters and keys,
+# results to float rounding; under autocast the output is bf16, as the conv's: the bias is rounded to it.
+
+
+class BiasApartConv2d(nn.Conv2d):
+    """nn.Conv2d with its bias added apart (see above)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return y + self.bias.view(1, -1, 1, 1).to(y.dtype)
+
+
 class BiasApartConvTranspose2d(nn.ConvTranspose2d):
-    """The same layer (weights, state-dict keys, results to float rounding) with its bias added after
-    the convolution instead of inside it. oneDNN's transposed-conv backward is slow to compute the
-    bias gradient in bf16: on an AMD EPYC with AVX512-BF16 (1 thread, batch 32, channels last) it took
-    2.11 ms with it and 1.29 ms without (Fashion-MNIST's 64 -> 32 layer; CelebA's: 9.09 and 5.45 ms),
-    while dy summed over (B, H, W), which is that gradient, takes 12-50 µs. Compiled --amp steps:
-    +3.2% (gaussian_1) and +2.4% (vq) images/s at 28x28, +2.4% at 32x32; fp32 unchanged. Under
-    autocast the output is bf16, as the conv's: the bias is rounded to it."""
+    """nn.ConvTranspose2d with its bias added apart (see above)."""
 
     def forward(self, x: torch.Tensor, output_size: list[int] | None = None) -> torch.Tensor:
-        if self.bias is None or output_size is not None:
+        if output_size is not None:
             return super().forward(x, output_size)
         y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, self.output_padding,
                                self.groups, self.dilation)
         return y + self.bias.view(1, -1, 1, 1).to(y.dtype)
+
+
+def bias_apart_convs_(module: nn.Module) -> int:
+    """Turn, in place, every plain nn.Conv2d / nn.ConvTranspose2d with a bias (and zero padding) into
+    its bias-apart twin (same parameters); returns how many. The CPU training path calls this after
+    matmul_output_head_, whose layers add their bias apart already."""
+    twins = {nn.Conv2d: BiasApartConv2d, nn.ConvTranspose2d: BiasApartConvTranspose2d}
+    n = 0
+    for m in module.modules():
+        if type(m) in twins and m.bias is not None and m.padding_mode == "zeros":
+            m.__class__ = twins[type(m)]
+            n += 1
+    return n
 
 
 def matmul_output_head_(decoder: nn.Module, max_channels: int = 4) -> int:
@@ -201,16 +227,6 @@ def matmul_output_head_(decoder: nn.Module, max_channels: int = 4) -> int:
     return n
 
 
-
-def bias_apart_transposed_convs_(module: nn.Module) -> int:
-    """Turn, in place, every plain nn.ConvTranspose2d with a bias into BiasApartConvTranspose2d (same
-    parameters); returns how many. The CPU training path calls this after matmul_output_head_."""
-    n = 0
-    for m in module.modules():
-        if type(m) is nn.ConvTranspose2d and m.bias is not None:
-            m.__class__ = BiasApartConvTranspose2d
-            n += 1
-    return n
 
 class Encoder(nn.Module):
     def __init__(self, in_channels: int, dim: int, num_rb: int, batch_norm: bool = True,

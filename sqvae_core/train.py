@@ -50,7 +50,7 @@ from .device import resolve_device
 from .evaluate import evaluate_model
 from .kinds import KINDS, PRESETS
 from .models import build_model
-from .nets import bias_apart_transposed_convs_, matmul_output_head_
+from .nets import bias_apart_convs_, matmul_output_head_
 from .quantizers import count_codes_
 
 LR_SCHEDULES = ("constant", "cosine", "plateau")
@@ -612,9 +612,9 @@ def make_model(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
         # paper preset (benchmarks/train_throughput.py). Saved weights are made contiguous.
         model = model.to(memory_format=torch.channels_last)
         # ... its last transposed conv (to 1 or 3 channels) as a matmul: see MatmulConvTranspose2d;
-        # the others with their bias added apart (a faster backward): see BiasApartConvTranspose2d.
+        # every other conv with its bias added apart (a faster backward): see nets.BiasApartConv2d.
         matmul_output_head_(model)
-        bias_apart_transposed_convs_(model)
+        bias_apart_convs_(model)
     return model
 
 

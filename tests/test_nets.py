@@ -1,5 +1,5 @@
-"""The CPU fast path for the decoder's output layer (nets.MatmulConvTranspose2d) and for its other
-transposed convs (nets.BiasApartConvTranspose2d) is the same layer as nn.ConvTranspose2d: same results
+"""The CPU fast path for the decoder's output layer (nets.MatmulConvTranspose2d) and for every other
+conv (nets.BiasApartConv2d, BiasApartConvTranspose2d) is the same layer as the plain one: same results
 and gradients to float rounding, same parameters and state-dict keys, under autocast and torch.compile
 too. The residual blocks' ReLUInAutocastDtype is nn.ReLU bit for bit."""
 import copy
@@ -11,8 +11,8 @@ from torch import nn
 
 from sqvae_core.config import ModelConfig
 from sqvae_core.models import build_model
-from sqvae_core.nets import (BiasApartConvTranspose2d, MatmulConvTranspose2d, ReLUInAutocastDtype, ResBlock,
-                             bias_apart_transposed_convs_, matmul_output_head_)
+from sqvae_core.nets import (BiasApartConv2d, BiasApartConvTranspose2d, MatmulConvTranspose2d, ReLUInAutocastDtype,
+                             ResBlock, bias_apart_convs_, matmul_output_head_)
 from sqvae_core.train import TrainConfig, apply_preset, make_model
 
 
@@ -72,16 +72,20 @@ def test_matmul_transposed_conv_under_autocast_and_compile():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kernel, stride, bias", [(4, 2, True), (3, 1, True), (4, 2, False)])
-def test_bias_apart_transposed_conv_is_the_transposed_conv(kernel, stride, bias):
-    """conv_transpose(x, w) + b, the bias added apart, is the layer: outputs and the gradients of x, w
-    and b agree with nn.ConvTranspose2d's to 1e-12 in float64 (a wrongly shaped bias would be O(1))."""
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("kernel, stride, bias", [(4, 2, True), (3, 1, True), (1, 1, True), (4, 2, False)])
+def test_bias_apart_conv_is_the_conv(transposed, kernel, stride, bias):
+    """conv(x, w) + b, the bias added apart, is the layer: outputs and the gradients of x, w and b
+    agree with the plain nn.Conv2d's / nn.ConvTranspose2d's to 1e-12 in float64 (a wrongly shaped
+    bias would be O(1)); a layer without a bias is left alone."""
     torch.manual_seed(0)
-    ref = nn.ConvTranspose2d(16, 8, kernel, stride, 1, bias=bias).double()
+    plain = nn.ConvTranspose2d if transposed else nn.Conv2d
+    ref = plain(16, 8, kernel, stride, kernel // 2 if kernel < 4 else 1, bias=bias).double()
     new = copy.deepcopy(ref)
-    assert bias_apart_transposed_convs_(new) == int(bias)
-    assert type(new) is (BiasApartConvTranspose2d if bias else nn.ConvTranspose2d)
-    x = torch.randn(3, 16, 5, 6, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    assert bias_apart_convs_(new) == int(bias)
+    twin = BiasApartConvTranspose2d if transposed else BiasApartConv2d
+    assert type(new) is (twin if bias else plain)
+    x = torch.randn(3, 16, 9, 10, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
     y0, dx0, dp0 = forward_backward(ref, x)
     y1, dx1, dp1 = forward_backward(new, x)
     torch.testing.assert_close(y1, y0, rtol=1e-12, atol=1e-12)
@@ -100,18 +104,21 @@ def test_bias_apart_transposed_conv_is_the_transposed_conv(kernel, stride, bias)
 
 @pytest.mark.parametrize("dataset, swapped, apart", [("fashion-mnist", 1, 1), ("cifar10", 1, 2)])
 def test_cpu_models_get_the_fast_output_layer_and_keep_their_weights(dataset, swapped, apart):
-    """make_model on a CPU swaps exactly the output layer (to 1 or 3 channels) to a matmul and the
-    decoder's other transposed convs to bias-apart ones, nothing else; checkpoints keep their keys, so a
-    model trained this way loads into the plain nets and decodes the same."""
+    """make_model on a CPU swaps exactly the output layer (to 1 or 3 channels) to a matmul and every
+    other conv to its bias-apart twin, nothing else; checkpoints keep their keys, so a model trained
+    this way loads into the plain nets and decodes the same."""
     cfg = apply_preset(TrainConfig(model=ModelConfig(kind="gaussian_1"), dataset=dataset), "paper")
     torch.manual_seed(0)
     model = make_model(cfg, torch.device("cpu")).eval()
     fast = [m for m in model.modules() if isinstance(m, MatmulConvTranspose2d)]
     assert len(fast) == swapped and fast[0].out_channels in (1, 3)
     assert sum(isinstance(m, BiasApartConvTranspose2d) for m in model.modules()) == apart
-    assert not any(type(m) is nn.ConvTranspose2d for m in model.modules())
+    assert not any(type(m) in (nn.Conv2d, nn.ConvTranspose2d) for m in model.modules())
     plain = build_model(cfg.model).eval()
-    assert not any(isinstance(m, (MatmulConvTranspose2d, BiasApartConvTranspose2d)) for m in plain.modules())
+    n_conv = sum(type(m) is nn.Conv2d for m in plain.modules())
+    assert n_conv > 0 and sum(type(m) is BiasApartConv2d for m in model.modules()) == n_conv
+    assert not any(isinstance(m, (MatmulConvTranspose2d, BiasApartConv2d, BiasApartConvTranspose2d))
+                   for m in plain.modules())
     assert list(plain.state_dict()) == list(model.state_dict())
     plain.load_state_dict(model.state_dict())
     size = 28 if dataset == "fashion-mnist" else 32
