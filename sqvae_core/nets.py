@@ -171,8 +171,8 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
         return y + self.bias.view(1, -1, 1, 1).to(y.dtype) if self.bias is not None else y
 
 
-# The CPU training path adds each conv's bias after the convolution instead of inside it (every one
-# is followed by batch norm in these nets). oneDNN is slow to compute the bias gradient: for the
+# The CPU training path adds each conv's bias after the convolution instead of inside it, because
+# oneDNN is slow to compute the bias gradient: for the
 # transposed convs in bf16 (an AMD EPYC with AVX512-BF16, 1 thread, batch 32, channels last: Fashion-
 # MNIST's 64 -> 32 layer's backward took 2.11 ms with it and 1.29 ms without; CelebA's, 9.09 and 5.45),
 # and less so for the others (fp32 32 -> 64, 4x4 stride 2: 2.29 against 2.03 ms). As a broadcast add,
@@ -225,7 +225,6 @@ def matmul_output_head_(decoder: nn.Module, max_channels: int = 4) -> int:
             m.__class__ = MatmulConvTranspose2d
             n += 1
     return n
-
 
 
 class Encoder(nn.Module):
