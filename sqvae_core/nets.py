@@ -107,6 +107,13 @@ def official_init(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def plus_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y (B, C, H, W) + a conv's bias (C,), added after the convolution, in y's dtype (bf16 under
+    autocast, as the conv's own output: the bias is rounded to it). Its gradient is dy summed over
+    (B, H, W), which compiled code fuses into the next kernel."""
+    return y if bias is None else y + bias.view(1, -1, 1, 1).to(y.dtype)
+
+
 # A transposed conv with k=4, s=2, p=1 as a matmul and a fold, the fold being the col2im of its
 # 4x4 stride-2 patches: y = fold(x_nhwc @ w.view(C_in, C_out*16)). Backward: dcols = unfold(dy) (the
 # 4x4 stride-2 patches of dy), dx = dcols @ wᵀ, dw = xᵀ @ dcols. Custom ops, so that torch.compile
@@ -168,7 +175,7 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
         if dtype is not None:
             x, w = x.to(dtype), w.to(dtype)
         y = _convt4s2(x, w)
-        return y + self.bias.view(1, -1, 1, 1).to(y.dtype) if self.bias is not None else y
+        return plus_bias(y, self.bias)
 
 
 # The CPU training path adds each conv's bias after the convolution instead of inside it, because
@@ -187,7 +194,7 @@ class BiasApartConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.conv2d(x, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
-        return y + self.bias.view(1, -1, 1, 1).to(y.dtype)
+        return plus_bias(y, self.bias)
 
 
 class BiasApartConvTranspose2d(nn.ConvTranspose2d):
@@ -198,7 +205,7 @@ class BiasApartConvTranspose2d(nn.ConvTranspose2d):
             return super().forward(x, output_size)
         y = F.conv_transpose2d(x, self.weight, None, self.stride, self.padding, self.output_padding,
                                self.groups, self.dilation)
-        return y + self.bias.view(1, -1, 1, 1).to(y.dtype)
+        return plus_bias(y, self.bias)
 
 
 def bias_apart_convs_(module: nn.Module) -> int:
