@@ -182,8 +182,8 @@ class MatmulConvTranspose2d(nn.ConvTranspose2d):
 # oneDNN is slow to compute the bias gradient: for the transposed convs in bf16 (an AMD EPYC with
 # AVX512-BF16, 1 thread, batch 32, channels last: Fashion-MNIST's 64 -> 32 layer's backward took 2.11 ms
 # with it and 1.29 ms without; CelebA's, 9.09 and 5.45), and less so for the others (fp32 32 -> 64,
-# 4x4 stride 2: 2.29 against 2.03 ms). As a broadcast add,
-# that gradient is dy summed over (B, H, W): 12-50 µs, fused into the next kernel when compiled.
+# 4x4 stride 2: 2.29 against 2.03 ms). As a broadcast add (plus_bias), that gradient is dy summed
+# over (B, H, W): 12-50 µs, fused into the next kernel when compiled.
 # Compiled --amp steps: +3.2% (gaussian_1) and +2.4% (vq) images/s for the transposed convs; then
 # +1.0% (both, fp32; 21 and 11 rounds) and +1.3% (--amp) for the others. Same parameters and keys,
 # results to float rounding; under autocast the output is bf16, as the conv's: the bias is rounded to it.
