@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import platform
 import re
 import sys
 import time
@@ -44,27 +43,12 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sqvae_core import prior as P  # noqa: E402
+from sqvae_core.device import cpu_has_native_bf16, cpu_kind  # noqa: E402
 from sqvae_core.prior import GatedPixelCNN, PriorConfig, PriorFitConfig  # noqa: E402
 
 VARIANTS = ("old", "skip", "skip+fused", "channels_last", "compile", "compile matmul", "compile+bf16",
             "compile+bf16 matmul", "compile b128",
             "compile+bf16 b32", "compile+bf16 b128", "compile+bf16 b256")
-
-
-def cpu_kind() -> str:
-    name = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    isa = torch.backends.cpu.get_cpu_capability()
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return f"{name}; {os.cpu_count()} CPUs; torch ISA {isa}; AVX512-BF16 {bf16}; AMX {amx}"
 
 
 def step_gflop(cfg: PriorConfig, batch: int) -> float:
@@ -209,7 +193,6 @@ def main() -> None:
     print(f"\nCeiling: a step is {flops:.1f} GFLOP of products; at this core's fp32 matmul rate "
           f"({peak:.0f} GFLOP/s, 2048x2048) it cannot take under {floor_ms:.0f} ms: {old * 1e3 / floor_ms:.2f}x old "
           f"in fp32.")
-    from sqvae_core.train import cpu_has_native_bf16
     if cpu_has_native_bf16():
         peak16 = matmul_peak_gflops(torch.bfloat16)
         print(f"In bf16 ({peak16:.0f} GFLOP/s): {flops / peak16 * 1e3:.0f} ms, "

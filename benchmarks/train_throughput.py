@@ -17,11 +17,11 @@ Same machine, same nets (the official SQ-VAE nets at that size: 28 = Fashion-MNI
   ours            the same as `sqvae train` runs it on a CPU (channels_last convolutions): a run of
                   fewer than 5,000 steps, or --no-compile
   ours+compile    ... and torch.compile (with --compile), as `sqvae train` runs 5,000+ steps
-                  (the paper preset) where a C++ compiler exists: train.compile_options, on a CPU
+                  (the paper preset) where a C++ compiler exists: device.compile_options, on a CPU
                   with the graph's host code in C++ (cpp_wrapper)
   ..., py wrap    (--python-wrapper) the same compiled with Python host code, as before
   ...+bf16        (--amp) bf16 autocast as `sqvae train --amp` runs it; measured only where bf16 is
-                  native (train.amp_unavailable): elsewhere the run trains in fp32, and emulated
+                  native (device.amp_unavailable): elsewhere the run trains in fp32, and emulated
                   bf16 was 0.13-0.14x the official fp32 step on an AVX2-only AMD EPYC
 Every variant runs `steps` steps in every round, in turn (interleaved: machine drift hits all
 alike). Prints images/s (median over rounds), the median per-round ratio to official-style with
@@ -47,9 +47,9 @@ from sqvae_core.config import ModelConfig  # noqa: E402
 from sqvae_core.data import ImageData  # noqa: E402
 from sqvae_core.models import build_model  # noqa: E402
 from sqvae_core.nets import Decoder, Encoder  # noqa: E402
-from sqvae_core.train import (COMPILE_OPTIONS, Batches, Dist, TrainConfig, Window, compile_options,  # noqa: E402
-                              amp_unavailable, cpu_kind, make_model, make_optimizer, temperature_at,
-                              train_step)
+from sqvae_core.device import COMPILE_OPTIONS, amp_unavailable, compile_options, cpu_kind  # noqa: E402
+from sqvae_core.train import (Batches, Dist, TrainConfig, Window, make_model, make_optimizer,  # noqa: E402
+                              temperature_at, train_step)
 
 B = 32
 SETTINGS = {   # image size -> (channels, K, blocks, exp(s) at init)

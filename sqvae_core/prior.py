@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from . import rundir as rd
 from .checks import as_tensor, check_int, check_positive, config_from_dict
-from .device import as_device
+from .device import COMPILE_OPTIONS, amp_unavailable, as_device, compile_unavailable, x86_bf16_units
 
 __all__ = [
     "PriorConfig",
@@ -738,8 +738,6 @@ class PriorFit:
 
 def _resolve_fit(fit: PriorFitConfig | Mapping[str, Any] | None, overrides: dict, dev: torch.device) -> tuple:
     """A validated copy of `fit` with the keyword overrides, `compile` and `bf16` decided -> (fit, precision)."""
-    from .train import amp_unavailable, compile_unavailable  # lazy: train imports much of the package
-
     if fit is None:
         fit = PriorFitConfig()
     elif not isinstance(fit, PriorFitConfig):
@@ -842,7 +840,6 @@ def step_form(dev: torch.device, precision: str, compiled: bool) -> str:
         return "conv"
     if precision.startswith("fp32"):
         return "matmul" if torch.backends.cpu.get_cpu_capability() == "AVX2" else "conv"
-    from .train import x86_bf16_units   # lazy, as in fit_prior: train imports much of the package
     return "matmul" if x86_bf16_units() == ["AVX512-BF16"] else "conv"
 
 
@@ -864,8 +861,6 @@ def _make_step(model: GatedPixelCNN, opt: torch.optim.Optimizer, fit: PriorFitCo
         return F.cross_entropy(logits.float(), target)
 
     if fit.compile:
-        from .train import COMPILE_OPTIONS
-
         loss_of = torch.compile(loss_of, options=COMPILE_OPTIONS)
 
     def step(x: Tensor, c: Tensor | None) -> Tensor:

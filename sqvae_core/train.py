@@ -31,8 +31,6 @@ import hashlib
 import json
 import math
 import os
-import platform
-import shutil
 import signal
 import sys
 import threading
@@ -46,7 +44,7 @@ from . import rundir as rd
 from .rundir import RunWriter
 from .config import CATEGORICAL_KINDS, ModelConfig
 from .data import ImageData, dataset_shape, folder_rebuild_command, load_dataset, one_scan, to_float
-from .device import resolve_device
+from .device import amp_unavailable, compile_options, compile_unavailable, resolve_device
 from .evaluate import evaluate_model
 from .kinds import KINDS, PRESETS
 from .models import build_model
@@ -338,86 +336,6 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 # ------------------------------------------------------------------- resolving a config
-# Inductor's own random numbers (a Philox counter per element, scalar C++ on a CPU) made the Gumbel
-# noise of a compiled step slower than eager's: +8% images/s for gaussian_1 at the paper preset with
-# torch's generator instead (benchmarks/train_throughput.py), and a compiled run then draws the very
-# numbers an eager one draws.
-COMPILE_OPTIONS = {"fallback_random": True}
-
-
-def compile_options(device: torch.device) -> dict:
-    """torch.compile options for the training step on `device`. On a CPU the compiled graph's host
-    code is C++ as well (inductor's cpp_wrapper): the step's ~70 buffer allocations and ~40 kernel
-    calls stop going through Python. Same kernels, same numbers; +1.7-3.9% images/s at the paper
-    preset (benchmarks/train_throughput.py --python-wrapper) for about 2 s more compile time. The
-    prior's 120 ms steps gain nothing measurable from it and keep COMPILE_OPTIONS."""
-    return {**COMPILE_OPTIONS, "cpp_wrapper": True} if device.type == "cpu" else dict(COMPILE_OPTIONS)
-
-
-def compile_unavailable(device: torch.device) -> str | None:
-    """Why torch.compile cannot run on this device, or None if it can."""
-    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "c++", "clang++")):
-        return ("torch.compile on a CPU needs a C++ compiler (it generates C++): install g++ "
-                "(Debian: apt-get install g++)")
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch.compile on a GPU needs triton (pip install triton)"
-    if device.type not in ("cpu", "cuda"):
-        return f"torch.compile is not used on {device.type}"
-    return None
-
-
-def x86_bf16_units() -> list[str]:
-    """The bf16 units torch's own CPUID probes find on this x86 CPU: AVX512-BF16, AMX (none elsewhere)."""
-    probes = (("AVX512-BF16", "_is_avx512_bf16_supported"), ("AMX", "_is_amx_tile_supported"))
-    return [label for label, probe in probes if getattr(torch.cpu, probe, lambda: False)()]
-
-
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware: x86 AVX512-BF16 or AMX tiles, or Arm's bf16
-    extension. Elsewhere oneDNN emulates bf16 with fp32 arithmetic plus conversions, so `--amp` would
-    only slow a step down."""
-    if x86_bf16_units():
-        return True
-    if platform.machine().lower() in ("aarch64", "arm64"):
-        try:
-            return " bf16" in Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return False
-    return False
-
-
-def cpu_kind() -> str:
-    """One line naming this CPU for benchmark output: model name, vendor, the vector ISA torch's
-    kernels dispatch to, and the bf16 units. Speed-ups differ between CPU kinds (AMD with AVX-512 or
-    AVX2, Intel with AVX-512 and AMX), so every figure is printed beside it."""
-    info = {}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())     # the first CPU's lines
-    except OSError:
-        pass
-    name = info.get("model name") or platform.processor() or platform.machine()
-    vendor = info.get("vendor_id") or platform.machine()
-    units = x86_bf16_units()
-    return (f"{name} ({vendor}), {os.cpu_count()} logical CPUs, torch ISA "
-            f"{torch.backends.cpu.get_cpu_capability()}, bf16 units: {', '.join(units) or 'none'}")
-
-
-def amp_unavailable(device: torch.device) -> str | None:
-    """Why `--amp` (bf16 autocast) would not pay on this device, or None if it runs there natively."""
-    if device.type == "cpu" and not cpu_has_native_bf16():
-        return "this CPU has no native bf16 (AVX512-BF16, AMX or Arm bf16); emulated bf16 is slower than fp32"
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        return "this GPU does not support bf16"
-    if device.type not in ("cpu", "cuda"):
-        return f"bf16 autocast is not used on {device.type}"
-    return None
-
-
 def resolve(cfg: TrainConfig, dist: Dist, data: ImageData | None = None,
             val_data: ImageData | None = None,
             device: torch.device | None = None) -> tuple[TrainConfig, ImageData, ImageData]:

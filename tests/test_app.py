@@ -623,7 +623,7 @@ def test_train_start_runs_a_real_subprocess_to_finished(env):
     run = env["runs"] / "tiny-live"
     st = wait_state(run, ("finished", "failed"), 80)
     assert st["state"] == "finished", st
-    from sqvae_core.train import cpu_has_native_bf16       # the form's bf16 box: --amp, or fp32 and why
+    from sqvae_core.device import cpu_has_native_bf16      # the form's bf16 box: --amp, or fp32 and why
     config = json.loads((run / "config.json").read_text())
     assert config["train"]["amp"] is cpu_has_native_bf16() and ("amp_fallback" in config) is not cpu_has_native_bf16()
     at.run()

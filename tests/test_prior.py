@@ -450,19 +450,18 @@ def test_plateau_hard_cap_and_held_out_validation(monkeypatch):
 def test_bf16_is_on_where_native_and_says_so_where_asked_for_without(monkeypatch):
     """bf16=None (the default) fits in bf16 where it is native and quietly in fp32 elsewhere;
     bf16=True where it is not native says why in the precision and the message; both record what ran."""
-    import sqvae_core.train as train_mod
 
     train = _structured_codes(40, 8, seed=9) % 8
     cfg = PriorConfig(8, 7, 7, hidden=8, layers=2)
     quick = dict(steps=2, eval_every=2, batch_size=4, compile=False)
 
-    monkeypatch.setattr(train_mod, "amp_unavailable", lambda dev: None)
+    monkeypatch.setattr(prior_mod, "amp_unavailable", lambda dev: None)
     res = fit_prior(train, None, cfg, PriorFitConfig(**quick))
     assert res.config.bf16 is True and res.precision == "bf16 autocast" and "bf16 autocast" in res.message()
     res = fit_prior(train, None, cfg, PriorFitConfig(**quick, bf16=False))
     assert res.config.bf16 is False and res.precision == "fp32"
 
-    monkeypatch.setattr(train_mod, "amp_unavailable", lambda dev: "this CPU has no native bf16")
+    monkeypatch.setattr(prior_mod, "amp_unavailable", lambda dev: "this CPU has no native bf16")
     res = fit_prior(train, None, cfg, PriorFitConfig(**quick))
     assert res.config.bf16 is False and res.precision == "fp32"
     res = fit_prior(train, None, cfg, PriorFitConfig(**quick, bf16=True))
@@ -617,7 +616,7 @@ def test_compiled_fit_equals_eager():
     same weights within the rounding bound (inductor only reorders and fuses fp32 arithmetic);
     end to end, 20 compiled steps of Adam land on the eager fit's validation NLL within the
     plateau rule's own resolution (min_improvement, relative)."""
-    from sqvae_core.train import compile_unavailable
+    from sqvae_core.device import compile_unavailable
     if compile_unavailable(torch.device("cpu")):
         pytest.skip(compile_unavailable(torch.device("cpu")))
     cfg = PriorConfig(16, 7, 7, hidden=8, layers=2, num_classes=3)
@@ -660,7 +659,6 @@ def test_compiled_fit_equals_eager():
 def test_step_form_is_matmuls_only_where_they_measured_faster(monkeypatch):
     """A compiled step on a CPU: fp32 on AVX2, bf16 on AVX512-BF16 without AMX (benchmarks/RESULTS.md).
     Every other case keeps the convolutions, and an unknown form is refused by name."""
-    import sqvae_core.train as tr
     cpu = torch.device("cpu")
     for isa, units, fp32_form, bf16_form in (("AVX2", [], "matmul", "conv"),
                                               ("AVX512", ["AVX512-BF16"], "conv", "matmul"),
@@ -668,7 +666,7 @@ def test_step_form_is_matmuls_only_where_they_measured_faster(monkeypatch):
                                               ("AVX512", [], "conv", "conv"),
                                               ("DEFAULT", [], "conv", "conv")):
         monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda isa=isa: isa)
-        monkeypatch.setattr(tr, "x86_bf16_units", lambda units=units: list(units))
+        monkeypatch.setattr(prior_mod, "x86_bf16_units", lambda units=units: list(units))
         case = (isa, units)
         assert prior_mod.step_form(cpu, "fp32", True) == fp32_form, case
         assert prior_mod.step_form(cpu, "fp32 (bf16 asked: no native bf16)", True) == fp32_form, case

@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -275,13 +276,13 @@ def test_host_batches_equal_device_batches():
 
 
 def test_cpu_kind_names_the_isa_and_the_bf16_units_the_benchmarks_print(monkeypatch):
-    from sqvae_core import train as tr
+    from sqvae_core import device as dv
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False, raising=False)
-    line = tr.cpu_kind()
+    line = dv.cpu_kind()
     assert f"torch ISA {torch.backends.cpu.get_cpu_capability()}" in line and line.endswith("bf16 units: none")
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
-    assert tr.cpu_kind().endswith("bf16 units: AMX")
+    assert dv.cpu_kind().endswith("bf16 units: AMX")
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -289,8 +290,8 @@ def test_amp_trains_in_bf16_where_native_and_says_so_and_runs_fp32_where_not(tmp
     """--amp on a CPU: with native bf16 the run trains under bf16 autocast and config.json says so; without
     it the run says so on stderr, trains in fp32 (the weights of a plain fp32 run, bit for bit) and
     config.json records both the choice and why."""
-    import sqvae_core.train as tr
-    monkeypatch.setattr(tr, "cpu_has_native_bf16", lambda: native)
+    import sqvae_core.device as dv
+    monkeypatch.setattr(dv, "cpu_has_native_bf16", lambda: native)
     kw = dict(steps=10, val_every=10, checkpoint_every=10, snapshot_every=10, log_every=5)
     r = train(tiny_cfg(tmp_path / "amp", amp=True, **kw), progress=False)
     assert r["state"] == "finished", r
@@ -374,12 +375,12 @@ def test_compile_is_on_by_itself_only_for_long_runs_on_a_device_that_can_compile
         cfg = TrainConfig(model=ModelConfig(kind=kind), steps=steps, **kw)
         return tr.resolve(cfg, tr.Dist(), data, val, cpu)[0].compile
 
-    monkeypatch.setattr(tr.shutil, "which", lambda name: "/usr/bin/" + name)
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/" + name)
     assert decided() is True
     assert decided(steps=tr.COMPILE_AUTO_STEPS - 1) is False
     assert decided(compile=False) is False and decided(steps=10, compile=True) is True
     assert decided(kind="vmf") is True and decided(kind="vq") is True
-    monkeypatch.setattr(tr.shutil, "which", lambda name: None)        # no g++ on this machine
+    monkeypatch.setattr(shutil, "which", lambda name: None)        # no g++ on this machine
     assert decided() is False
     with pytest.raises(ValueError, match="needs a C.. compiler.*--no-compile"):
         tr._wrap(torch.nn.Linear(1, 1), TrainConfig(compile=True), tr.Dist(), cpu)
@@ -391,8 +392,8 @@ def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_pat
     step must take its new batch size, and a new Gumbel temperature every step, in its stride.
     (Before the fix, torch.rand over the symbolic batch size of the recompile raised.)"""
     pytest.importorskip("torch._inductor")
-    import sqvae_core.train as tr
-    if tr.compile_unavailable(torch.device("cpu")):
+    from sqvae_core.device import compile_unavailable
+    if compile_unavailable(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     # 40 images, batch 16: steps of 16, 16, 8 per epoch; 5 steps cross one epoch boundary
     cfg = tiny_cfg(tmp_path / "run", "gaussian_1", steps=5, compile=True, drop_last=False,
@@ -413,12 +414,13 @@ def test_cpu_step_compiled_with_cpp_host_code_computes_what_the_python_wrapper_d
     noise, Adam, batch-norm statistics -- give the losses of the graph compiled as before. A wrapper
     that reused or freed a buffer wrongly would be off by far more than the 1e-5 allowed."""
     pytest.importorskip("torch._inductor")
+    import sqvae_core.device as dv
     import sqvae_core.train as tr
     cpu = torch.device("cpu")
-    if tr.compile_unavailable(cpu):
+    if dv.compile_unavailable(cpu):
         pytest.skip("no C++ compiler for torch.compile")
-    assert tr.compile_options(cpu)["cpp_wrapper"] is True
-    assert "cpp_wrapper" not in tr.compile_options(torch.device("cuda"))
+    assert dv.compile_options(cpu)["cpp_wrapper"] is True
+    assert "cpp_wrapper" not in dv.compile_options(torch.device("cuda"))
     losses = {}
     for host in ("cpp", "python"):
         torch._dynamo.reset()
@@ -427,7 +429,7 @@ def test_cpu_step_compiled_with_cpp_host_code_computes_what_the_python_wrapper_d
         model = tr.make_model(cfg, cpu).train()
         opt = tr.make_optimizer(model, 1e-3, cpu)
         step_model = tr._wrap(model, cfg, tr.Dist(), cpu) if host == "cpp" else \
-            torch.compile(model, options=tr.COMPILE_OPTIONS)
+            torch.compile(model, options=dv.COMPILE_OPTIONS)
         g = torch.Generator().manual_seed(1)
         losses[host] = [float(tr.train_step(step_model, opt, torch.rand(16, 1, 28, 28, generator=g), 0.5, cfg,
                                              cpu, s).loss.detach()) for s in range(3)]
@@ -523,7 +525,7 @@ def test_gpu_check_says_there_is_no_gpu_and_exits_cleanly():
 def test_train_throughput_runs_every_variant_and_prints_the_cpu_kind():
     """Every variant, and with --amp a bf16 row only where bf16 is native: elsewhere it says why not
     (`sqvae train --amp` trains in fp32 there; emulated bf16 ran at 0.13x on an AVX2-only EPYC)."""
-    from sqvae_core.train import cpu_has_native_bf16
+    from sqvae_core.device import cpu_has_native_bf16
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run([sys.executable, str(root / "benchmarks" / "train_throughput.py"), "--steps", "1",
                           "--rounds", "1", "--threads", "1", "--kinds", "vq", "--amp"], capture_output=True,
