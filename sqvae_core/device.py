@@ -54,8 +54,9 @@ def as_device(device=None) -> torch.device:
 # ------------------------------------------------------------- what the device can do
 # Inductor's own random numbers (a Philox counter per element, scalar C++ on a CPU) made the Gumbel
 # noise of a compiled step slower than eager's: +8% images/s for gaussian_1 at the paper preset with
-# torch's generator instead (benchmarks/train_throughput.py), and a compiled run then draws the very
-# numbers an eager one draws.
+# torch's generator instead (benchmarks/train_throughput.py). Every random draw of a compiled step then
+# comes from torch's seeded generator, as in eager: on a CPU the Gumbel noise is one key from it per
+# step, hashed in the graph (quantizers.counter_uniform); elsewhere the very numbers eager draws.
 COMPILE_OPTIONS = {"fallback_random": True}
 
 

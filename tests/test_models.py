@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from sqvae_core.config import MODEL_KINDS, ModelConfig
 from sqvae_core.kinds import KINDS
 from sqvae_core.models import MODELS, GaussianLikelihood, build_model
-from sqvae_core.quantizers import GaussianSQ, VectorQuantizer, VmfSQ, gumbel_softmax, to_rows
+from sqvae_core.quantizers import GaussianSQ, VectorQuantizer, VmfSQ, counter_uniform, gumbel_softmax, to_rows
 
 
 def small_cfg(kind, **kw):
@@ -122,6 +122,63 @@ def test_hard_gumbel_samples_follow_the_softmax_chi_square():
     wrong = n * torch.tensor([0.2] * 5, dtype=torch.double)
     assert float(((counts - wrong) ** 2 / wrong).sum()) > 18.47
 
+
+
+def _splitmix64_uniform(counter: int) -> float:
+    """SplitMix64's output at a counter (Steele, Lea & Flood 2014), written out on Python's
+    unbounded ints, to torch.rand's 24-bit grid."""
+    mask = (1 << 64) - 1
+    z = (counter * 0x9E3779B97F4A7C15) & mask
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+    return ((z ^ (z >> 31)) >> 40) / 2 ** 24
+
+
+def test_counter_uniforms_are_splitmix64_and_uniform():
+    """counter_uniform in int64 torch ops equals SplitMix64 by hand, across the wrap of the
+    64-bit counter too; its numbers are uniform (χ² over 256 bins) and neighbours uncorrelated,
+    and a key differing only in its top bit gives an unrelated stream."""
+    mask = (1 << 64) - 1
+    for key in (0, 12345, -2 ** 63, 2 ** 63 - 5):
+        got = counter_uniform(torch.empty(2, 5), torch.tensor(key)).flatten().tolist()
+        assert got == [_splitmix64_uniform((key + i) & mask) for i in range(10)], key
+    n = 1 << 20
+    u = counter_uniform(torch.empty(n), torch.tensor(987654321)).double()
+    assert 0.0 <= float(u.min()) and float(u.max()) < 1.0
+    counts = torch.bincount((u * 256).long(), minlength=256).double()
+    chi2 = float(((counts - n / 256) ** 2 / (n / 256)).sum())
+    assert chi2 < 330.5, f"χ²={chi2:.1f} over 255 dof exceeds the 0.1% critical value"
+    lag1 = float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])
+    assert abs(lag1) < 4 / math.sqrt(n), lag1
+    other = counter_uniform(torch.empty(n), torch.tensor(987654321 - 2 ** 63)).double()
+    assert abs(float(torch.corrcoef(torch.stack([u, other]))[0, 1])) < 4 / math.sqrt(n)
+
+
+@pytest.mark.slow
+def test_compiled_gumbel_softmax_on_a_cpu_hashes_a_key_from_torchs_generator():
+    """Compiled, on a CPU, gumbel_softmax takes one 64-bit key from torch's generator and hashes
+    counters: from the same seed it returns exactly softmax((logits + g) / τ) with g from
+    counter_uniform at that key, so a seeded compiled run draws the same noise every time (and
+    --resume restores it with the generator's state); and hard samples follow the softmax."""
+    pytest.importorskip("torch._inductor")
+    from sqvae_core.device import COMPILE_OPTIONS, compile_unavailable
+    if compile_unavailable(torch.device("cpu")):
+        pytest.skip(compile_unavailable(torch.device("cpu")))
+    torch._dynamo.reset()
+    compiled = torch.compile(gumbel_softmax, options=COMPILE_OPTIONS)
+    p = torch.tensor([0.5, 0.25, 0.15, 0.07, 0.03])
+    logits, tau = p.log().expand(40000, 5).contiguous(), torch.tensor(0.5)
+    torch.manual_seed(3)
+    y = compiled(logits, tau)
+    torch.manual_seed(3)
+    u = counter_uniform(logits, torch.randint(-2 ** 63, 2 ** 63 - 1, (), dtype=torch.int64))
+    by_hand = torch.softmax((logits - torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))) / tau, -1)
+    torch.testing.assert_close(y, by_hand, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(y, compiled(logits, tau))          # the next call, the next key
+    counts = torch.bincount(y.argmax(-1), minlength=5).double()
+    expected = 40000 * p.double()
+    assert float(((counts - expected) ** 2 / expected).sum()) < 18.47
+    torch._dynamo.reset()
 
 # --------------------------------------------------------------- loss by hand
 def test_gaussian_sq_latent_loss_matches_hand_computation():

@@ -76,16 +76,20 @@ def test_cli_50_steps_writes_a_complete_run_directory(tmp_path):
     assert r.returncode == 0 and "gaussian_1" in r.stdout and "finished" in r.stdout
 
 
-# the inner loop (-m "not slow") keeps one Gaussian kind; CI resumes every family
+# the inner loop (-m "not slow") keeps one Gaussian kind; CI resumes every family, and a compiled
+# Gaussian run (its Gumbel noise: one key a step from the generator whose state the checkpoint keeps)
 @pytest.mark.parametrize("kind", ["gaussian_3"] + [pytest.param(k, marks=pytest.mark.slow) for k in
-                                                   ("vq_reset", "vmf", "fsq", "lfq", "simvq", "vq_rotation")])
+                                                   ("vq_reset", "vmf", "fsq", "lfq", "simvq", "vq_rotation",
+                                                    "gaussian_1 compiled")])
 def test_interrupted_and_resumed_run_ends_with_identical_weights(tmp_path, kind):
+    kind, _, compiled = kind.partition(" ")
     dataset = "fashion-mnist-cat8" if kind == "vmf" else "fashion-mnist"
-    full = train(tiny_cfg(tmp_path / "full", kind, steps=40, dataset=dataset), progress=False)
+    kw = dict(dataset=dataset, compile=bool(compiled))
+    full = train(tiny_cfg(tmp_path / "full", kind, steps=40, **kw), progress=False)
     assert full["state"] == "finished"
-    part = train(tiny_cfg(tmp_path / "part", kind, steps=20, dataset=dataset), progress=False)
+    part = train(tiny_cfg(tmp_path / "part", kind, steps=20, **kw), progress=False)
     assert part["step"] == 20
-    resumed = train(tiny_cfg(tmp_path / "part", kind, steps=40, dataset=dataset), resume=True, progress=False)
+    resumed = train(tiny_cfg(tmp_path / "part", kind, steps=40, **kw), resume=True, progress=False)
     assert resumed["step"] == 40
     a, _ = rd.load_weights(tmp_path / "full" / "model.safetensors")
     b, _ = rd.load_weights(tmp_path / "part" / "model.safetensors")
