@@ -123,7 +123,6 @@ def test_hard_gumbel_samples_follow_the_softmax_chi_square():
     assert float(((counts - wrong) ** 2 / wrong).sum()) > 18.47
 
 
-
 def _splitmix64_uniform(counter: int) -> float:
     """SplitMix64's output at a counter (Steele, Lea & Flood 2014), written out on Python's
     unbounded ints, to torch.rand's 24-bit grid."""
