@@ -450,7 +450,6 @@ def test_plateau_hard_cap_and_held_out_validation(monkeypatch):
 def test_bf16_is_on_where_native_and_says_so_where_asked_for_without(monkeypatch):
     """bf16=None (the default) fits in bf16 where it is native and quietly in fp32 elsewhere;
     bf16=True where it is not native says why in the precision and the message; both record what ran."""
-
     train = _structured_codes(40, 8, seed=9) % 8
     cfg = PriorConfig(8, 7, 7, hidden=8, layers=2)
     quick = dict(steps=2, eval_every=2, batch_size=4, compile=False)
