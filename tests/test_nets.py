@@ -36,8 +36,9 @@ def forward_backward(layer: nn.Module, x: torch.Tensor):
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_matmul_transposed_conv_is_the_transposed_conv(c_out, bias, channels_last):
-    """y = fold(x_nhwc @ w) is the 4x4 stride-2 transposed conv; its backward is unfold(dy) @ wᵀ, xᵀ @ unfold(dy).
-    In float64 the two agree to 1e-12: any mistake in the patch order or padding would be O(1)."""
+    """y = fold(x_nhwc @ w) is the 4x4 stride-2 transposed conv, with its gradients (aten's transposed-conv
+    backward, called on the saved inputs). In float64 the two agree to 1e-12: any mistake in the patch order,
+    the padding or the arguments of the backward would be O(1)."""
     ref, fast = layer_pair(32, c_out, bias)
     x = torch.randn(5, 32, 7, 6, dtype=torch.float64)      # odd sizes and h != w catch a transposed index
     if channels_last:
