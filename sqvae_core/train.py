@@ -651,7 +651,11 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, data
     try:
         while p.step < cfg.steps:
             tau = temperature_at(cfg, p.step)
-            outp = train_step(train_model, optimizer, batches(p.step), tau, cfg, device, p.step)
+            x = batches(p.step)
+            # An epoch's smaller last batch (drop_last=False: one process) runs eagerly, the same math:
+            # compiling a graph for its shape once a run took 23 s, the eager step 40 ms (RESULTS.md).
+            step_model = model if len(x) < cfg.batch_size else train_model
+            outp = train_step(step_model, optimizer, x, tau, cfg, device, p.step)
             if cfg.lr_schedule != "plateau":
                 scheduler.step()
             p.step += 1

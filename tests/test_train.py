@@ -392,18 +392,23 @@ def test_compile_is_on_by_itself_only_for_long_runs_on_a_device_that_can_compile
 
 @pytest.mark.slow
 def test_compiled_gaussian_training_crosses_an_epochs_smaller_last_batch(tmp_path):
-    """The paper preset keeps each epoch's smaller last batch (drop_last=False): the compiled
-    step must take its new batch size, and a new Gumbel temperature every step, in its stride.
-    (Before the fix, torch.rand over the symbolic batch size of the recompile raised.)"""
+    """The paper preset keeps each epoch's smaller last batch (drop_last=False). That batch runs
+    through the eager model, so torch.compile builds one graph a run, not a second for the short
+    batch's shape (23 s at the paper preset, for one step), and each step still gets its own Gumbel
+    temperature. (An earlier recompile over a symbolic batch size raised in torch.rand.)"""
     pytest.importorskip("torch._inductor")
+    from torch._dynamo.utils import counters
     from sqvae_core.device import compile_unavailable
     if compile_unavailable(torch.device("cpu")):
         pytest.skip("no C++ compiler for torch.compile")
     # 40 images, batch 16: steps of 16, 16, 8 per epoch; 5 steps cross one epoch boundary
     cfg = tiny_cfg(tmp_path / "run", "gaussian_1", steps=5, compile=True, drop_last=False,
                    log_every=1, val_every=5, snapshot_every=5, checkpoint_every=5)
+    torch._dynamo.reset()          # graphs that other tests compiled in this process would be reused
+    counters.clear()
     status = train(cfg, progress=False, data=_synthetic(40, "train"), val_data=_synthetic(16, "val", 1))
     assert status["state"] == "finished", status
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])   # the old code compiled 2
     rows = [r for r in rd.read_metrics(tmp_path / "run") if "loss" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(math.isfinite(r["loss"]) for r in rows)
     taus = [r["temperature"] for r in rows]
