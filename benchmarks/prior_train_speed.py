@@ -22,7 +22,19 @@ Variants (default prior: hidden 64, 8 layers, kernel 3; batch 64 unless named):
     compile+bf16 bN  compile + bf16 at batch N (32, 128, 256): the ratio per grid
 
 Rounds are interleaved (old, v1, v2, ..., old, v1, ...) so that a machine shared with other jobs
-slows every variant alike; each variant's figure is its fastest round. Times are CPU seconds of
+slows every variant alike; each variant's figure is its fastest round. The process runs with
+glibc's malloc keeping freed memory (device.keep_freed_host_memory), as fit_prior does, so "old"
+gets it too, which it never had.
+
+    python benchmarks/prior_train_speed.py --isolated --variants "compile+bf16 matmul"
+
+--isolated runs each variant in a fresh process of its own instead, as a fit runs: "old" with
+glibc's default malloc (as it ran), the others as fit_prior runs them. A process builds and warms
+up its step, then times --child-rounds rounds; the parent alternates the processes for --rounds
+rounds. Figures are the median round (CPU time) and the ratio of medians. In one process, the
+old step's large allocations leave the heap big enough that the steps timed between them take
+none of the page faults that the same step takes alone (RESULTS.md): interleaved figures are
+not what a fit sees. Times are CPU seconds of
 this process (process_time: the work, not the waiting on a busy machine) beside wall seconds.
 Per fit: compile time (CPU seconds of its warm-up, once) + steps x per-step time, for a fit of
 --fit-steps steps (at batch N: --batch/N as many steps, the same grids seen). Quality: each variant
@@ -32,8 +44,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
+import statistics
+import subprocess
 import sys
 import time
 
@@ -43,7 +58,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from sqvae_core import prior as P  # noqa: E402
-from sqvae_core.device import cpu_has_native_bf16, cpu_kind  # noqa: E402
+from sqvae_core.device import cpu_has_native_bf16, cpu_kind, keep_freed_host_memory  # noqa: E402
 from sqvae_core.prior import GatedPixelCNN, PriorConfig, PriorFitConfig  # noqa: E402
 
 VARIANTS = ("old", "skip", "skip+fused", "channels_last", "compile", "compile matmul", "compile+bf16",
@@ -108,6 +123,34 @@ def batch_of(variant: str, batch: int) -> int:
     return int(m.group(1)) if m else batch
 
 
+def isolated(args, variants: list[str]) -> None:
+    """--isolated: each variant in fresh processes, alternated over --rounds; medians of rounds."""
+    base = [sys.executable, os.path.abspath(__file__), "--max-images", str(args.max_images), "--batch",
+            str(args.batch), "--steps-per-round", str(args.steps_per_round), "--threads", str(args.threads),
+            "--lr", str(args.lr), "--child-rounds", str(args.child_rounds)] + (["--run", args.run] if args.run else [])
+    print(f"CPU: {cpu_kind()}\ntorch {torch.__version__}, {args.threads} thread(s); each variant in a process of "
+          f"its own, {args.rounds} processes each, {args.child_rounds} rounds of {args.steps_per_round} steps each\n")
+    cpu = {v: [] for v in variants}
+    warm = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for v in variants:
+            r = subprocess.run(base + ["--child", v], capture_output=True, text=True)
+            line = [ln for ln in r.stdout.splitlines() if ln.startswith("CHILD ")]
+            if r.returncode != 0 or not line:
+                raise SystemExit(f"variant {v!r} failed:\n{r.stderr[-2000:]}")
+            doc = json.loads(line[-1][len("CHILD "):])
+            cpu[v] += doc["rounds"]
+            warm[v].append(doc["warm"])
+    old = statistics.median(cpu["old"])
+    print("| variant | batch | CPU ms/step (median round) | range of rounds | per step (per grid) vs old | "
+          "warm-up CPU s |")
+    print("|---|---|---|---|---|---|")
+    for v in variants:
+        t, bs = statistics.median(cpu[v]), batch_of(v, args.batch)
+        print(f"| {v} | {bs} | {t * 1e3:.1f} | {min(cpu[v]) * 1e3:.1f}-{max(cpu[v]) * 1e3:.1f} | "
+              f"{(old / args.batch) / (t / bs):.2f}x | {statistics.median(warm[v]):.1f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default=None, help="a run directory whose code grids to fit (else synthetic)")
@@ -120,9 +163,16 @@ def main() -> None:
     ap.add_argument("--fit-steps", type=int, default=4000, help="steps of the fit the per-fit ratios are for")
     ap.add_argument("--quality-steps", type=int, default=0, help="train each variant this many steps; val NLL")
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--isolated", action="store_true", help="each variant in a fresh process of its own")
+    ap.add_argument("--child-rounds", type=int, default=3, help="--isolated: timed rounds per process")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)   # --isolated's worker: one variant
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     variants = ["old"] + [v for v in args.variants if v != "old"]
+    if args.isolated:
+        return isolated(args, variants)
+    if args.child != "old":
+        keep_freed_host_memory()             # as fit_prior runs; an --isolated "old" runs as it ran
 
     if args.run:
         from sqvae_core import rundir as rd
@@ -144,14 +194,32 @@ def main() -> None:
         val = torch.randint(0, 256, (2000, 7, 7), generator=g)
         tr_l, va_l = torch.randint(0, 10, (10000,), generator=g), torch.randint(0, 10, (2000,), generator=g)
         source = "synthetic uniform codes (timing only)"
-    print(f"CPU: {cpu_kind()}\ntorch {torch.__version__}, {args.threads} thread(s); prior {cfg.to_dict()}\n"
-          f"codes: {source}\n")
+    if args.child is None:
+        print(f"CPU: {cpu_kind()}\ntorch {torch.__version__}, {args.threads} thread(s); prior {cfg.to_dict()}\n"
+              f"codes: {source}\n")
 
     gen = torch.Generator().manual_seed(1)
 
     def batch(v):
         idx = torch.randint(len(train), (batch_of(v, args.batch),), generator=gen)
         return train[idx], None if tr_l is None else torch.as_tensor(tr_l)[idx]
+
+    if args.child is not None:               # --isolated's worker: warm up, time, print one JSON line
+        model, step = make_step(args.child, cfg, args.lr)
+        model.train()
+        c0 = time.process_time()
+        for _ in range(3):
+            step(*batch(args.child))
+        warm = time.process_time() - c0
+        rounds = []
+        for _ in range(args.child_rounds):
+            xs = [batch(args.child) for _ in range(args.steps_per_round)]
+            c0 = time.process_time()
+            for x, c in xs:
+                step(x, c)
+            rounds.append((time.process_time() - c0) / args.steps_per_round)
+        print("CHILD " + json.dumps({"variant": args.child, "rounds": rounds, "warm": warm}))
+        return
 
     steps, warm = {}, {}
     for v in variants:                   # build and warm up (compilation happens here)

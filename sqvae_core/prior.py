@@ -55,7 +55,8 @@ from torch import Tensor, nn
 
 from . import rundir as rd
 from .checks import as_tensor, check_int, check_positive, config_from_dict
-from .device import COMPILE_OPTIONS, amp_unavailable, as_device, compile_unavailable, x86_bf16_units
+from .device import (COMPILE_OPTIONS, amp_unavailable, as_device, compile_unavailable, keep_freed_host_memory,
+                     x86_bf16_units)
 
 __all__ = [
     "PriorConfig",
@@ -906,6 +907,7 @@ def fit_prior(
         fit, dict(steps=steps, batch_size=batch_size, lr=lr, seed=seed, eval_every=eval_every), dev
     )
     t0 = time.perf_counter()
+    keep_freed_host_memory()     # each step's buffers stay mapped for the next (device.py)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(fit.seed)

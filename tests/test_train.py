@@ -289,6 +289,47 @@ def test_cpu_kind_names_the_isa_and_the_bf16_units_the_benchmarks_print(monkeypa
     assert dv.cpu_kind().endswith("bf16 units: AMX")
 
 
+STEP_FAULTS = r"""
+import ctypes, resource, sys
+from sqvae_core.device import keep_freed_host_memory
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if sys.argv[1] == "keep":
+    assert keep_freed_host_memory()
+def step():                 # a step's pattern: 32 buffers of 1 MiB written, all alive at once, then freed
+    bufs = [libc.malloc(1 << 20) for _ in range(32)]
+    for b in bufs:
+        libc.memset(b, 1, 1 << 20)
+    for b in bufs:
+        libc.free(b)
+for _ in range(3):          # glibc's moving thresholds settle
+    step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's malloc only")
+def test_freed_step_memory_stays_mapped_so_the_next_step_takes_no_page_faults():
+    """keep_freed_host_memory (fit_prior calls it). By default glibc hands 32 MiB of freed
+    1 MiB blocks back to the kernel at the end of every step, and the next step faults in 8,160
+    zeroed pages again. With the fixed thresholds it keeps them. Each case runs in a fresh process
+    on raw malloc/free, where glibc's choice is deterministic; torch's own small allocations, made
+    in between, sometimes pin the heap's top by chance, which would stop the trimming."""
+    def faults(mode):
+        r = subprocess.run([sys.executable, "-c", STEP_FAULTS, mode], capture_output=True, text=True,
+                           timeout=120, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        return int(r.stdout.strip())
+    default, kept = faults("default"), faults("keep")
+    assert default > 5 * 4000, default          # 5 x 8,160 here
+    assert kept < 5 * 100, kept                  # 0 here
+
+
 @pytest.mark.parametrize("native", [True, False])
 def test_amp_trains_in_bf16_where_native_and_says_so_and_runs_fp32_where_not(tmp_path, monkeypatch, capsys, native):
     """--amp on a CPU: with native bf16 the run trains under bf16 autocast and config.json says so; without
