@@ -34,8 +34,10 @@ up its step, then times --child-rounds rounds; the parent alternates the process
 rounds. Figures are the median round (CPU time) and the ratio of medians. In one process, the
 old step's large allocations leave the heap big enough that the steps timed between them take
 none of the page faults that the same step takes alone (RESULTS.md): interleaved figures are
-not what a fit sees. Times are CPU seconds of
-this process (process_time: the work, not the waiting on a busy machine) beside wall seconds.
+not what a fit sees.
+
+Times are CPU seconds of this process (process_time: the work, not the waiting on a busy machine)
+beside wall seconds.
 Per fit: compile time (CPU seconds of its warm-up, once) + steps x per-step time, for a fit of
 --fit-steps steps (at batch N: --batch/N as many steps, the same grids seen). Quality: each variant
 trained --quality-steps steps from the same seed; its validation NLL (bits/code) on the same grids.
