@@ -2,6 +2,7 @@
 import json
 import math
 import os
+import platform
 import shutil
 import signal
 import subprocess
@@ -319,7 +320,7 @@ def _thp_always() -> bool:
         return False
 
 
-@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc",
+@pytest.mark.skipif(sys.platform != "linux" or platform.libc_ver()[0] != "glibc",
                     reason="glibc's malloc only")
 @pytest.mark.skipif(_thp_always(), reason="transparent huge pages on every heap: faults count 2 MiB pages")
 def test_freed_step_memory_stays_mapped_so_the_next_step_takes_no_page_faults():
