@@ -206,23 +206,8 @@ def main() -> None:
         idx = torch.randint(len(train), (batch_of(v, args.batch),), generator=gen)
         return train[idx], None if tr_l is None else torch.as_tensor(tr_l)[idx]
 
-    if args.child is not None:               # --isolated's worker: warm up, time, print one JSON line
-        model, step = make_step(args.child, cfg, args.lr)
-        model.train()
-        c0 = time.process_time()
-        for _ in range(3):
-            step(*batch(args.child))
-        warm = time.process_time() - c0
-        rounds = []
-        for _ in range(args.child_rounds):
-            xs = [batch(args.child) for _ in range(args.steps_per_round)]
-            c0 = time.process_time()
-            for x, c in xs:
-                step(x, c)
-            rounds.append((time.process_time() - c0) / args.steps_per_round)
-        print("CHILD " + json.dumps({"variant": args.child, "rounds": rounds, "warm": warm}))
-        return
-
+    if args.child is not None:               # --isolated's worker: this one variant, --child-rounds rounds
+        variants, args.rounds = [args.child], args.child_rounds
     steps, warm = {}, {}
     for v in variants:                   # build and warm up (compilation happens here)
         model, step = make_step(v, cfg, args.lr)
@@ -242,6 +227,9 @@ def main() -> None:
                 steps[v](x, c)
             cpu[v].append((time.process_time() - c0) / args.steps_per_round)
             wall[v].append((time.perf_counter() - w0) / args.steps_per_round)
+    if args.child is not None:               # to the parent: one JSON line, no table
+        print("CHILD " + json.dumps({"variant": args.child, "rounds": cpu[args.child], "warm": warm[args.child][0]}))
+        return
 
     old = min(cpu["old"])
     old_fit = old * args.fit_steps
