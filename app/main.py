@@ -16,7 +16,7 @@ PAGES = Path(__file__).resolve().parent / "pages_"
 
 # Navigation across the top and the sidebar (demo toggle, directories, upload) collapsed at start:
 # an expanded sidebar delays the first Plotly paint by ~0.5 s on a slow machine (layout shift).
-st.set_page_config(page_title="SQ-VAE Explorer", page_icon=":material/grain:", layout="wide",
+st.set_page_config(page_title="SQ-VAE Explorer", page_icon=theme.favicon(), layout="wide",
                    initial_sidebar_state="collapsed")
 # Explore is the root page, served at "/": Streamlit gives the default page the URL path "" whatever
 # url_path says, so a link to /explore?run=X found no page ("Page not found"). The same script is

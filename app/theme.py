@@ -55,6 +55,19 @@ button[data-testid="stBaseButton-primary"] *, button[data-testid="stBaseButton-p
 """
 
 
+def favicon(cell: int = 8):
+    """The tab icon: a 4x4 grid of codes in the palette's colours, drawn here (a PIL image, which
+    Streamlit inlines as a data URL). A `:material/...:` page icon is fetched from Google's CDN,
+    which an offline machine (a talk's laptop) cannot reach."""
+    from PIL import Image
+
+    img = Image.new("RGB", (4 * cell, 4 * cell))
+    for i in range(16):
+        colour = PALETTE[(5 * i + 3 * (i // 4)) % len(PALETTE)]     # no two neighbours alike
+        img.paste(colour, ((i % 4) * cell, (i // 4) * cell, (i % 4 + 1) * cell, (i // 4 + 1) * cell))
+    return img
+
+
 def demo_mode() -> bool:
     return bool(st.session_state.get("demo_mode", False))
 

@@ -445,6 +445,27 @@ def test_explore_link_by_its_page_name_opens_the_run(servers, browser):
         ctx.close()
 
 
+def test_app_fetches_nothing_from_outside_this_machine(servers, browser):
+    """Every page loads offline (a talk's laptop, a cluster node): no request leaves the app's server.
+    The tab icon was a `:material/...:` icon, which Streamlit fetches from Google's CDN."""
+    ctx = browser.new_context(viewport={"width": 1440, "height": 1200})
+    page = ctx.new_page()
+    page.set_default_timeout(30_000)
+    requests = []
+    page.on("request", lambda r: requests.append(r.url))
+    try:
+        for path, shown in (("/", "Codebook map ("), ("/train", "shown"), ("/compare", "Compare")):
+            page.goto(servers["app"] + path)
+            expect(page.get_by_text(shown, exact=False).first).to_be_visible(timeout=30_000)
+            page.wait_for_timeout(1500)
+        icons = page.evaluate("[...document.querySelectorAll('link[rel*=icon]')].map(l => l.href)")
+    finally:
+        ctx.close()
+    outside = sorted({u for u in requests if not u.startswith(servers["app"]) and not u.startswith("data:")})
+    assert outside == [], outside
+    assert icons and all(i.startswith(servers["app"]) for i in icons), icons
+
+
 LOGGED_LOOP = """
 import signal, sys, time, torch
 # Ctrl-C must reach this loop as KeyboardInterrupt even when the test suite itself runs in the
