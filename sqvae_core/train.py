@@ -757,23 +757,40 @@ def _agree_across_ranks(model: torch.nn.Module, dist: Dist, device: torch.device
     follow rank 0, which wrote the checkpoint: make every rank hold exactly what was saved.
     Then each rank's weight digest goes to every rank, and the process group ends.
 
-    Teardown without a deadlock: gloo's worker thread drops a finished collective's tensors
-    just after the caller sees it finish. If the caller has already let go of a tensor, that
-    drop needs the GIL; and the process group's destructor joins the worker while holding the
-    GIL. Under CPU load one rank hung there in about 1 run in 3 (py-spy: ~ProcessGroupGloo in
-    thread.join, the worker in ~AsyncAllgatherWork waiting for the GIL). So the digests are
-    gathered into tensors held here until after destroy_process_group, never through
-    all_gather_object's temporaries, and the broadcast buffers belong to the model."""
-    for b in model.buffers():
-        torch.distributed.broadcast(b.data, 0)
+    Teardown without a deadlock. gloo's worker thread drops a finished collective's tensors just
+    after the caller sees it finish, and dropping a tensor that Python also sees takes the GIL.
+    The group's destructor joins that worker while holding the GIL, and it runs when DDP's reducer
+    lets go of the group, when train() returns (destroy_process_group alone does not end it).
+    Under CPU load a worker starved of CPU was still dropping a work then, and one rank hung
+    (py-spy: ~Reducer -> ~ProcessGroupGloo in thread.join; the worker in ~AsyncAllgatherWork or
+    ~AsyncBroadcastWork, waiting for the GIL): 5 of 25 two-rank runs with one core kept busy.
+    Holding the tensors did not help (5 of 30): the drop takes the GIL all the same. So this waits,
+    sleeping (without the GIL), until no work holds them any more: _released_by_collectives."""
+    buffers = list(model.buffers())
+    alone = [b._use_count() for b in buffers]       # references with no collective holding them
+    for b in buffers:
+        torch.distributed.broadcast(b, 0)           # in place: no temporary for the worker to free
     digest = weights_digest(model)
     mine = torch.tensor([int(digest[:8], 16), int(digest[8:], 16)], dtype=torch.int64, device=device)
     every = torch.empty(dist.world * 2, dtype=torch.int64, device=device)
+    alone += [mine._use_count(), every._use_count()]
     torch.distributed.all_gather_into_tensor(every, mine)
+    _released_by_collectives([*buffers, mine, every], alone)
     torch.distributed.destroy_process_group()
     digests = [f"{hi:08x}{lo:08x}" for hi, lo in every.view(dist.world, 2).tolist()]
-    del mine, every   # only now: the group and its worker threads are gone
     return {"rank_weight_digests": digests, "ranks_identical": len(set(digests)) == 1}
+
+
+def _released_by_collectives(tensors: list[torch.Tensor], alone: list[int], timeout: float = 30.0) -> bool:
+    """Sleep until each tensor's C++ reference count is back to `alone` (no collective work still
+    holds it), at most `timeout` seconds; True if it came back. time.sleep releases the GIL, which
+    the worker needs to let go (_agree_across_ranks)."""
+    deadline = time.monotonic() + timeout
+    while any(t._use_count() > n for t, n in zip(tensors, alone)):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.001)
+    return True
 
 
 def _should_stop(stop: StopFlag, dist: Dist, device: torch.device) -> bool:

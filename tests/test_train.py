@@ -231,6 +231,33 @@ def test_ddp_two_gloo_ranks_end_identical(tmp_path, kind, port):
     assert cfg["world_size"] == 2
 
 
+def test_teardown_waits_without_the_gil_until_no_collective_holds_its_tensors():
+    """The 2-rank teardown hung when gloo's worker still held a collective's tensor as the process
+    group was destroyed (it needs the GIL to let go; the destructor holds the GIL). The wait before
+    it: here another thread holds a reference (a view) and can drop it only while the wait sleeps
+    without the GIL; a reference never dropped ends the wait at its timeout, with False."""
+    import threading
+    from sqvae_core.train import _released_by_collectives
+    t = torch.zeros(4)
+    alone = [t._use_count()]
+    assert _released_by_collectives([t], alone, timeout=0.0)       # nothing holds it: no wait
+    held = [t.view(2, 2)]
+    assert t._use_count() > alone[0]
+
+    def drop_later():
+        time.sleep(0.2)
+        held.clear()
+    threading.Thread(target=drop_later).start()
+    t0 = time.monotonic()
+    assert _released_by_collectives([t], alone, timeout=10.0)
+    assert 0.15 < time.monotonic() - t0 < 5.0
+    stuck = t.view(4)
+    t0 = time.monotonic()
+    assert not _released_by_collectives([t], alone, timeout=0.3)
+    assert time.monotonic() - t0 >= 0.3
+    del stuck
+
+
 @pytest.mark.parametrize("kind", ["gaussian_1", "gaussian_4", "fixed_var", "vmf", "nc", "vq", "vq_ema", "vq_reset",
                                   "fsq", "lfq", "simvq", "vq_rotation", "vae"])
 def test_a_training_step_never_reads_the_device(kind):
