@@ -57,7 +57,7 @@ button[data-testid="stBaseButton-primary"] *, button[data-testid="stBaseButton-p
 
 def favicon(cell: int = 8):
     """The tab icon: a 4x4 grid of codes in the palette's colours, drawn here (a PIL image, which
-    Streamlit inlines as a data URL). A `:material/...:` page icon is fetched from Google's CDN,
+    Streamlit serves from the app's own server). A `:material/...:` page icon is fetched from Google's CDN,
     which an offline machine (a talk's laptop) cannot reach."""
     from PIL import Image
 
